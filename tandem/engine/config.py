@@ -1,0 +1,28 @@
+"""Engine configuration: what a user sets with `tandem serve` flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one engine instance. Names follow vLLM's flags.
+
+    `model` is a Hugging Face model folder (config.json, safetensors, tokenizer files);
+    `.gguf` files are converted into such a folder before the engine sees them.
+    KV capacity is `num_gpu_blocks` when given, else what `kv_cache_memory_gb` holds.
+    """
+
+    model: str
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "cpu"  # cpu | cuda
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    num_gpu_blocks: int | None = None
+    kv_cache_memory_gb: float = 1.0
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    max_logprobs: int = 20

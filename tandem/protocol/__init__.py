@@ -1,0 +1,39 @@
+"""Every message that crosses a process boundary, as msgspec Structs (msgpack on the wire).
+
+This package depends on nothing else in Tandem, so every other package may import it.
+"""
+
+from tandem.protocol.events import (
+    KvBlock,
+    KvCleared,
+    KvEvent,
+    KvRemoved,
+    KvStored,
+    LoadStats,
+    Tier,
+)
+from tandem.protocol.generate import (
+    FinishReason,
+    GenerateOutput,
+    GenerateRequest,
+    SamplingParams,
+    TokenLogprob,
+)
+from tandem.protocol.hashing import block_hashes, lora_seed
+
+__all__ = [
+    "FinishReason",
+    "GenerateOutput",
+    "GenerateRequest",
+    "KvBlock",
+    "KvCleared",
+    "KvEvent",
+    "KvRemoved",
+    "KvStored",
+    "LoadStats",
+    "SamplingParams",
+    "Tier",
+    "TokenLogprob",
+    "block_hashes",
+    "lora_seed",
+]

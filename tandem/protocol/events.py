@@ -1,0 +1,51 @@
+"""KV events and load figures that workers publish for routers (spec in DESIGN.md)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Tier = Literal["device", "host", "disk"]
+
+
+class KvBlock(msgspec.Struct, array_like=True):
+    sequence_hash: int
+    local_hash: int
+
+
+class KvStored(msgspec.Struct, tag="stored", kw_only=True):
+    event_id: int
+    parent_sequence_hash: int | None
+    blocks: list[KvBlock]
+    tier: Tier = "device"
+
+
+class KvRemoved(msgspec.Struct, tag="removed", kw_only=True):
+    event_id: int
+    sequence_hashes: list[int]
+    tier: Tier = "device"
+
+
+class KvCleared(msgspec.Struct, tag="cleared", kw_only=True):
+    event_id: int
+
+
+KvEvent = KvStored | KvRemoved | KvCleared
+
+
+class LoadStats(msgspec.Struct, kw_only=True):
+    """A worker's load at one instant: what the router and the planner balance on."""
+
+    active_blocks: int
+    free_blocks: int
+    total_blocks: int
+    num_running: int
+    num_waiting: int
+    queued_prefill_tokens: int
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.active_blocks / self.total_blocks if self.total_blocks else 0.0

@@ -1,0 +1,93 @@
+"""What a caller asks of an engine and what the engine streams back."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Sampling knobs with OpenAI/vLLM semantics. Validation happens in `validate()`.
+
+    `logprobs=None` asks for none; `logprobs=0` asks for the sampled token's logprob only;
+    `logprobs=k` adds the k most likely alternatives. Stop strings live in the frontend,
+    which detokenises; the engine stops on token ids.
+    """
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    n: int = 1
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self, max_logprobs: int = 20) -> None:
+        """Raise ValueError naming the first bad field."""
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.min_tokens >= 0, "min_tokens must be non-negative"),
+            (self.min_tokens <= self.max_tokens, "min_tokens must not exceed max_tokens"),
+            (0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k >= -1, "top_k must be -1, 0 (disabled) or positive"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be between 0 and 1"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
+            (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
+                f"logprobs must be between 0 and {max_logprobs}",
+            ),
+            (1 <= self.n <= 16, "n must be between 1 and 16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    lora_name: str | None = None
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """Logprob of the sampled token and the top alternatives as (token_id, logprob) pairs."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = msgspec.field(default_factory=list)
+
+
+class GenerateOutput(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One streamed delta for one of the request's `n` sequences (`index`).
+
+    `token_ids` holds only the tokens new since the previous output for that index.
+    `finish_reason` is set on the last output of that index; `error` explains "error".
+    """
+
+    request_id: str
+    index: int = 0
+    token_ids: list[int] = msgspec.field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_token_id: int | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None

@@ -1,0 +1,60 @@
+"""Block hashing shared by the engine's prefix cache, KV events and the router's index.
+
+The rule is the spec in DESIGN.md: a block's identity is its sequence hash, which chains
+the XXH3-64 hashes of every full block before it. Engine and router must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections.abc import Sequence
+
+import xxhash
+
+BASE_SEED = 1337
+_MASK64 = (1 << 64) - 1
+
+
+def lora_seed(lora_name: str | None) -> int:
+    """The hash seed: 1337, shifted by the adapter's name so adapters never share blocks."""
+    if not lora_name:
+        return BASE_SEED
+    return (BASE_SEED + xxhash.xxh3_64_intdigest(lora_name.encode("utf-8"), seed=0)) & _MASK64
+
+
+def local_hash(block_tokens: Sequence[int], seed: int = BASE_SEED) -> int:
+    """XXH3-64 of the block's tokens as little-endian u32 bytes."""
+    data = array("I", block_tokens)
+    if data.itemsize != 4:  # pragma: no cover - every platform we run on has 4-byte "I"
+        raise RuntimeError("array('I') is not 32-bit on this platform")
+    if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover - big-endian hosts
+        data.byteswap()
+    return xxhash.xxh3_64_intdigest(data.tobytes(), seed=seed)
+
+
+def chain_hash(parent: int, local: int, seed: int = BASE_SEED) -> int:
+    """The sequence hash of a block given its parent's sequence hash and its own local hash."""
+    return xxhash.xxh3_64_intdigest(struct.pack("<QQ", parent, local), seed=seed)
+
+
+def block_hashes(
+    tokens: Sequence[int],
+    block_size: int,
+    lora_name: str | None = None,
+    parent: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """Local and sequence hashes of every full block of `tokens` (a trailing partial block is skipped).
+
+    `parent` continues a chain: pass the sequence hash of the block before `tokens[0]`.
+    """
+    seed = lora_seed(lora_name)
+    locals_: list[int] = []
+    seqs: list[int] = []
+    prev = parent
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        h = local_hash(tokens[start : start + block_size], seed)
+        prev = h if prev is None else chain_hash(prev, h, seed)
+        locals_.append(h)
+        seqs.append(prev)
+    return locals_, seqs
