@@ -44,7 +44,7 @@ def block_hashes(
     lora_name: str | None = None,
     parent: int | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Local and sequence hashes of every full block of `tokens` (a trailing partial block is skipped).
+    """Local and sequence hashes of the full blocks of `tokens` (a trailing partial one is skipped).
 
     `parent` continues a chain: pass the sequence hash of the block before `tokens[0]`.
     """

@@ -1,0 +1,172 @@
+"""Paged KV block allocation with prefix caching.
+
+A block is identified, once full and computed, by its sequence hash (DESIGN.md), so any
+later sequence whose prompt starts with the same tokens reuses it. Blocks nobody references
+stay cached on the free list in LRU order and are evicted only when a fresh block is needed.
+Every block that enters or leaves the cache becomes a KV event for routers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from tandem.engine.sequence import Sequence
+from tandem.protocol import KvBlock, KvCleared, KvEvent, KvRemoved, KvStored
+from tandem.protocol.hashing import chain_hash, local_hash, lora_seed
+
+
+class Block:
+    __slots__ = ("block_id", "hash", "ref_count")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Unreferenced blocks; the front is evicted first.
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # sequence hash -> block id
+        self.events: list[KvEvent] = []
+        self._next_event_id = 0
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # of which found cached
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_active_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix matching -------------------------------------------------------------
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids of the longest cached prefix of `seq`, leaving at least one token to compute
+        (its logits give the next token)."""
+        if not self.enable_prefix_caching:
+            return []
+        self.update_hashes(seq, (seq.num_tokens - 1) // self.block_size)
+        hits = []
+        for h in seq.block_hashes[: (seq.num_tokens - 1) // self.block_size]:
+            block_id = self.cached.get(h)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def update_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
+        """Extend seq.block_hashes to cover its first `num_full_blocks` blocks."""
+        seed = lora_seed(seq.lora_name)
+        b = self.block_size
+        for i in range(len(seq.block_hashes), num_full_blocks):
+            lh = local_hash(seq.token_ids[i * b : (i + 1) * b], seed)
+            sh = lh if i == 0 else chain_hash(seq.block_hashes[i - 1], lh, seed)
+            seq.local_hashes.append(lh)
+            seq.block_hashes.append(sh)
+
+    # -- allocation ------------------------------------------------------------------
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, hits: list[int] = ()) -> bool:
+        """Give `seq` the blocks for its next `num_new_tokens` tokens, after taking the cached
+        prefix `hits` (only on its first allocation). False, changing nothing, if they do not fit.
+        """
+        hits = list(hits)
+        total = seq.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
+        fresh = self.blocks_needed(total) - len(seq.block_table) - len(hits)
+        reusable_hits = sum(1 for bid in hits if self.blocks[bid].ref_count == 0)
+        if fresh + reusable_hits > len(self.free):
+            return False
+        for bid in hits:
+            self._ref(bid)
+        seq.block_table.extend(hits)
+        if hits:
+            seq.num_computed_tokens += len(hits) * self.block_size
+        for _ in range(max(fresh, 0)):
+            seq.block_table.append(self._take_fresh())
+        return True
+
+    def commit(self, seq: Sequence) -> None:
+        """Cache the blocks that the last step filled, and publish them."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        self.update_hashes(seq, full)
+        new: list[KvBlock] = []
+        parent: int | None = None
+        for i in range(full):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is not None:
+                continue
+            h = seq.block_hashes[i]
+            if h in self.cached:  # another sequence computed the same block first
+                continue
+            block.hash = h
+            self.cached[h] = block.block_id
+            if not new:
+                parent = seq.block_hashes[i - 1] if i > 0 else None
+            new.append(KvBlock(h, seq.local_hashes[i]))
+        if new:
+            self._emit(KvStored(event_id=0, parent_sequence_hash=parent, blocks=new))
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Release every block of `seq`; cached ones stay findable until evicted."""
+        for bid in reversed(seq.block_table):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[bid] = None
+                if block.hash is None:  # worthless: reuse it before any cached block
+                    self.free.move_to_end(bid, last=False)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block; only possible when no block is in use."""
+        if self.num_active_blocks:
+            return False
+        for block in self.blocks:
+            block.hash = None
+        self.cached.clear()
+        self._emit(KvCleared(event_id=0))
+        return True
+
+    def take_events(self) -> list[KvEvent]:
+        events, self.events = self.events, []
+        return events
+
+    def _ref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1
+
+    def _take_fresh(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            del self.cached[block.hash]
+            removed = block.hash
+            block.hash = None
+            last = self.events[-1] if self.events else None
+            if isinstance(last, KvRemoved):
+                last.sequence_hashes.append(removed)
+            else:
+                self._emit(KvRemoved(event_id=0, sequence_hashes=[removed]))
+        block.ref_count = 1
+        return block_id
+
+    def _emit(self, event: KvEvent) -> None:
+        event.event_id = self._next_event_id
+        self._next_event_id += 1
+        self.events.append(event)

@@ -1,0 +1,110 @@
+"""Continuous batching under a token budget, with chunked prefill and preemption.
+
+Every step gets `max_num_batched_tokens` tokens to spend. Running sequences go first (a
+decode costs one token, an unfinished prefill continues with what the budget allows), then
+waiting ones are admitted while budget, sequence slots and KV blocks last. When a running
+sequence needs a block and none is free, the most recently admitted running sequence is
+preempted: its blocks are released (cached ones stay findable) and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens computed this step, per seq
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ) -> None:
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def queued_prefill_tokens(self) -> int:
+        waiting = sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
+        partial = sum(
+            s.num_tokens - s.num_computed_tokens - 1
+            for s in self.running
+            if s.num_computed_tokens < s.num_tokens - 1
+        )
+        return waiting + partial
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.bm.allocate(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                batch.seqs.append(seq)
+                batch.num_tokens.append(n)
+                budget -= n
+                i += 1
+        if preempted:
+            return batch
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.bm.match_prefix(seq)
+            n = min(seq.num_tokens - len(hits) * self.bm.block_size, budget)
+            if not self.bm.allocate(seq, n, hits):
+                break
+            self.waiting.popleft()
+            if seq.num_output_tokens == 0 and seq.num_cached_tokens == 0:
+                seq.num_cached_tokens = len(hits) * self.bm.block_size
+                self.bm.prefix_queries += seq.num_tokens
+                self.bm.prefix_hits += seq.num_cached_tokens
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(n)
+            budget -= n
+        return batch
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence wherever it is and release its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        self.bm.free_seq(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free_seq(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

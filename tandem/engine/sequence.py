@@ -1,0 +1,72 @@
+"""A sequence: one of a request's `n` generations, as the scheduler and block manager see it."""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum
+
+import torch
+
+from tandem.protocol import SamplingParams, TokenLogprob
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        index: int,
+        prompt: list[int],
+        sampling: SamplingParams,
+        lora_name: str | None = None,
+    ) -> None:
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.index = index
+        self.token_ids = list(prompt)
+        self.num_prompt_tokens = len(prompt)
+        self.sampling = sampling
+        self.lora_name = lora_name
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = 0  # prefix-cache hit when first scheduled
+        self.block_hashes: list[int] = []  # sequence hashes of full blocks, in order
+        self.local_hashes: list[int] = []
+        self.num_emitted = 0  # output tokens already sent to the caller
+        self.pending_logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.stop_token_id: int | None = None
+        self.generator: torch.Generator | None = None
+        if sampling.seed is not None:
+            # Each of the n sequences gets its own stream, reproducible from the request seed.
+            self.generator = torch.Generator().manual_seed(sampling.seed + index)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id}#{self.index}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, {self.status.value})"
+        )
