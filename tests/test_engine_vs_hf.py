@@ -70,7 +70,9 @@ def test_logits_close(model_pair):
     assert engine.block_manager.allocate(seq, len(prompt))
     runner = engine.runner
     span = runner._prefill_span(seq, row=0, start=0, n=len(prompt))
-    meta = AttentionMetadata(span.slots, [span], None, None, None)
+    slots = torch.arange(len(prompt)) + seq.block_table[0] * 16
+    assert seq.block_table == list(range(seq.block_table[0], seq.block_table[0] + 3))
+    meta = AttentionMetadata(slots, [span], None, None, 0, None)
     with torch.inference_mode():
         hidden = runner.model(torch.tensor(prompt), torch.arange(len(prompt)), meta)
         ours = runner.model.compute_logits(hidden)

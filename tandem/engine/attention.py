@@ -1,10 +1,11 @@
 """Attention over the paged KV cache.
 
-The cache of one layer is a flat tensor of `num_blocks * block_size` slots, each holding one
-token's keys (or values) for every KV head. A step's tokens from many sequences are packed
-into one flat batch; `AttentionMetadata` says where each token's K/V goes (`slot_mapping`)
-and which slots each sequence attends over. Backends share this metadata, so a GPU backend
-(a later issue) slots in behind the same `AttentionBackend.forward`.
+The cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]`; slot
+`block * block_size + offset` holds one token's keys (or values) for every KV head. A step's
+tokens from many sequences are packed into one flat batch; `AttentionMetadata` says where
+each token's K/V goes (`slot_mapping`) and which blocks each sequence attends over. Backends
+share this metadata, so a GPU backend (a later issue) slots in behind the same
+`AttentionBackend.forward`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ class PrefillSpan:
     query_start: int
     query_len: int
     context_len: int
-    slots: torch.Tensor  # [context_len] cache slots of the whole context, in order
-    mask: torch.Tensor | None  # [query_len, context_len] bool, None when plain causal
+    block_ids: torch.Tensor  # [ceil(context_len / block_size)] the context's blocks, in order
+    mask: torch.Tensor | None  # [query_len, context_len] bool; None: no cached prefix
 
 
 @dataclass
@@ -32,7 +33,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] slot for each new token's K/V
     prefills: list[PrefillSpan]
     decode_rows: torch.Tensor | None  # [num_decodes] rows of the flat batch that decode
-    decode_slots: torch.Tensor | None  # [num_decodes, max_context] padded with slot 0
+    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks] padded with block 0
+    decode_context: int  # max_context: the padded context length of the decode batch
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, True = attend
 
 
@@ -50,12 +52,14 @@ class AttentionBackend(Protocol):
 class TorchAttention:
     """Attention with torch's scaled_dot_product_attention: runs on any device, made for CPU.
 
-    Decodes are batched into one padded SDPA call; each prefill chunk gets its own call,
-    with an offset causal mask when part of its context came from the prefix cache.
+    Decodes are batched into one padded SDPA call; each prefill chunk gets its own call. A
+    prefill with no cached prefix attends over its own K/V directly; one that continues a
+    cached prefix gathers the context block by block (whole blocks copy far faster than
+    token-by-token gathers) under an offset causal mask.
     """
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> None:
-        # [num_layers, num_slots, num_kv_heads, head_dim]
+        # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
         self.k_cache = k_cache
         self.v_cache = v_cache
         self.scale = scale
@@ -69,18 +73,20 @@ class TorchAttention:
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
-        k_cache[meta.slot_mapping] = k
-        v_cache[meta.slot_mapping] = v
+        k_cache.flatten(0, 1).index_copy_(0, meta.slot_mapping, k)
+        v_cache.flatten(0, 1).index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         for span in meta.prefills:
             rows = slice(span.query_start, span.query_start + span.query_len)
-            qs = q[rows].transpose(0, 1)  # [heads, q_len, dim]
-            ks = k_cache[span.slots].transpose(0, 1)
-            vs = v_cache[span.slots].transpose(0, 1)
+            if span.mask is None:
+                ks, vs = k[rows], v[rows]
+            else:
+                ks = _gather(k_cache, span.block_ids, span.context_len)
+                vs = _gather(v_cache, span.block_ids, span.context_len)
             o = F.scaled_dot_product_attention(
-                qs,
-                ks,
-                vs,
+                q[rows].transpose(0, 1),
+                ks.transpose(0, 1),
+                vs.transpose(0, 1),
                 attn_mask=span.mask,
                 is_causal=span.mask is None,
                 scale=self.scale,
@@ -88,11 +94,24 @@ class TorchAttention:
             )
             out[rows] = o.transpose(0, 1)
         if meta.decode_rows is not None:
-            qd = q[meta.decode_rows].unsqueeze(2)  # [n, heads, 1, dim]
-            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [n, kv_heads, ctx, dim]
-            vd = v_cache[meta.decode_slots].transpose(1, 2)
+            n = meta.decode_rows.shape[0]
+            shape = (n, -1, *k_cache.shape[2:])
+            blocks = meta.decode_blocks.flatten()
+            ctx = meta.decode_context
+            kd = k_cache.index_select(0, blocks).view(shape)[:, :ctx].transpose(1, 2)
+            vd = v_cache.index_select(0, blocks).view(shape)[:, :ctx].transpose(1, 2)
             o = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale, enable_gqa=True
+                q[meta.decode_rows].unsqueeze(2),
+                kd,
+                vd,
+                attn_mask=meta.decode_mask,
+                scale=self.scale,
+                enable_gqa=True,
             )
             out[meta.decode_rows] = o.squeeze(2)
         return out
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens held in `block_ids`: [length, num_kv_heads, head_dim]."""
+    return cache.index_select(0, block_ids).flatten(0, 1)[:length]

@@ -38,7 +38,8 @@ class ModelRunner:
         self.block_size = config.block_size
         shape = (
             hf.num_hidden_layers,
-            num_blocks * config.block_size,
+            num_blocks,
+            config.block_size,
             hf.num_key_value_heads,
             head_dim_of(hf),
         )
@@ -81,7 +82,8 @@ class ModelRunner:
             slot_mapping=self._tensor(slots),
             prefills=prefills,
             decode_rows=None,
-            decode_slots=None,
+            decode_blocks=None,
+            decode_context=0,
             decode_mask=None,
         )
         if decode_seqs:
@@ -95,34 +97,22 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _context_slots(self, seq: Sequence, context_len: int) -> torch.Tensor:
-        b = self.block_size
-        table = self._tensor(seq.block_table[: -(-context_len // b)])
-        slots = (table.unsqueeze(1) * b + torch.arange(b, device=self.device)).flatten()
-        return slots[:context_len]
-
     def _prefill_span(self, seq: Sequence, row: int, start: int, n: int) -> PrefillSpan:
         context = start + n
         mask = None
         if start:
             q_pos = torch.arange(start, context, device=self.device).unsqueeze(1)
             mask = torch.arange(context, device=self.device).unsqueeze(0) <= q_pos
-        return PrefillSpan(row, n, context, self._context_slots(seq, context), mask)
+        block_ids = self._tensor(seq.block_table[: -(-context // self.block_size)])
+        return PrefillSpan(row, n, context, block_ids, mask)
 
     def _add_decodes(self, meta: AttentionMetadata, rows: list[int], seqs: list[Sequence]) -> None:
-        b = self.block_size
         contexts = [s.num_computed_tokens + 1 for s in seqs]
         max_ctx = max(contexts)
-        max_blocks = -(-max_ctx // b)
-        tables = [
-            s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks]))
-            for s in seqs
-        ]
-        table = self._tensor(tables)
-        slots = (table.unsqueeze(2) * b + torch.arange(b, device=self.device)).flatten(1)
+        max_blocks = -(-max_ctx // self.block_size)
+        tables = [s.block_table[:max_blocks] for s in seqs]
         meta.decode_rows = self._tensor(rows)
-        meta.decode_slots = slots[:, :max_ctx]
-        ctx = self._tensor(contexts).unsqueeze(1)
-        meta.decode_mask = (torch.arange(max_ctx, device=self.device).unsqueeze(0) < ctx)[
-            :, None, None, :
-        ]
+        meta.decode_blocks = self._tensor([t + [0] * (max_blocks - len(t)) for t in tables])
+        meta.decode_context = max_ctx
+        positions = torch.arange(max_ctx, device=self.device).unsqueeze(0)
+        meta.decode_mask = (positions < self._tensor(contexts).unsqueeze(1))[:, None, None, :]
