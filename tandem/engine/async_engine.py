@@ -97,9 +97,9 @@ class AsyncEngine:
                 block = not self.core.has_work()
                 if not self._apply_commands(block):
                     break
-                if self.core.has_work():
-                    self._deliver(self.core.step())
-                self._publish()
+                outputs = self.core.step() if self.core.has_work() else []
+                self._publish()  # before delivering: a caller that sees an output sees its stats
+                self._deliver(outputs)
         except BaseException as exc:
             log.exception("engine loop died")
             self.error = exc
