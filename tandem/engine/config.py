@@ -26,3 +26,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     max_logprobs: int = 20
+    # The mock engine: no weights, step times from a performance model (tandem.engine.mock).
+    engine: str = "real"  # real | mock
+    perf_model: str | None = None  # "polynomial" (default) or a profile JSON from `tandem profile`
+    mock_speedup: float = 1.0  # divides every modelled step time

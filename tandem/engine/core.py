@@ -56,7 +56,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(config, hf, num_blocks, self.max_model_len, self.eos_token_ids)
+        self.runner = self._make_runner(num_blocks)
         self.requests: dict[str, list[Sequence]] = {}
         log.info(
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len %d, dtype %s, %s",
@@ -67,6 +67,23 @@ class EngineCore:
             dtype,
             config.device,
         )
+
+    def _make_runner(self, num_blocks: int):
+        if self.config.engine == "real":
+            return ModelRunner(
+                self.config, self.hf_config, num_blocks, self.max_model_len, self.eos_token_ids
+            )
+        if self.config.engine == "mock":
+            from tandem.engine.mock import MockRunner, load_perf_model
+
+            return MockRunner(
+                self.config,
+                self.hf_config.vocab_size,
+                self.eos_token_ids,
+                load_perf_model(self.config.perf_model),
+                kv_usage=lambda: self.block_manager.num_active_blocks / num_blocks,
+            )
+        raise ValueError(f"unknown engine {self.config.engine!r}: choose real or mock")
 
     def _max_model_len(self, hf, kv_tokens: int) -> int:
         model_max = getattr(hf, "max_position_embeddings", None) or kv_tokens

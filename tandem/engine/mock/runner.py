@@ -1,0 +1,67 @@
+"""Stands in for ModelRunner: sleeps as long as the performance model says, returns tokens."""
+
+from __future__ import annotations
+
+import time
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.mock.perf_model import PerfModel
+from tandem.engine.sampler import SampleResult
+from tandem.engine.scheduler import ScheduledBatch
+from tandem.engine.sequence import Sequence
+
+FIRST_TOKEN = 100  # below are often special tokens
+
+
+class MockRunner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        vocab_size: int,
+        eos_token_ids: set[int],
+        perf_model: PerfModel,
+        kv_usage,
+    ) -> None:
+        self.perf_model = perf_model
+        self.speedup = config.mock_speedup
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.kv_usage = kv_usage  # callable: the block manager's current usage
+        self.busy_s = 0.0
+
+    def step_ms(self, batch: ScheduledBatch) -> float:
+        prefill_tokens = 0
+        decodes = 0
+        context = 0
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                decodes += 1
+                context += seq.num_computed_tokens + 1
+            else:
+                prefill_tokens += n
+        ms = self.perf_model.prefill_ms(prefill_tokens) if prefill_tokens else 0.0
+        if decodes:
+            ms += self.perf_model.decode_ms(decodes, context, self.kv_usage())
+        return ms / self.speedup
+
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
+        delay = self.step_ms(batch) / 1000.0
+        if delay > 0:
+            time.sleep(delay)
+        self.busy_s += delay
+        seqs = [
+            seq
+            for seq, n in zip(batch.seqs, batch.num_tokens, strict=True)
+            if seq.num_computed_tokens + n == seq.num_tokens
+        ]
+        if not seqs:
+            return [], None
+        return seqs, SampleResult([self._token(s) for s in seqs], [None] * len(seqs))
+
+    def _token(self, seq: Sequence) -> int:
+        """A deterministic stand-in token that is never EOS (length limits end mock requests)."""
+        span = max(self.vocab_size - FIRST_TOKEN, 1)
+        token = FIRST_TOKEN + (seq.seq_id * 7919 + seq.num_tokens * 104729) % span
+        while token in self.eos_token_ids:
+            token = FIRST_TOKEN + (token + 1 - FIRST_TOKEN) % span
+        return token
