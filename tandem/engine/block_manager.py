@@ -104,7 +104,7 @@ class BlockManager:
         self.update_hashes(seq, full)
         new: list[KvBlock] = []
         parent: int | None = None
-        for i in range(full):
+        for i in range(seq.num_committed_blocks, full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None:
                 continue
@@ -116,6 +116,7 @@ class BlockManager:
             if not new:
                 parent = seq.block_hashes[i - 1] if i > 0 else None
             new.append(KvBlock(h, seq.local_hashes[i]))
+        seq.num_committed_blocks = full
         if new:
             self._emit(KvStored(event_id=0, parent_sequence_hash=parent, blocks=new))
 
@@ -130,6 +131,7 @@ class BlockManager:
                     self.free.move_to_end(bid, last=False)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_committed_blocks = 0
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block; only possible when no block is in use."""

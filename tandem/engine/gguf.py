@@ -13,6 +13,7 @@ import contextlib
 import io
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,7 +65,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     return out_dir
 
 
-def _reporter(progress: bool):
+def _reporter(progress: bool) -> Callable[[str], None]:
     def say(line: str) -> None:
         if progress:
             print(line, file=sys.stderr, flush=True)
@@ -118,11 +119,9 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path, model: torch.nn.Module) -> N
     making the stop tokens agree with the model's generation config."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    # transformers carries `tokenizer.chat_template` over; save_pretrained writes it to
+    # chat_template.jinja, where AutoTokenizer and our frontend find it.
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    if not tokenizer.chat_template:
-        template = read_gguf_field(gguf_path, "tokenizer.chat_template")
-        if template:
-            tokenizer.chat_template = template
     tokenizer.save_pretrained(str(out_dir))
 
     # Loading from GGUF skips generation_config.json, so derive it: stop on the model's eos
@@ -134,17 +133,7 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path, model: torch.nn.Module) -> N
                 eos.append(t)
     generation = GenerationConfig(
         bos_token_id=model.config.bos_token_id,
-        eos_token_id=eos[0] if len(eos) == 1 else eos or None,
+        eos_token_id=(eos[0] if len(eos) == 1 else eos) if eos else None,
         pad_token_id=getattr(model.config, "pad_token_id", None),
     )
     generation.save_pretrained(str(out_dir))
-
-
-def read_gguf_field(gguf_path: str | Path, key: str) -> str | int | float | None:
-    """One scalar or string metadata value from a GGUF file, or None if absent."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(gguf_path)).get_field(key)
-    if field is None:
-        return None
-    return field.contents()

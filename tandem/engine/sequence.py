@@ -40,6 +40,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prefix-cache hit when first scheduled
         self.block_hashes: list[int] = []  # sequence hashes of full blocks, in order
         self.local_hashes: list[int] = []
+        self.num_committed_blocks = 0  # leading blocks the block manager has already cached
         self.num_emitted = 0  # output tokens already sent to the caller
         self.pending_logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
