@@ -1,0 +1,327 @@
+"""The OpenAI-compatible HTTP server: routes, authentication, streaming and disconnects.
+
+`build_app` wires an `EngineClient` (in-process engine, remote worker, router...) to FastAPI.
+The routes parse and validate (`preprocess`), admit (`admission`), drive the engine
+(`generation`) and format (`responses`); this module owns only the HTTP concerns: SSE,
+watching for clients that go away, and turning failures into OpenAI-shaped errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tandem.frontend.admission import AdmissionControl
+from tandem.frontend.engine_client import EngineClient
+from tandem.frontend.errors import APIError, from_validation_errors, install_handlers
+from tandem.frontend.generation import EngineStreamError, GenerationRun
+from tandem.frontend.metrics import FrontendMetrics, RequestCounterMiddleware, RequestTimer
+from tandem.frontend.openai_types import ChatCompletionRequest, CompletionRequest
+from tandem.frontend.preprocess import Prepared, Preprocessor, check_model
+from tandem.frontend.responses import (
+    SSE_DONE,
+    ChatFormatter,
+    CompletionFormatter,
+    TokenTexts,
+    error_event,
+    json_bytes,
+    sse,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+# Status logged for requests whose client left before the answer (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away while we were still working for it."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body was read already, so the next ASGI message can only be the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`; if the client disconnects first, cancel it and raise ClientDisconnected.
+
+    Cancelling the work cancels the engine stream it awaits, whose cleanup aborts the engine
+    request: a client that gives up does not leave its KV blocks behind.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientDisconnected
+
+
+class ApiKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` on the API (/v1); /health and /metrics stay open
+    so that load balancers and Prometheus need no secret."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith("/v1"):
+            given = dict(scope.get("headers", [])).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self._expected):
+                error = APIError(
+                    401,
+                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _parse(model: type[M], body: bytes) -> M:
+    if not body.strip():
+        raise APIError(
+            400, "The request body is empty; expected a JSON object.", code="invalid_json"
+        )
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_errors(exc.errors()) from exc
+
+
+class Frontend:
+    """State shared by the routes of one app: engine, tokenizer, metrics, admission."""
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        tokenizer: Any,
+        served_model_name: str,
+        max_waiting: int,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model = served_model_name
+        self.created = int(time.time())
+        self.metrics = FrontendMetrics(engine.stats)
+        self.admission = AdmissionControl(engine.stats, max_waiting)
+        self.pre = Preprocessor(tokenizer, engine.max_model_len)
+        self.texts = TokenTexts(tokenizer)
+
+    async def serve(
+        self,
+        request: Request,
+        prepared: Prepared,
+        *,
+        stream: bool,
+        include_usage: bool,
+        chat: bool,
+        timer: RequestTimer,
+    ) -> Response:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        n = prepared.sampling.n
+        num_choices = len(prepared.prompts) * n
+        common = {
+            "want_logprobs": prepared.sampling.logprobs is not None,
+            "include_usage": include_usage and stream,
+        }
+        fmt = (
+            ChatFormatter(rid, self.model, self.texts, num_choices, **common)
+            if chat
+            else CompletionFormatter(
+                rid,
+                self.model,
+                self.texts,
+                num_choices,
+                echo_texts=prepared.echo_texts,
+                n=n,
+                **common,
+            )
+        )
+        run = GenerationRun(
+            self.engine, self.tokenizer, self.metrics, self.admission, rid, prepared, timer
+        )
+        try:
+            self.admission.admit(rid)
+        except APIError:
+            self.metrics.rejected.inc()
+            raise
+        self.metrics.inflight.inc()
+        handed_off = False
+        try:
+            # Headers wait for the first output, so an engine that refuses the request (or a
+            # remote one that cannot place it) still gets an HTTP error status, not a 200
+            # stream that carries an error.
+            await until_disconnected(request, run.start())
+            if stream:
+                body = self._sse(run, fmt, include_usage)
+                handed_off = True
+                return StreamingResponse(
+                    body,
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                    background=BackgroundTask(self._finish_stream, body),
+                )
+            result = await until_disconnected(request, self._collect(run, fmt))
+            return Response(json_bytes(result), media_type="application/json")
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except EngineStreamError as exc:
+            raise APIError(exc.status, exc.message) from exc
+        finally:
+            if not handed_off:
+                await run.aclose()
+                self.metrics.inflight.dec()
+
+    async def _collect(self, run: GenerationRun, fmt: Any) -> dict[str, Any]:
+        async for d in run.deltas():
+            fmt.add(d)
+        return fmt.body(run.usage())
+
+    async def _sse(
+        self, run: GenerationRun, fmt: Any, include_usage: bool
+    ) -> AsyncGenerator[bytes, None]:
+        try:
+            for choice in fmt.opening():  # one choice per chunk, as OpenAI streams them
+                yield sse(fmt.chunk([choice]))
+            async for d in run.deltas():
+                yield sse(fmt.chunk([fmt.chunk_choice(d)]))
+            if include_usage:
+                yield sse(fmt.usage_chunk(run.usage()))
+        except EngineStreamError as exc:
+            log.warning("request %s failed mid-stream: %s", run.request_id, exc.message)
+            yield sse(error_event(exc.status, exc.message))
+        finally:
+            # Runs on completion, on error, and when Starlette cancels us for a disconnect.
+            await run.aclose()
+        yield SSE_DONE
+
+    async def _finish_stream(self, body: AsyncGenerator[bytes, None]) -> None:
+        """After the response: if a disconnect left the body suspended, close it (abort)."""
+        try:
+            await body.aclose()
+        finally:
+            self.metrics.inflight.dec()
+
+
+def build_app(
+    engine: EngineClient,
+    tokenizer_path: str,
+    served_model_name: str,
+    *,
+    api_key: str | None = None,
+    max_waiting: int = 256,
+) -> FastAPI:
+    """An OpenAI-compatible app in front of `engine`.
+
+    `tokenizer_path` is a Hugging Face folder with the tokenizer (and chat template) matching
+    the engine's model; `max_waiting` bounds the engine's waiting queue before requests are
+    refused with 503. The caller owns the engine and shuts it down.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    fe = Frontend(engine, tokenizer, served_model_name, max_waiting)
+    app = FastAPI(title="Tandem", summary="OpenAI-compatible LLM server")
+    app.state.frontend = fe
+    install_handlers(app)
+    # Order matters: the counter is outermost so it also counts 401s.
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(RequestCounterMiddleware, metrics=fe.metrics)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        timer = RequestTimer(fe.metrics)
+        req = _parse(ChatCompletionRequest, await request.body())
+        check_model(req.model, fe.model)
+        prepared = fe.pre.prepare_chat(req)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await fe.serve(
+            request,
+            prepared,
+            stream=req.stream,
+            include_usage=include_usage,
+            chat=True,
+            timer=timer,
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        timer = RequestTimer(fe.metrics)
+        req = _parse(CompletionRequest, await request.body())
+        check_model(req.model, fe.model)
+        prepared = fe.pre.prepare_completion(req)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await fe.serve(
+            request,
+            prepared,
+            stream=req.stream,
+            include_usage=include_usage,
+            chat=False,
+            timer=timer,
+        )
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": fe.model,
+            "object": "model",
+            "created": fe.created,
+            "owned_by": "tandem",
+            "max_model_len": fe.engine.max_model_len,
+        }
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return Response(
+            json_bytes({"object": "list", "data": [model_card()]}), media_type="application/json"
+        )
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> Response:
+        check_model(model, fe.model)
+        return Response(json_bytes(model_card()), media_type="application/json")
+
+    @app.get("/health")
+    async def health() -> Response:
+        # An engine that exposes `error` (AsyncEngine does) is unhealthy once its loop died.
+        error = getattr(fe.engine, "error", None)
+        if error is not None:
+            raise APIError(503, f"engine is dead: {error}")
+        fe.engine.stats()
+        return Response(json_bytes({"status": "ok"}), media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(fe.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
