@@ -38,6 +38,7 @@ class ScriptedEngine:
     """Plays back outputs (index, token ids, finish reason) for whatever request comes in."""
 
     max_model_len = 128
+    max_logprobs = 20
 
     def __init__(self, script, raise_first: Exception | None = None) -> None:
         self.script = script

@@ -549,6 +549,7 @@ class Watched:
     def __init__(self, engine: AsyncEngine, fail_after: int | None = None) -> None:
         self.engine = engine
         self.max_model_len = engine.max_model_len
+        self.max_logprobs = engine.max_logprobs
         self.fail_after = fail_after
         self.aborted: list[str] = []
         self.abandoned: list[str] = []

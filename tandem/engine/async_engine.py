@@ -30,6 +30,7 @@ class AsyncEngine:
         self.core = EngineCore(config)
         self.model_path = config.model
         self.max_model_len = self.core.max_model_len
+        self.max_logprobs = config.max_logprobs
         self.block_size = config.block_size
         self.eos_token_ids = set(self.core.eos_token_ids)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()

@@ -25,6 +25,7 @@ class EngineClient(Protocol):
     """
 
     max_model_len: int
+    max_logprobs: int
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]: ...
 

@@ -132,7 +132,7 @@ class Frontend:
         self.created = int(time.time())
         self.metrics = FrontendMetrics(engine.stats)
         self.admission = AdmissionControl(engine.stats, max_waiting)
-        self.pre = Preprocessor(tokenizer, engine.max_model_len)
+        self.pre = Preprocessor(tokenizer, engine.max_model_len, engine.max_logprobs)
         self.texts = TokenTexts(tokenizer)
 
     async def serve(
