@@ -27,7 +27,9 @@ OUTPUT_LEN = 64
 
 def make_prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(100, vocab - 1, (PROMPT_LEN,), generator=g).tolist() for _ in range(count)]
+    return [
+        torch.randint(100, vocab - 1, (PROMPT_LEN,), generator=g).tolist() for _ in range(count)
+    ]
 
 
 async def _run_ours(engine, prompts: list[list[int]], tag: str) -> int:
@@ -61,7 +63,9 @@ def bench_ours(model: str, concurrency: list[int], vocab: int, threads: int) -> 
             tokens = asyncio.run(_run_ours(engine, prompts, f"c{c}"))
             elapsed = time.perf_counter() - start
             results[c] = {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
-            print(f"  tandem  c={c:>3}: {tokens / elapsed:8.1f} tok/s ({elapsed:.2f} s)", flush=True)
+            print(
+                f"  tandem  c={c:>3}: {tokens / elapsed:8.1f} tok/s ({elapsed:.2f} s)", flush=True
+            )
     finally:
         engine.shutdown()
     return results
@@ -98,7 +102,9 @@ def bench_hf(model: str, concurrency: list[int], vocab: int) -> dict[int, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--model", help="HF model folder (default: the demo SmolLM2-135M)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--output", default="results/engine_cpu.json")

@@ -252,7 +252,8 @@ def test_completions_several_prompts_n_and_logprobs(client):
     for c in r.choices:
         lp = c.logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 3
-        assert all(len(top) >= 2 for top in lp.top_logprobs)
+        # The legacy format keys alternatives by text: two byte-level tokens may share one.
+        assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
 
 
 def test_completions_echo(client):

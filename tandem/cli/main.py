@@ -116,6 +116,31 @@ def _add_serve(subparsers: Any) -> None:
         "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
     )
 
+    _add_engine_flags(p)
+    mock = p.add_argument_group("mock engine (no weights; step times from a performance model)")
+    mock.add_argument(
+        "--engine",
+        choices=("real", "mock"),
+        default="real",
+        help="real: run the model; mock: the same scheduler and KV cache, with modelled step"
+        " times and synthetic tokens (MODEL then needs only config.json and a tokenizer)",
+    )
+    mock.add_argument(
+        "--perf-model",
+        metavar="PROFILE",
+        help="mock step times: a profile JSON written by `tandem profile`"
+        " (default: the polynomial fit of the public Dynamo mocker)",
+    )
+    mock.add_argument(
+        "--mock-speedup",
+        type=_positive_float,
+        default=1.0,
+        help="divide every modelled step time by this (%(default)s)",
+    )
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that size and shape the engine: shared by `serve` and `profile`."""
     eng = p.add_argument_group("engine")
     eng.add_argument(
         "--dtype",
@@ -202,7 +227,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     with sock:
         try:
-            model_path = resolve_model(args.model)
+            model_path = resolve_model(args.model, need_weights=args.engine == "real")
         except ModelSourceError as exc:
             print(f"tandem serve: error: {exc}", file=sys.stderr)
             return 2
@@ -213,24 +238,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, model_path: Path, device: str, sock: socket.socket) -> None:
     """Start the engine and the HTTP server on `sock`; stop both on the way out."""
     from tandem.engine.async_engine import AsyncEngine
-    from tandem.engine.config import EngineConfig
     from tandem.engine.model_source import default_served_model_name
     from tandem.frontend.server import build_app
 
-    config = EngineConfig(
-        model=str(model_path),
-        dtype=args.dtype,
-        device=device,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        num_gpu_blocks=args.num_gpu_blocks,
-        enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed,
-    )
-    if args.kv_cache_memory is not None:
-        config.kv_cache_memory_gb = args.kv_cache_memory
+    config = engine_config(args, model_path, device)
     served_name = args.served_model_name or default_served_model_name(args.model)
     log.info("loading %s on %s (dtype %s)", model_path, device, args.dtype)
     engine = AsyncEngine(config)
@@ -247,6 +258,30 @@ def _serve(args: argparse.Namespace, model_path: Path, device: str, sock: socket
         server.run(sockets=[sock])
     finally:
         engine.shutdown()
+
+
+def engine_config(args: argparse.Namespace, model_path: Path, device: str):
+    """The EngineConfig that the engine flags describe."""
+    from tandem.engine.config import EngineConfig
+
+    config = EngineConfig(
+        model=str(model_path),
+        dtype=args.dtype,
+        device=device,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        num_gpu_blocks=args.num_gpu_blocks,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+        engine=args.engine,
+        perf_model=args.perf_model,
+        mock_speedup=args.mock_speedup,
+    )
+    if args.kv_cache_memory is not None:
+        config.kv_cache_memory_gb = args.kv_cache_memory
+    return config
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -296,6 +331,80 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets: Any = None) -> None:
         await super().shutdown(sockets)
         self.on_shutdown()
+
+
+# -- tandem profile -------------------------------------------------------------------------
+
+
+def _add_profile(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="measure the engine's step times, for the mock engine's --perf-model",
+        description=(
+            "Time prefill steps over prompt lengths and decode steps over batch sizes and"
+            " context lengths on the real engine, and write them as a JSON profile that"
+            " `tandem serve --engine mock --perf-model FILE` interpolates."
+        ),
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL", help="as for `tandem serve`")
+    p.add_argument(
+        "--output", type=Path, default=Path("profile.json"), help="profile file (%(default)s)"
+    )
+    p.add_argument(
+        "--prefill-lengths",
+        type=_int_at_least(1),
+        nargs="+",
+        default=[16, 64, 256, 1024, 2048],
+        help="prompt lengths to time (%(default)s)",
+    )
+    p.add_argument(
+        "--decode-batches",
+        type=_int_at_least(1),
+        nargs="+",
+        default=[1, 4, 16, 64],
+        help="decode batch sizes to time (%(default)s)",
+    )
+    p.add_argument(
+        "--decode-contexts",
+        type=_int_at_least(1),
+        nargs="+",
+        default=[128, 512, 2048],
+        help="context lengths per sequence to time (%(default)s)",
+    )
+    p.add_argument(
+        "--decode-steps",
+        type=_int_at_least(1),
+        default=8,
+        help="decode steps averaged per point (%(default)s)",
+    )
+    p.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
+    )
+    _add_engine_flags(p)
+    p.set_defaults(run=_run_profile, engine="real", perf_model=None, mock_speedup=1.0)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from tandem.engine.mock.profile import run_profile
+    from tandem.engine.model_source import ModelSourceError, resolve_model
+
+    try:
+        model_path = resolve_model(args.model)
+    except ModelSourceError as exc:
+        print(f"tandem profile: error: {exc}", file=sys.stderr)
+        return 2
+    config = engine_config(args, model_path, args.device or _default_device())
+    run_profile(
+        config,
+        args.prefill_lengths,
+        args.decode_batches,
+        args.decode_contexts,
+        args.decode_steps,
+        output=args.output,
+    )
+    print(f"wrote {args.output}")
+    return 0
 
 
 # -- tandem bench ---------------------------------------------------------------------------
@@ -349,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tandem {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve(subparsers)
+    _add_profile(subparsers)
     _add_bench(subparsers)
     return parser
 

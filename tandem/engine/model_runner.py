@@ -34,6 +34,7 @@ class ModelRunner:
         eos_token_ids: set[int],
     ) -> None:
         self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)  # the noise of requests that bring no seed of their own
         self.dtype = resolve_dtype(config.dtype, hf, config.device)
         self.block_size = config.block_size
         shape = (

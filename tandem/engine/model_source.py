@@ -32,7 +32,12 @@ class ModelSourceError(Exception):
     """MODEL cannot be turned into a servable folder; the message tells the user why."""
 
 
-def resolve_model(model: str | None, cache_dir: Path | None = None, progress: bool = True) -> Path:
+def resolve_model(
+    model: str | None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    need_weights: bool = True,
+) -> Path:
     """Return a Hugging Face folder (config.json, *.safetensors, tokenizer) for `model`.
 
     `model` is a folder, a `.gguf` file, or None for the demo model. GGUF files are
@@ -51,7 +56,7 @@ def resolve_model(model: str | None, cache_dir: Path | None = None, progress: bo
             )
         raise ModelSourceError(f"model path not found: {model}{hint}")
     if path.is_dir():
-        return check_hf_folder(path)
+        return check_hf_folder(path, need_weights)
     if path.suffix.lower() == ".gguf":
         return _convert_cached(path, cache_dir, progress)
     raise ModelSourceError(
@@ -87,12 +92,13 @@ def default_served_model_name(model: str | None) -> str:
     return (path.resolve().name if path.is_dir() else path.stem) or str(model)
 
 
-def check_hf_folder(path: Path) -> Path:
+def check_hf_folder(path: Path, need_weights: bool = True) -> Path:
     """Return `path` if it holds everything the engine and tokenizer need, else say what lacks."""
     missing: list[str] = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
-    missing.extend(_missing_weights(path))
+    if need_weights:
+        missing.extend(_missing_weights(path))
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     if missing:

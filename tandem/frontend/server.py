@@ -296,6 +296,7 @@ def build_app(
             "created": fe.created,
             "owned_by": "tandem",
             "max_model_len": fe.engine.max_model_len,
+            "vocab_size": len(fe.tokenizer),  # lets load generators draw valid token ids
         }
 
     @app.get("/v1/models")
