@@ -1,0 +1,196 @@
+"""Length-prefixed frames over a byte stream, as an asyncio Protocol.
+
+A frame is a 4-byte big-endian length followed by that many bytes of msgpack. A connection opens
+with an 8-byte preface from the client (`PREFACE`), so something that is not a Tandem peer
+(a port scanner, an HTTP client) is turned away at once instead of being read as a frame length.
+
+Frames longer than `max_frame` are not buffered: their bytes are skipped as they arrive and the
+frame is reported to `frame_rejected` with its first bytes (from which the receiver can tell the
+stream it belonged to and fail just that stream), so the connection stays in sync and keeps
+serving. This is
+a Protocol (callbacks on received data) rather than StreamReader coroutines because many small
+frames (one per streamed token) arrive per read, and parsing them in one synchronous loop costs
+far less than two awaits per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PREFACE = b"TANDEM\x00\x01"
+HEADER_SIZE = 4
+DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+REJECT_HEAD = 16
+
+
+def encode_frame(encoder: Any, message: Any) -> bytearray:
+    """`message` msgpack-encoded with its length prefix, in one buffer."""
+    buf = bytearray(HEADER_SIZE)
+    encoder.encode_into(message, buf, HEADER_SIZE)
+    buf[:HEADER_SIZE] = (len(buf) - HEADER_SIZE).to_bytes(HEADER_SIZE, "big")
+    return buf
+
+
+def set_keepalive(
+    sock: socket.socket | None, idle: int = 5, interval: int = 2, count: int = 3
+) -> None:
+    """Enable TCP keepalive so a peer whose host vanished (no FIN, no RST) is detected in
+    about `idle + interval * count` seconds instead of hours. A killed process is detected
+    at once anyway: its kernel closes the socket."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+
+class FrameProtocol(asyncio.Protocol):
+    """Splits the byte stream into frames and handles write flow control.
+
+    Subclasses implement `frame_received` (and may override `frame_rejected`,
+    `preface_received`, `connection_closed`). `send` queues bytes; `drain` waits while the
+    transport's write buffer is above its high-water mark (TCP backpressure).
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, expect_preface: bool = False) -> None:
+        self.max_frame = max_frame
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._buf = bytearray()
+        self._skip = 0  # bytes of an oversized frame still to discard
+        self._head: bytearray | None = None  # the start of that frame, for frame_rejected
+        self._reason = ""
+        self._need_preface = expect_preface
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+        self.close_exc: BaseException | None = None
+
+    # ---- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        set_keepalive(transport.get_extra_info("socket"))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        if self._need_preface:
+            if end < len(PREFACE):
+                return
+            if bytes(buf[: len(PREFACE)]) != PREFACE:
+                log.error("request plane: %s sent no Tandem preface; closing", self.peer)
+                self._buf = bytearray()
+                self.close()
+                return
+            self._need_preface = False
+            pos = len(PREFACE)
+            self.preface_received()
+        while not self._closed:
+            if self._skip:
+                n = min(self._skip, end - pos)
+                head = self._head
+                if head is not None:
+                    head += buf[pos : pos + min(n, REJECT_HEAD - len(head))]
+                    if len(head) >= REJECT_HEAD or n == self._skip:
+                        self._head = None
+                        self.frame_rejected(self._reason, bytes(head))
+                self._skip -= n
+                pos += n
+                if self._skip:
+                    break
+            if end - pos < HEADER_SIZE:
+                break
+            size = int.from_bytes(buf[pos : pos + HEADER_SIZE], "big")
+            if size > self.max_frame:
+                pos += HEADER_SIZE
+                self._skip = size
+                self._head = bytearray()
+                self._reason = f"frame of {size} bytes exceeds the limit of {self.max_frame}"
+                continue
+            if end - pos - HEADER_SIZE < size:
+                break
+            start = pos + HEADER_SIZE
+            pos = start + size
+            self.frame_received(bytes(buf[start:pos]))
+        if pos:
+            del buf[:pos]
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drainers(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.close_exc = exc
+        self._wake_drainers(exc or ConnectionResetError("connection closed"))
+        self.connection_closed(exc)
+
+    # ---- for subclasses ----------------------------------------------------------------------
+
+    def frame_received(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def frame_rejected(self, reason: str, head: bytes) -> None:
+        """An oversized frame was skipped; `head` is its first bytes (enough to find out which
+        stream it belonged to, so that stream can be failed instead of left waiting)."""
+        log.error("request plane: rejected a frame from %s: %s", self.peer, reason)
+
+    def preface_received(self) -> None:
+        pass
+
+    def connection_closed(self, exc: Exception | None) -> None:
+        pass
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send(self, data: bytes | bytearray) -> bool:
+        """Queue `data` for sending; False if the connection is already closed."""
+        if self._closed or self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.write(data)
+        return True
+
+    async def drain(self) -> None:
+        """Wait until the write buffer is below its high-water mark.
+        Raises ConnectionResetError if the connection closes meanwhile."""
+        if self._closed:
+            raise ConnectionResetError("connection closed")
+        if not self._paused:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _wake_drainers(self, exc: BaseException | None) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
