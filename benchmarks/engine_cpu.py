@@ -5,7 +5,7 @@ requests. Our engine serves them through its async API with continuous batching;
 gets the same prompts as one static batch per concurrency level (left-padded batch of equal
 lengths, greedy, KV cache on), the best it can do with all requests present at once.
 
-    python benchmarks/engine_cpu.py [--model DIR] [--concurrency 1 8 32] [--output FILE]
+    python benchmarks/engine_cpu.py [--model DIR] [--concurrency 1 8 32] [--repeats 3]
 
 With no --model it converts (once) and uses the demo model, SmolLM2-135M-Instruct.
 """
@@ -15,11 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
+# isort: off
+import tandem  # noqa: F401 - first: its import sets OMP_WAIT_POLICY before torch loads
 import torch
+
+# isort: on
 
 PROMPT_LEN = 128
 OUTPUT_LEN = 64
@@ -47,39 +53,38 @@ async def _run_ours(engine, prompts: list[list[int]], tag: str) -> int:
     return sum(counts)
 
 
-def bench_ours(model: str, concurrency: list[int], vocab: int, threads: int) -> dict[int, dict]:
-    from tandem.engine.async_engine import AsyncEngine
-    from tandem.engine.config import EngineConfig
+class Ours:
+    name = "tandem"
 
-    engine = AsyncEngine(
-        EngineConfig(model=model, max_num_seqs=max(concurrency), enable_prefix_caching=False)
-    )
-    results = {}
-    try:
-        asyncio.run(_run_ours(engine, make_prompts(2, vocab, seed=99), "warm"))
-        for c in concurrency:
-            prompts = make_prompts(c, vocab, seed=c)
-            start = time.perf_counter()
-            tokens = asyncio.run(_run_ours(engine, prompts, f"c{c}"))
-            elapsed = time.perf_counter() - start
-            results[c] = {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
-            print(
-                f"  tandem  c={c:>3}: {tokens / elapsed:8.1f} tok/s ({elapsed:.2f} s)", flush=True
-            )
-    finally:
-        engine.shutdown()
-    return results
+    def __init__(self, model: str, max_seqs: int) -> None:
+        from tandem.engine.async_engine import AsyncEngine
+        from tandem.engine.config import EngineConfig
+
+        # No prefix caching: every round re-sends the same prompts, HF cannot reuse them.
+        config = EngineConfig(model=model, max_num_seqs=max_seqs, enable_prefix_caching=False)
+        self.engine = AsyncEngine(config)
+        self.rounds = 0
+
+    def run(self, prompts: list[list[int]]) -> int:
+        self.rounds += 1
+        return asyncio.run(_run_ours(self.engine, prompts, f"r{self.rounds}"))
+
+    def close(self) -> None:
+        self.engine.shutdown()
 
 
-def bench_hf(model: str, concurrency: list[int], vocab: int) -> dict[int, dict]:
-    from transformers import AutoModelForCausalLM
+class HuggingFace:
+    name = "hf"
 
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    def __init__(self, model: str) -> None:
+        from transformers import AutoModelForCausalLM
 
-    def generate(prompts: list[list[int]]) -> int:
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+    def run(self, prompts: list[list[int]]) -> int:
         ids = torch.tensor(prompts)
         with torch.inference_mode():
-            out = hf.generate(
+            out = self.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=OUTPUT_LEN,
@@ -89,16 +94,19 @@ def bench_hf(model: str, concurrency: list[int], vocab: int) -> dict[int, dict]:
             )
         return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
-    generate(make_prompts(2, vocab, seed=99))
-    results = {}
-    for c in concurrency:
-        prompts = make_prompts(c, vocab, seed=c)
-        start = time.perf_counter()
-        tokens = generate(prompts)
-        elapsed = time.perf_counter() - start
-        results[c] = {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
-        print(f"  hf      c={c:>3}: {tokens / elapsed:8.1f} tok/s ({elapsed:.2f} s)", flush=True)
-    return results
+    def close(self) -> None:
+        pass
+
+
+def measure(system, prompts: list[list[int]]) -> float:
+    start = time.perf_counter()
+    tokens = system.run(prompts)
+    elapsed = time.perf_counter() - start
+    if tokens != len(prompts) * OUTPUT_LEN:
+        raise RuntimeError(
+            f"{system.name} produced {tokens} tokens, expected {len(prompts) * OUTPUT_LEN}"
+        )
+    return tokens / elapsed
 
 
 def main() -> None:
@@ -107,6 +115,9 @@ def main() -> None:
     )
     parser.add_argument("--model", help="HF model folder (default: the demo SmolLM2-135M)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternating rounds per level; medians reported"
+    )
     parser.add_argument("--output", default="results/engine_cpu.json")
     args = parser.parse_args()
 
@@ -121,15 +132,44 @@ def main() -> None:
     vocab = AutoConfig.from_pretrained(model).vocab_size
     threads = torch.get_num_threads()
     print(f"model {model}, torch threads {threads}, {PROMPT_LEN} in / {OUTPUT_LEN} out")
-    ours = bench_ours(model, args.concurrency, vocab, threads)
-    hf = bench_hf(model, args.concurrency, vocab)
+    systems = [Ours(model, max(args.concurrency)), HuggingFace(model)]
     rows = []
+    try:
+        for system in systems:  # warm-up: first calls pay for allocations and lazy init
+            system.run(make_prompts(2, vocab, seed=99))
+        for c in args.concurrency:
+            prompts = make_prompts(c, vocab, seed=c)
+            rates: dict[str, list[float]] = {s.name: [] for s in systems}
+            # Alternate the two systems so that drifts in machine load hit both alike.
+            for _ in range(args.repeats):
+                for system in systems:
+                    rates[system.name].append(measure(system, prompts))
+            ours, hf = statistics.median(rates["tandem"]), statistics.median(rates["hf"])
+            ratios = [a / b for a, b in zip(rates["tandem"], rates["hf"], strict=True)]
+            rows.append(
+                {
+                    "concurrency": c,
+                    "tandem_tok_s": ours,
+                    "hf_tok_s": hf,
+                    "ratio": ours / hf,
+                    "tandem_runs": rates["tandem"],
+                    "hf_runs": rates["hf"],
+                    "paired_ratios": ratios,
+                }
+            )
+            print(
+                f"c={c:>3}: tandem {ours:7.1f} tok/s, hf {hf:7.1f} tok/s, ratio {ours / hf:.2f}x"
+                f" (paired ratios {', '.join(f'{r:.2f}' for r in ratios)})",
+                flush=True,
+            )
+    finally:
+        for system in systems:
+            system.close()
     print(f"\n{'concurrency':>11} {'tandem tok/s':>13} {'hf tok/s':>9} {'ratio':>6}")
-    for c in args.concurrency:
-        ratio = ours[c]["tokens_per_s"] / hf[c]["tokens_per_s"]
-        rows.append({"concurrency": c, "tandem": ours[c], "hf": hf[c], "ratio": ratio})
+    for r in rows:
         print(
-            f"{c:>11} {ours[c]['tokens_per_s']:>13.1f} {hf[c]['tokens_per_s']:>9.1f} {ratio:>5.2f}x"
+            f"{r['concurrency']:>11} {r['tandem_tok_s']:>13.1f} {r['hf_tok_s']:>9.1f}"
+            f" {r['ratio']:>5.2f}x"
         )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +180,9 @@ def main() -> None:
                 "model": model,
                 "prompt_len": PROMPT_LEN,
                 "output_len": OUTPUT_LEN,
+                "repeats": args.repeats,
                 "torch_threads": threads,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "machine": platform.processor() or platform.machine(),
                 "results": rows,
             },

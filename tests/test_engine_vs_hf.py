@@ -64,7 +64,7 @@ def model_pair(request, tiny_models):
 
 def test_logits_close(model_pair):
     path, hf = model_pair
-    engine = EngineCore(EngineConfig(model=str(path), num_gpu_blocks=32))
+    engine = EngineCore(EngineConfig(model=str(path), dtype="float32", num_gpu_blocks=32))
     prompt = prompts([37])[0]
     seq = Sequence("x", 0, prompt, SamplingParams())
     assert engine.block_manager.allocate(seq, len(prompt))
@@ -82,7 +82,7 @@ def test_logits_close(model_pair):
 
 def test_single_requests_match(model_pair):
     path, hf = model_pair
-    engine = EngineCore(EngineConfig(model=str(path), num_gpu_blocks=64))
+    engine = EngineCore(EngineConfig(model=str(path), dtype="float32", num_gpu_blocks=64))
     for p in prompts([1, 7, 16, 33]):
         ours, _ = run(engine, [p], 12)
         assert ours[0] == hf_greedy(hf, p, 12)
@@ -93,7 +93,9 @@ def test_mixed_batch_with_chunked_prefill(model_pair):
     # A budget of 24 tokens per step splits the long prompts over several steps while
     # the short ones are already decoding.
     engine = EngineCore(
-        EngineConfig(model=str(path), num_gpu_blocks=128, max_num_batched_tokens=24)
+        EngineConfig(
+            model=str(path), dtype="float32", num_gpu_blocks=128, max_num_batched_tokens=24
+        )
     )
     batch = prompts([5, 50, 3, 70, 18], seed=1)
     ours, _ = run(engine, batch, 10)
@@ -103,7 +105,7 @@ def test_mixed_batch_with_chunked_prefill(model_pair):
 
 def test_prefix_cache_hits_match(model_pair):
     path, hf = model_pair
-    engine = EngineCore(EngineConfig(model=str(path), num_gpu_blocks=64))
+    engine = EngineCore(EngineConfig(model=str(path), dtype="float32", num_gpu_blocks=64))
     shared = prompts([40], seed=2)[0]
     first, _ = run(engine, [shared + [5, 6, 7]], 6)
     # Two followers share 2 full blocks (32 tokens) of the first prompt.
@@ -118,7 +120,9 @@ def test_prefix_cache_hits_match(model_pair):
 def test_preemption_recomputes_to_same_output(model_pair):
     path, hf = model_pair
     # 10 blocks of 16 tokens cannot hold four 30-token prompts growing by 24 tokens each.
-    engine = EngineCore(EngineConfig(model=str(path), num_gpu_blocks=10, max_model_len=128))
+    engine = EngineCore(
+        EngineConfig(model=str(path), dtype="float32", num_gpu_blocks=10, max_model_len=128)
+    )
     batch = prompts([30, 28, 31, 29], seed=3)
     ours, _ = run(engine, batch, 24)
     assert engine.scheduler.num_preemptions > 0

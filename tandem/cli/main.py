@@ -146,8 +146,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="weight and activation dtype; auto is float32 on CPU and the checkpoint's half"
-        " precision on GPU (%(default)s)",
+        help="weight and activation dtype; auto is bfloat16 on GPUs and on CPUs with native"
+        " bfloat16 (AVX512-BF16, AMX), float32 on other CPUs (%(default)s)",
     )
     eng.add_argument(
         "--device",
