@@ -119,8 +119,9 @@ class Discovery(ABC):
         if ttl <= 0:
             raise ValueError("lease ttl must be positive")
         old = self._leases.get(instance.key)
-        if old is not None and not old.revoked:
+        if old is not None:  # re-registration (new metadata): the old lease is superseded
             old.stop_keepalive()
+            old._revoked = True
         lease = Lease(self, instance, ttl, keepalive)
         self._leases[instance.key] = lease
         try:
@@ -157,9 +158,9 @@ class Discovery(ABC):
         """Write (or refresh) the lease's entry so it lives `lease.ttl` more seconds."""
 
     async def _remove(self, lease: Lease) -> None:
-        if self._leases.get(lease.instance.key) is lease:
+        if self._leases.get(lease.instance.key) is lease:  # not if superseded meanwhile
             del self._leases[lease.instance.key]
-        await self._delete(lease.instance)
+            await self._delete(lease.instance)
 
     @abstractmethod
     async def _delete(self, instance: InstanceInfo) -> None:

@@ -27,6 +27,7 @@ PREFACE = b"TANDEM\x00\x01"
 HEADER_SIZE = 4
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 REJECT_HEAD = 16
+FLUSH_BYTES = 256 * 1024
 
 
 def encode_frame(encoder: Any, message: Any) -> bytearray:
@@ -70,6 +71,8 @@ class FrameProtocol(asyncio.Protocol):
         self._reason = ""
         self._need_preface = expect_preface
         self._paused = False
+        self._wbuf: list[bytes | bytearray] = []
+        self._wsize = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self.close_exc: BaseException | None = None
@@ -79,6 +82,7 @@ class FrameProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         set_keepalive(transport.get_extra_info("socket"))
@@ -165,17 +169,36 @@ class FrameProtocol(asyncio.Protocol):
         return self._closed
 
     def send(self, data: bytes | bytearray) -> bool:
-        """Queue `data` for sending; False if the connection is already closed."""
+        """Queue `data` for sending; False if the connection is already closed.
+
+        Frames queued in the same event-loop iteration (many streams' tokens, or a burst of one
+        stream's) go out in one write at the end of it: one syscall instead of one per frame."""
         if self._closed or self.transport is None or self.transport.is_closing():
             return False
-        self.transport.write(data)
+        if not self._wbuf:
+            self._loop.call_soon(self._flush)
+        self._wbuf.append(data)
+        self._wsize += len(data)
+        if self._wsize >= FLUSH_BYTES:
+            self._flush()
         return True
+
+    def _flush(self) -> None:
+        if not self._wbuf:
+            return
+        data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
+        self._wbuf = []
+        self._wsize = 0
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     async def drain(self) -> None:
         """Wait until the write buffer is below its high-water mark.
         Raises ConnectionResetError if the connection closes meanwhile."""
         if self._closed:
             raise ConnectionResetError("connection closed")
+        if self._wsize >= FLUSH_BYTES // 2:
+            self._flush()
         if not self._paused:
             return
         waiter = asyncio.get_running_loop().create_future()
@@ -183,6 +206,7 @@ class FrameProtocol(asyncio.Protocol):
         await waiter
 
     def close(self) -> None:
+        self._flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 

@@ -23,6 +23,12 @@ How leases work here, and why this way:
   back without its store), so membership recovers without waiting for a heartbeat.
 
 The server's TTL resolution is one second: lease TTLs are rounded up to whole seconds.
+Needs nats-server 2.11+ (per-message TTL, markers; 2.11.1+ places markers for per-message TTL
+expiry) and nats-py 2.16+ (`limit_marker_ttl`, marker headers in KV watch).
+
+Cost: every renewal reaches every watcher of its prefix (the watcher drops unchanged values),
+i.e. about 3 messages per instance per TTL per watcher; fine for hundreds of instances, and the
+reason the default TTL is seconds rather than sub-second.
 """
 
 from __future__ import annotations
@@ -166,7 +172,7 @@ class NatsDiscovery(Discovery):
     async def watch(self, prefix: str = "") -> AsyncIterator[DiscoveryEvent]:
         known: dict[str, InstanceInfo] = {}
         failures = 0
-        while True:
+        while not self._conn.nc.is_closed:
             generation = self._conn.generation
             try:
                 kv = await self._get_kv()
@@ -199,7 +205,7 @@ class NatsDiscovery(Discovery):
             try:
                 entry = await watcher.updates(timeout=_RESYNC_POLL)
             except nats.errors.TimeoutError:
-                if self._conn.generation != generation:
+                if self._conn.generation != generation or self._conn.nc.is_closed:
                     return
                 continue
             if entry is None:  # end of the initial set
