@@ -1,9 +1,12 @@
 """Output tokens/s of our engine vs Hugging Face `generate`, same weights, same machine, one run.
 
 Workload: 128-token prompts, 64 output tokens each (EOS ignored), at 1, 8 and 32 concurrent
-requests. Our engine serves them through its async API with continuous batching; Hugging Face
-gets the same prompts as one static batch per concurrency level (left-padded batch of equal
-lengths, greedy, KV cache on), the best it can do with all requests present at once.
+requests. Our engine serves them through its async API with continuous batching, in its
+default dtype (`auto`: bfloat16 on CPUs with native bf16, else float32). Hugging Face gets the
+same prompts as one static batch per concurrency level (greedy, KV cache on, SDPA), the best it
+can do with all requests present at once, in float32 (what `from_pretrained` gives for these
+weights) and in bfloat16 (the same arithmetic as ours), so the table separates what the dtype
+buys from what the engine buys. Systems alternate round by round; medians are reported.
 
     python benchmarks/engine_cpu.py [--model DIR] [--concurrency 1 8 32] [--repeats 3]
 
@@ -63,6 +66,7 @@ class Ours:
         # No prefix caching: every round re-sends the same prompts, HF cannot reuse them.
         config = EngineConfig(model=model, max_num_seqs=max_seqs, enable_prefix_caching=False)
         self.engine = AsyncEngine(config)
+        self.dtype = str(self.engine.core.runner.dtype).removeprefix("torch.")
         self.rounds = 0
 
     def run(self, prompts: list[list[int]]) -> int:
@@ -74,12 +78,11 @@ class Ours:
 
 
 class HuggingFace:
-    name = "hf"
-
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, dtype: torch.dtype) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        self.name = f"hf-{str(dtype).removeprefix('torch.')}"
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
 
     def run(self, prompts: list[list[int]]) -> int:
         ids = torch.tensor(prompts)
@@ -132,45 +135,45 @@ def main() -> None:
     vocab = AutoConfig.from_pretrained(model).vocab_size
     threads = torch.get_num_threads()
     print(f"model {model}, torch threads {threads}, {PROMPT_LEN} in / {OUTPUT_LEN} out")
-    systems = [Ours(model, max(args.concurrency)), HuggingFace(model)]
+    ours = Ours(model, max(args.concurrency))
+    baselines = [HuggingFace(model, torch.float32), HuggingFace(model, torch.bfloat16)]
+    systems = [ours, *baselines]
+    print(f"tandem runs in {ours.dtype} (dtype auto)")
     rows = []
     try:
         for system in systems:  # warm-up: first calls pay for allocations and lazy init
             system.run(make_prompts(2, vocab, seed=99))
         for c in args.concurrency:
             prompts = make_prompts(c, vocab, seed=c)
-            rates: dict[str, list[float]] = {s.name: [] for s in systems}
-            # Alternate the two systems so that drifts in machine load hit both alike.
+            runs: dict[str, list[float]] = {s.name: [] for s in systems}
+            # Alternate the systems so that drifts in machine load hit all of them alike.
             for _ in range(args.repeats):
                 for system in systems:
-                    rates[system.name].append(measure(system, prompts))
-            ours, hf = statistics.median(rates["tandem"]), statistics.median(rates["hf"])
-            ratios = [a / b for a, b in zip(rates["tandem"], rates["hf"], strict=True)]
-            rows.append(
-                {
-                    "concurrency": c,
-                    "tandem_tok_s": ours,
-                    "hf_tok_s": hf,
-                    "ratio": ours / hf,
-                    "tandem_runs": rates["tandem"],
-                    "hf_runs": rates["hf"],
-                    "paired_ratios": ratios,
-                }
-            )
+                    runs[system.name].append(measure(system, prompts))
+            row = {"concurrency": c, "runs_tok_s": runs}
+            row["tok_s"] = {name: statistics.median(r) for name, r in runs.items()}
+            row["ratio_vs"] = {
+                b.name: row["tok_s"]["tandem"] / row["tok_s"][b.name] for b in baselines
+            }
+            rows.append(row)
             print(
-                f"c={c:>3}: tandem {ours:7.1f} tok/s, hf {hf:7.1f} tok/s, ratio {ours / hf:.2f}x"
-                f" (paired ratios {', '.join(f'{r:.2f}' for r in ratios)})",
+                f"c={c:>3}: "
+                + ", ".join(f"{name} {v:7.1f} tok/s" for name, v in row["tok_s"].items())
+                + "; tandem / "
+                + ", ".join(f"{name} {r:.2f}x" for name, r in row["ratio_vs"].items()),
                 flush=True,
             )
     finally:
         for system in systems:
             system.close()
-    print(f"\n{'concurrency':>11} {'tandem tok/s':>13} {'hf tok/s':>9} {'ratio':>6}")
+    names = [s.name for s in systems]
+    header = f"{'concurrency':>11} " + " ".join(f"{n + ' tok/s':>18}" for n in names)
+    header += " " + " ".join(f"{'vs ' + b.name:>15}" for b in baselines)
+    print("\n" + header)
     for r in rows:
-        print(
-            f"{r['concurrency']:>11} {r['tandem_tok_s']:>13.1f} {r['hf_tok_s']:>9.1f}"
-            f" {r['ratio']:>5.2f}x"
-        )
+        line = f"{r['concurrency']:>11} " + " ".join(f"{r['tok_s'][n]:>18.1f}" for n in names)
+        line += " " + " ".join(f"{r['ratio_vs'][b.name]:>14.2f}x" for b in baselines)
+        print(line)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -181,6 +184,7 @@ def main() -> None:
                 "prompt_len": PROMPT_LEN,
                 "output_len": OUTPUT_LEN,
                 "repeats": args.repeats,
+                "tandem_dtype": ours.dtype,
                 "torch_threads": threads,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "machine": platform.processor() or platform.machine(),
