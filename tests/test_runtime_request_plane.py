@@ -248,7 +248,7 @@ def test_server_stop_ends_streams_with_shutdown(kind):
 
 
 def test_peer_killed_mid_stream_raises_peer_gone():
-    proc, address = spawn_token_server(delay=0.01)
+    proc, address, _ = spawn_token_server(delay=0.01)
     try:
         async def main():
             client = TcpRequestClient()

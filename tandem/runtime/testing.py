@@ -146,9 +146,11 @@ class NatsServer:
 # ---- a request-plane server in a child process (peer-death tests, benchmarks) ---------------
 
 
-async def _serve_tokens(delay: float, host: str) -> None:
+async def _serve_tokens(delay: float, host: str, nats_url: str | None, ttl: float) -> None:
     import asyncio
 
+    from tandem.runtime.addressing import new_instance_id
+    from tandem.runtime.messages import InstanceInfo
     from tandem.runtime.tcp_plane import TcpRequestServer
 
     server = TcpRequestServer(host)
@@ -161,27 +163,39 @@ async def _serve_tokens(delay: float, host: str) -> None:
 
     server.add_endpoint("tokens", tokens)
     await server.start()
-    print(server.address, flush=True)
+    instance_id = new_instance_id()
+    if nats_url:
+        from tandem.runtime.nats_discovery import NatsDiscovery
+
+        discovery = await NatsDiscovery.connect(nats_url, default_ttl=ttl)
+        await discovery.register(InstanceInfo(
+            namespace="test", component="tokens", endpoint="tokens",
+            instance_id=instance_id, address=server.address,
+        ))
+    print(server.address, instance_id, flush=True)
     await asyncio.Event().wait()
 
 
-def spawn_token_server(delay: float = 0.0) -> tuple[subprocess.Popen[str], str]:
-    """Start `python -m tandem.runtime.testing` (a TcpRequestServer whose `tokens` endpoint
-    streams `n` integers, `delay` seconds apart) and return the process and its address."""
+def spawn_token_server(
+    delay: float = 0.0, nats_url: str | None = None, ttl: float = 1.0
+) -> tuple[subprocess.Popen[str], str, str]:
+    """Start `python -m tandem.runtime.testing`: a TcpRequestServer whose `tokens` endpoint
+    streams `n` integers `delay` seconds apart, registered as `test.tokens.tokens` in NATS
+    discovery if `nats_url` is given. Returns the process, its address and its instance id."""
     import sys
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem.runtime.testing", "--delay", str(delay)],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    cmd = [sys.executable, "-m", "tandem.runtime.testing", "--delay", str(delay),
+           "--ttl", str(ttl)]
+    if nats_url:
+        cmd += ["--nats", nats_url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
-    address = proc.stdout.readline().strip()
-    if not address:
+    line = proc.stdout.readline().split()
+    if len(line) != 2:
         proc.kill()
+        proc.wait()
         raise RuntimeError("token server did not start")
-    return proc, address
+    return proc, line[0], line[1]
 
 
 if __name__ == "__main__":
@@ -191,6 +205,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="a request-plane token server for tests")
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--nats", default=None, help="register in NATS discovery at this URL")
+    parser.add_argument("--ttl", type=float, default=1.0, help="lease TTL when registering")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_tokens(args.delay, args.host))
+        asyncio.run(_serve_tokens(args.delay, args.host, args.nats, args.ttl))
