@@ -160,7 +160,7 @@ def test_dead_instance_disappears_within_ttl(factory):
         took = await watcher.wait_for(lambda: dead.key not in watcher.live, timeout=4.0)
         # TTL 1 s from the last renewal (≤ ttl/3 before the stop); the NATS server's TTL timer
         # has about one second of resolution.
-        assert took < 2.6
+        assert took < 3.0
         assert alive.key in watcher.live
         assert [i.key for i in await observer.list("test")] == [alive.key]
         await watcher.close()
@@ -274,7 +274,7 @@ def test_killed_process_fails_its_streams_and_leaves_discovery(nats_server):
                     if len(got) == 3:
                         proc.kill()
             gone = await watcher.wait_for(lambda: info.key not in watcher.live, timeout=4.0)
-            assert gone < 2.6  # TTL 1 s + the server's ~1 s timer resolution
+            assert gone < 3.0  # TTL 1 s + the server's ~1 s timer resolution
             await client.close()
             await watcher.close()
             await observer.close()

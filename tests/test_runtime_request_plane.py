@@ -190,7 +190,7 @@ def test_deadline_cancels_handler_and_raises_timeout(kind):
             async for x in client.call(server.address, "slow", {"delay": 0.05}, timeout=0.3):
                 got.append(x)
         assert 0.25 < time.monotonic() - start < 1.5
-        assert 2 <= len(got) <= 7
+        assert 1 <= len(got) <= 7
         await asyncio.wait_for(handlers.cancelled.wait(), 2.0)
         # An absolute deadline (time.monotonic()) works the same way.
         with pytest.raises(TimeoutError):
