@@ -208,12 +208,6 @@ def test_concurrent_requests_decode_in_the_same_steps(mock_server: ServerUnderTe
     assert s["output_token_throughput"] >= 5 * single_stream, (s, single_stream)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tandem serve's listening socket lacks TCP_NODELAY (tandem/cli/main.py _bind makes"
-    " it with proto 0, so asyncio skips nodelay on accepted connections): on a reused"
-    " connection the first SSE chunk waits ~40 ms for a delayed ACK",
-)
 def test_keep_alive_first_token_is_not_held_back(mock_server: ServerUnderTest) -> None:
     """The stock client (keep-alive pool, as the openai client has too) at concurrency 1."""
     result = drive(mock_server, workload(4, 3), Arrival("concurrency", 1), Bounds(30, 5))

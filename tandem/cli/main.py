@@ -287,7 +287,10 @@ def engine_config(args: argparse.Namespace, model_path: Path, device: str):
 def _bind(host: str, port: int) -> socket.socket:
     """A socket bound (not yet listening) to host:port; uvicorn listens on it later."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listening socket says it is TCP; without it the first SSE chunk on a reused connection
+    # can wait ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
