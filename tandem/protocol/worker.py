@@ -1,0 +1,80 @@
+"""What a worker tells the rest of the system about itself: its model card, its load, its KV
+events, and the event-plane subjects they travel on.
+
+These live in `protocol` (not `worker`) because the frontend and the router read them and
+must not import the worker (which imports the engine).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from tandem.protocol.events import KvEvent, LoadStats
+
+Role = Literal["aggregated", "prefill", "decode"]
+
+DEFAULT_NAMESPACE = "tandem"
+WORKER_COMPONENT = "backend"
+GENERATE_ENDPOINT = "generate"
+
+
+class ModelCard(msgspec.Struct, kw_only=True, frozen=True):
+    """What callers need to know before sending a worker requests.
+
+    Stored in discovery as the instance's `metadata`. `model` is the served model name, the
+    one clients send; `tokenizer` is a path valid on the worker's machine (a frontend on
+    another machine passes its own `--tokenizer`). Two workers may serve the same requests
+    only if `model` and `block_size` agree (block hashes depend on the block size).
+    """
+
+    model: str
+    model_path: str
+    tokenizer: str
+    block_size: int
+    total_blocks: int
+    max_model_len: int
+    max_logprobs: int
+    role: Role = "aggregated"
+
+    def to_metadata(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> ModelCard:
+        """Raises msgspec.ValidationError if `metadata` is not a model card."""
+        return msgspec.convert(metadata, cls)
+
+    def mismatch(self, other: ModelCard) -> str | None:
+        """Why `other` cannot serve alongside this card's workers, or None if it can."""
+        if other.model != self.model:
+            return f"model {other.model!r} != {self.model!r}"
+        if other.block_size != self.block_size:
+            return f"block size {other.block_size} != {self.block_size}"
+        return None
+
+
+class WorkerLoad(msgspec.Struct, kw_only=True):
+    """A worker's `LoadStats`, tagged with its instance id so one wildcard subscription
+    (`<namespace>.load.*`) can follow every worker."""
+
+    worker_id: str
+    stats: LoadStats
+
+
+class KvEventBatch(msgspec.Struct, kw_only=True):
+    """The KV events a worker produced since its previous batch, in `event_id` order."""
+
+    worker_id: str
+    events: list[KvEvent]
+
+
+def load_subject(namespace: str, worker_id: str = "*") -> str:
+    """Subject of a worker's load figures (`*`: every worker's)."""
+    return f"{namespace}.load.{worker_id}"
+
+
+def kv_events_subject(namespace: str, worker_id: str = "*") -> str:
+    """Subject of a worker's KV event batches (`*`: every worker's)."""
+    return f"{namespace}.kv_events.{worker_id}"

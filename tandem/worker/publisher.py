@@ -1,0 +1,83 @@
+"""Publishes a worker's KV events and load on the event plane.
+
+The engine's step loop runs in a thread and must never wait for the network, so it only
+buffers: this task drains the buffer every `interval` (100 ms by default) and publishes one
+`KvEventBatch` when there are events, and a `WorkerLoad` when the figures changed or
+`heartbeat` seconds passed (so a router that starts late learns the load within a second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from tandem.protocol import KvEvent, LoadStats
+from tandem.protocol.worker import KvEventBatch, WorkerLoad, kv_events_subject, load_subject
+from tandem.runtime import EventPlane
+
+log = logging.getLogger(__name__)
+
+
+class LoadPublisher:
+    def __init__(
+        self,
+        events: EventPlane,
+        namespace: str,
+        worker_id: str,
+        stats: Callable[[], LoadStats],
+        take_kv_events: Callable[[], list[KvEvent]],
+        *,
+        interval: float = 0.1,
+        heartbeat: float = 1.0,
+    ) -> None:
+        self._events = events
+        self._worker_id = worker_id
+        self._stats = stats
+        self._take_kv_events = take_kv_events
+        self._load_subject = load_subject(namespace, worker_id)
+        self._kv_subject = kv_events_subject(namespace, worker_id)
+        self.interval = interval
+        self.heartbeat = heartbeat
+        self._last: LoadStats | None = None
+        self._last_time = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="load-publisher")
+
+    async def stop(self) -> None:
+        """Stop the loop and publish what is left, so the last events are not lost."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.publish_once(force=True)
+
+    async def publish_once(self, force: bool = False) -> None:
+        events = self._take_kv_events()
+        if events:
+            await self._events.publish(
+                self._kv_subject, KvEventBatch(worker_id=self._worker_id, events=events)
+            )
+        stats = self._stats()
+        now = time.monotonic()
+        if force or stats != self._last or now - self._last_time >= self.heartbeat:
+            await self._events.publish(
+                self._load_subject, WorkerLoad(worker_id=self._worker_id, stats=stats)
+            )
+            self._last, self._last_time = stats, now
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.publish_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let a publishing hiccup stop the worker's reports
+                log.exception("publishing load / KV events failed")
+            await asyncio.sleep(self.interval)

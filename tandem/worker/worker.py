@@ -1,0 +1,138 @@
+"""`Worker`: one engine served as the `generate` endpoint of a runtime component.
+
+Lifecycle: `start()` serves the endpoint, starts load / KV event publishing, then registers
+in discovery (last, so nobody is sent to a worker that cannot answer yet). `drain()` does the
+reverse: revoke the lease first, so frontends stop routing here at once; let in-flight
+requests finish within a grace period (new calls that still arrive are refused with
+`shutdown`, which callers retry elsewhere since nothing was produced yet); then stop.
+The caller owns the engine and shuts it down after `drain()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tandem.protocol import GenerateOutput, GenerateRequest
+from tandem.protocol.worker import (
+    DEFAULT_NAMESPACE,
+    GENERATE_ENDPOINT,
+    WORKER_COMPONENT,
+    ModelCard,
+    Role,
+)
+from tandem.runtime import (
+    Discovery,
+    EventPlane,
+    InstanceInfo,
+    Lease,
+    RequestServer,
+    new_instance_id,
+)
+from tandem.worker.publisher import LoadPublisher
+
+log = logging.getLogger(__name__)
+
+
+def model_card(
+    engine: Any, model: str, *, tokenizer: str | None = None, role: Role = "aggregated"
+) -> ModelCard:
+    """The card of `engine` (an AsyncEngine or anything with the same attributes)."""
+    return ModelCard(
+        model=model,
+        model_path=str(engine.model_path),
+        tokenizer=str(tokenizer or engine.model_path),
+        block_size=engine.block_size,
+        total_blocks=engine.stats().total_blocks,
+        max_model_len=engine.max_model_len,
+        max_logprobs=engine.max_logprobs,
+        role=role,
+    )
+
+
+class Worker:
+    def __init__(
+        self,
+        engine: Any,
+        card: ModelCard,
+        *,
+        discovery: Discovery,
+        events: EventPlane,
+        server: RequestServer,
+        namespace: str = DEFAULT_NAMESPACE,
+        instance_id: str | None = None,
+        lease_ttl: float | None = None,
+        publish_interval: float = 0.1,
+    ) -> None:
+        self.engine = engine
+        self.card = card
+        self.namespace = namespace
+        self.instance_id = instance_id or new_instance_id()
+        self.lease_ttl = lease_ttl
+        self._discovery = discovery
+        self._server = server
+        self._lease: Lease | None = None
+        self._publisher = LoadPublisher(
+            events,
+            namespace,
+            self.instance_id,
+            engine.stats,
+            engine.take_kv_events,
+            interval=publish_interval,
+        )
+        self.info: InstanceInfo | None = None
+
+    @property
+    def inflight(self) -> int:
+        """Requests being served now."""
+        return self._server.inflight
+
+    async def start(self) -> InstanceInfo:
+        self._server.add_endpoint(GENERATE_ENDPOINT, self._generate, GenerateRequest)
+        await self._server.start()
+        self._publisher.start()
+        self.info = InstanceInfo(
+            namespace=self.namespace,
+            component=WORKER_COMPONENT,
+            endpoint=GENERATE_ENDPOINT,
+            instance_id=self.instance_id,
+            address=self._server.address,
+            metadata=self.card.to_metadata(),
+        )
+        self._lease = await self._discovery.register(self.info, ttl=self.lease_ttl)
+        log.info(
+            "worker %s (%s, %s) registered as %s at %s",
+            self.instance_id,
+            self.card.model,
+            self.card.role,
+            self.info.key,
+            self.info.address,
+        )
+        return self.info
+
+    async def drain(self, grace: float = 30.0) -> None:
+        """Deregister, finish in-flight requests for up to `grace` seconds, stop serving."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            try:
+                await lease.revoke()
+            except Exception as exc:  # NATS down: the lease lapses by itself within its TTL
+                log.warning("worker %s: deregistering failed (%s)", self.instance_id, exc)
+        inflight = self._server.inflight
+        if inflight:
+            log.info(
+                "worker %s: draining %d in-flight requests (grace %.0fs)",
+                self.instance_id,
+                inflight,
+                grace,
+            )
+        await self._server.stop(grace)
+        await self._publisher.stop()
+        log.info("worker %s stopped", self.instance_id)
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        # Cancellation by the caller arrives here as CancelledError; leaving the engine's
+        # generator then aborts the request and frees its blocks.
+        async for out in self.engine.generate(request):
+            yield out

@@ -1,0 +1,202 @@
+"""Worker + RemoteEngine in one process: memory discovery and events, a real TCP request plane,
+the mock engine. Registration with a model card, generate over TCP, cancellation reaching the
+engine, load publishing, card mismatch refusal, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+
+from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.config import EngineConfig
+from tandem.frontend.remote_engine import NoWorkers, RemoteEngine
+from tandem.protocol import GenerateOutput, GenerateRequest, SamplingParams
+from tandem.protocol.worker import GENERATE_ENDPOINT, ModelCard, WorkerLoad, load_subject
+from tandem.runtime import MemoryDiscovery, MemoryEventPlane, TcpRequestClient, TcpRequestServer
+from tandem.worker import Worker, model_card
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_llama):
+    made = [
+        AsyncEngine(EngineConfig(model=str(tiny_llama), engine="mock", num_gpu_blocks=64))
+        for _ in range(2)
+    ]
+    yield made
+    for engine in made:
+        engine.shutdown()
+
+
+def request(rid: str, max_tokens: int = 8) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=rid,
+        prompt_token_ids=list(range(1, 20)),
+        sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0),
+    )
+
+
+class Pool:
+    """Workers over the engines plus a RemoteEngine that sees them."""
+
+    def __init__(self, engines, model: str = "tiny") -> None:
+        self.discovery = MemoryDiscovery(default_ttl=1.0)
+        self.events = MemoryEventPlane()
+        self.client = TcpRequestClient()
+        self.workers = [
+            Worker(
+                e,
+                model_card(e, model),
+                discovery=self.discovery,
+                events=self.events,
+                server=TcpRequestServer(),
+                publish_interval=0.02,
+            )
+            for e in engines
+        ]
+        self.remote = RemoteEngine(self.discovery, self.events, self.client)
+
+    async def __aenter__(self) -> Pool:
+        await self.remote.start()
+        for w in self.workers:
+            await w.start()
+        await self.remote.wait_for_workers(len(self.workers), timeout=5)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for w in self.workers:
+            with contextlib.suppress(Exception):
+                await w.drain(0.5)
+        await self.remote.close()
+        await self.client.close()
+        await self.discovery.close()
+
+
+async def collect(remote, req) -> list[GenerateOutput]:
+    return [out async for out in remote.generate(req)]
+
+
+def test_worker_registers_card_and_serves_generate_over_tcp(engines):
+    async def main():
+        async with Pool(engines[:1]) as pool:
+            (info,) = await pool.discovery.list("tandem.backend.generate")
+            card = ModelCard.from_metadata(info.metadata)
+            assert card.model == "tiny" and card.role == "aggregated"
+            assert card.block_size == engines[0].block_size
+            assert card.total_blocks == 64
+            assert card.max_model_len == engines[0].max_model_len
+            assert ":" in info.address  # host:port of the TCP plane
+            # Straight over the request plane, without RemoteEngine.
+            outs = [
+                o
+                async for o in pool.client.call(
+                    info.address, GENERATE_ENDPOINT, request("a"), response_type=GenerateOutput
+                )
+            ]
+            assert sum(len(o.token_ids) for o in outs) == 8
+            assert outs[-1].finish_reason == "length"
+            assert pool.remote.max_model_len == card.max_model_len
+
+    asyncio.run(main())
+
+
+def test_round_robin_stats_and_invalid_request(engines):
+    async def main():
+        async with Pool(engines) as pool:
+            results = await asyncio.gather(
+                *(collect(pool.remote, request(f"r{i}")) for i in range(6))
+            )
+            assert all(sum(len(o.token_ids) for o in r) == 8 for r in results)
+            assert sorted(w["requests"] for w in pool.remote.describe()) == [3, 3]
+            # Load arrives from both workers' publishers and is summed.
+            deadline = time.monotonic() + 3
+            while pool.remote.stats().total_blocks != 128:
+                assert time.monotonic() < deadline, pool.remote.stats()
+                await asyncio.sleep(0.02)
+            with pytest.raises(ValueError):
+                await collect(pool.remote, GenerateRequest(request_id="bad", prompt_token_ids=[]))
+
+    asyncio.run(main())
+
+
+def test_abort_cancels_on_the_worker(engines):
+    async def main():
+        async with Pool(engines[:1]) as pool:
+            stream = pool.remote.generate(request("long", max_tokens=100000))
+            first = await anext(stream)
+            assert first.request_id == "long"
+            sub = await pool.events.subscribe(load_subject("tandem"), WorkerLoad)
+            pool.remote.abort("long")
+            rest = [o async for o in stream]
+            assert all(o.finish_reason is None for o in rest)
+            # The engine freed the request: its load drops back to no running sequence.
+            async with asyncio.timeout(3):
+                async for msg in sub:
+                    if msg.stats.num_running == 0:
+                        break
+            await sub.unsubscribe()
+
+    asyncio.run(main())
+
+
+def test_mismatched_card_is_refused(engines, caplog):
+    async def main():
+        async with Pool(engines[:1]) as pool:
+            other = Worker(
+                engines[1],
+                model_card(engines[1], "another-model"),
+                discovery=pool.discovery,
+                events=pool.events,
+                server=TcpRequestServer(),
+            )
+            await other.start()
+            await asyncio.sleep(0.05)
+            assert len(pool.remote.describe()) == 1
+            await other.drain(0.1)
+        assert any(
+            "refusing worker" in r.message and "another-model" in r.message for r in caplog.records
+        )
+
+    asyncio.run(main())
+
+
+def test_graceful_drain_finishes_inflight_and_takes_no_new_work(engines):
+    async def main():
+        async with Pool(engines) as pool:
+            a, b = pool.workers
+            # Start a long request on each worker (round robin alternates).
+            s1 = pool.remote.generate(request("d1", max_tokens=60))
+            s2 = pool.remote.generate(request("d2", max_tokens=60))
+            firsts = [await anext(s1), await anext(s2)]
+            assert a.inflight == 1 and b.inflight == 1
+            drain = asyncio.create_task(a.drain(grace=30))
+            await asyncio.sleep(0.05)
+            assert len(pool.remote.describe()) == 1  # removed from discovery at once
+            # New work goes to b only, and every new request succeeds.
+            news = await asyncio.gather(
+                *(collect(pool.remote, request(f"n{i}", 4)) for i in range(4))
+            )
+            assert all(sum(len(o.token_ids) for o in r) == 4 for r in news)
+            # Both in-flight requests finish in full, the drained one included.
+            for first, s in zip(firsts, (s1, s2), strict=True):
+                outs = [first] + [o async for o in s]
+                assert sum(len(o.token_ids) for o in outs) == 60
+                assert outs[-1].finish_reason == "length"
+            await asyncio.wait_for(drain, 10)
+            assert a.inflight == 0
+
+    asyncio.run(main())
+
+
+def test_no_workers_is_a_clear_error():
+    async def main():
+        remote = RemoteEngine(MemoryDiscovery(), MemoryEventPlane(), TcpRequestClient())
+        await remote.start()
+        with pytest.raises(NoWorkers):
+            await collect(remote, request("x"))
+        assert remote.error == "no live workers"
+        await remote.close()
+
+    asyncio.run(main())
