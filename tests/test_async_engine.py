@@ -125,3 +125,20 @@ def test_kv_events_and_prefix_hits(engine):
         assert engine.stats().prefix_cache_hits - hits_before == 32
 
     asyncio.run(main())
+
+
+def test_abort_one_of_n_sequences(engine):
+    async def main():
+        finishes = {}
+        tokens = {0: 0, 1: 0}
+        async for o in engine.generate(request("n2", max_tokens=40, n=2, seed=1)):
+            tokens[o.index] += len(o.token_ids)
+            if o.index == 0 and tokens[0] == 1:
+                engine.abort("n2", 0)
+            if o.finish_reason:
+                finishes[o.index] = o.finish_reason
+        assert finishes == {0: "abort", 1: "length"}
+        assert tokens[1] == 40 and tokens[0] < 40
+        await settle(engine)
+
+    asyncio.run(main())

@@ -44,13 +44,17 @@ class ScriptedEngine:
         self.script = script
         self.raise_first = raise_first
         self.aborted: list[tuple[str, int]] = []  # (request id, outputs consumed by then)
+        self.aborted_sequences: list[tuple[str, int]] = []  # (request id, sequence index)
         self.consumed = 0
 
     def stats(self) -> LoadStats:
         return IDLE
 
-    def abort(self, request_id: str) -> None:
-        self.aborted.append((request_id, self.consumed))
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        if index is None:
+            self.aborted.append((request_id, self.consumed))
+        else:
+            self.aborted_sequences.append((request_id, index))
 
     async def generate(self, request: GenerateRequest):
         if self.raise_first is not None:
@@ -114,8 +118,9 @@ def test_stop_string_on_one_of_n_keeps_the_others_running(tokenizer):
     counted_for_0 = len(enc("Paris")) + len(enc(" END"))  # up to the stop, not the junk after
     counted_for_1 = len(enc("Berlin")) + len(enc(" is")) + len(enc(" big"))
     assert usage["completion_tokens"] == counted_for_0 + counted_for_1
-    # Index 1 still needed the request when index 0 stopped (3rd output); the engine's
-    # sequence 0 is aborted only once index 1 has finished too (6th output).
+    # When index 0 stopped (3rd output) only its engine sequence was stopped; the request
+    # as a whole is aborted once index 1 has finished too (6th output).
+    assert engine.aborted_sequences == [("req", 0)]
     assert engine.aborted == [("req", 6)]
 
 
@@ -132,6 +137,7 @@ def test_stop_strings_ending_every_choice_abort_the_engine_request(tokenizer):
     texts, finishes, _ = run_all(engine, tokenizer, n=2, stop=["STOP"])
     assert texts == ["a ", "b "]
     assert finishes == ["stop", "stop"]
+    assert engine.aborted_sequences == [("req", 0)]  # the first choice to stop, alone
     assert engine.aborted == [("req", 3)]  # right when the last choice ended
     assert engine.consumed == 3
 

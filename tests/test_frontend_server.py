@@ -560,9 +560,9 @@ class Watched:
     def stats(self) -> LoadStats:
         return self.engine.stats()
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, index: int | None = None) -> None:
         self.aborted.append(request_id)
-        self.engine.abort(request_id)
+        self.engine.abort(request_id, index)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         finished = 0

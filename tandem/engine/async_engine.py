@@ -73,9 +73,11 @@ class AsyncEngine:
             if remaining:
                 self.abort(request.request_id)
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request and free its blocks; harmless if it already finished."""
-        self._commands.put(("abort", request_id))
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request (or only its sequence `index`) and free the blocks; harmless if it
+        already finished. A frontend whose stop string ended one of `n` sequences stops just
+        that one."""
+        self._commands.put(("abort", (request_id, index)))
 
     def stats(self) -> LoadStats:
         return self._stats
@@ -122,7 +124,7 @@ class AsyncEngine:
                 except ValueError as exc:
                     self._deliver_to(arg.request_id, exc)
             else:
-                self._deliver(self.core.abort(arg))
+                self._deliver(self.core.abort(*arg))
 
     def _publish(self) -> None:
         self._stats = self.core.stats()

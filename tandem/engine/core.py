@@ -132,12 +132,16 @@ class EngineCore:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> list[GenerateOutput]:
+    def abort(self, request_id: str, index: int | None = None) -> list[GenerateOutput]:
+        """Stop all of a request's sequences, or only sequence `index` of its `n`."""
+        seqs = self.requests.get(request_id, [])
         outputs = []
-        for seq in self.requests.pop(request_id, []):
-            if not seq.is_finished:
+        for seq in seqs:
+            if not seq.is_finished and index in (None, seq.index):
                 self.scheduler.finish(seq)
                 outputs.append(self._output(seq, [], "abort"))
+        if all(s.is_finished for s in seqs):
+            self.requests.pop(request_id, None)
         return outputs
 
     def has_work(self) -> bool:

@@ -264,23 +264,24 @@ class GenerationRun:
             c.finish_reason = finish
             self._metrics.finished.labels(finish_reason=finish).inc()
             if out.finish_reason is None:
-                self._stop_engine_if_done(p)
+                self._stop_engine_if_done(p, out.index)
         if not emit and finish is None:
             return None  # keep logprobs until their text is released
         delta = ChoiceDelta(c.index, emit, c.pending_logprobs, finish)
         c.pending_logprobs = []
         return delta
 
-    def _stop_engine_if_done(self, p: int) -> None:
-        """A stop string ended a choice: abort the engine request once all its choices ended.
-
-        The engine aborts whole requests, not single sequences, so with n > 1 the other
-        sequences keep running and the ended one's further tokens are dropped here.
-        """
+    def _stop_engine_if_done(self, p: int, index: int) -> None:
+        """A stop string ended choice `index` of prompt `p`: stop that engine sequence, or the
+        whole engine request once all of its choices have ended."""
+        if self._engine_finished[p] >= self.n:
+            return
         mine = self.choices[p * self.n : (p + 1) * self.n]
-        if all(c.finish_reason is not None for c in mine) and self._engine_finished[p] < self.n:
+        if all(c.finish_reason is not None for c in mine):
             self._engine.abort(self.engine_ids[p])
             self._engine_finished[p] = self.n
+        else:
+            self._engine.abort(self.engine_ids[p], index)
 
     def usage(self) -> dict[str, Any]:
         completion = sum(c.num_tokens for c in self.choices)
