@@ -238,6 +238,23 @@ def test_completions_streaming_matches_and_counts_usage(client):
     assert chunks[-1].usage.completion_tokens == 10 == full.usage.completion_tokens
 
 
+def test_continuous_usage_counts_tokens_chunk_by_chunk(client):
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="Serving large language models",
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts == sorted(counts) and counts[-1] == 10
+    assert all(c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks)
+
+
 def test_completions_several_prompts_n_and_logprobs(client):
     r = client.completions.create(
         model=MODEL,

@@ -18,6 +18,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # vLLM's extension: usage on every chunk, so clients can count tokens per chunk exactly.
+    continuous_usage_stats: bool = False
 
 
 class TextPart(_Strict):

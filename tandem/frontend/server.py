@@ -27,7 +27,7 @@ from tandem.frontend.engine_client import EngineClient
 from tandem.frontend.errors import APIError, from_validation_errors, install_handlers
 from tandem.frontend.generation import EngineStreamError, GenerationRun
 from tandem.frontend.metrics import FrontendMetrics, RequestCounterMiddleware, RequestTimer
-from tandem.frontend.openai_types import ChatCompletionRequest, CompletionRequest
+from tandem.frontend.openai_types import ChatCompletionRequest, CompletionRequest, StreamOptions
 from tandem.frontend.preprocess import Prepared, Preprocessor, check_model
 from tandem.frontend.responses import (
     SSE_DONE,
@@ -141,7 +141,7 @@ class Frontend:
         prepared: Prepared,
         *,
         stream: bool,
-        include_usage: bool,
+        stream_options: StreamOptions,
         chat: bool,
         timer: RequestTimer,
     ) -> Response:
@@ -150,7 +150,7 @@ class Frontend:
         num_choices = len(prepared.prompts) * n
         common = {
             "want_logprobs": prepared.sampling.logprobs is not None,
-            "include_usage": include_usage and stream,
+            "include_usage": stream_options.include_usage and stream,
         }
         fmt = (
             ChatFormatter(rid, self.model, self.texts, num_choices, **common)
@@ -181,7 +181,7 @@ class Frontend:
             # stream that carries an error.
             await until_disconnected(request, run.start())
             if stream:
-                body = self._sse(run, fmt, include_usage)
+                body = self._sse(run, fmt, stream_options)
                 handed_off = True
                 return StreamingResponse(
                     body,
@@ -206,14 +206,17 @@ class Frontend:
         return fmt.body(run.usage())
 
     async def _sse(
-        self, run: GenerationRun, fmt: Any, include_usage: bool
+        self, run: GenerationRun, fmt: Any, options: StreamOptions
     ) -> AsyncGenerator[bytes, None]:
         try:
             for choice in fmt.opening():  # one choice per chunk, as OpenAI streams them
                 yield sse(fmt.chunk([choice]))
             async for d in run.deltas():
-                yield sse(fmt.chunk([fmt.chunk_choice(d)]))
-            if include_usage:
+                chunk = fmt.chunk([fmt.chunk_choice(d)])
+                if options.continuous_usage_stats:
+                    chunk["usage"] = run.usage()
+                yield sse(chunk)
+            if options.include_usage:
                 yield sse(fmt.usage_chunk(run.usage()))
         except EngineStreamError as exc:
             log.warning("request %s failed mid-stream: %s", run.request_id, exc.message)
@@ -263,12 +266,11 @@ def build_app(
         req = _parse(ChatCompletionRequest, await request.body())
         check_model(req.model, fe.model)
         prepared = fe.pre.prepare_chat(req)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await fe.serve(
             request,
             prepared,
             stream=req.stream,
-            include_usage=include_usage,
+            stream_options=req.stream_options or StreamOptions(),
             chat=True,
             timer=timer,
         )
@@ -279,12 +281,11 @@ def build_app(
         req = _parse(CompletionRequest, await request.body())
         check_model(req.model, fe.model)
         prepared = fe.pre.prepare_completion(req)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await fe.serve(
             request,
             prepared,
             stream=req.stream,
-            include_usage=include_usage,
+            stream_options=req.stream_options or StreamOptions(),
             chat=False,
             timer=timer,
         )
