@@ -116,7 +116,31 @@ def _add_serve(subparsers: Any) -> None:
         "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
     )
 
+    dist = p.add_argument_group("distributed mode")
+    dist.add_argument(
+        "--workers",
+        type=_int_at_least(1),
+        default=1,
+        help="engine worker processes; above 1 (or with --nats) also starts a local"
+        " nats-server and a frontend process, and supervises them (%(default)s)",
+    )
+    dist.add_argument(
+        "--nats",
+        metavar="URL",
+        help="use this NATS server instead of starting one (implies worker processes)",
+    )
+    dist.add_argument(
+        "--drain-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="on shutdown, seconds a worker may take to finish its requests (%(default)s)",
+    )
     _add_engine_flags(p)
+    _add_mock_flags(p)
+
+
+def _add_mock_flags(p: argparse.ArgumentParser) -> None:
+    """`--engine mock` and its knobs: shared by `serve` and `worker`."""
     mock = p.add_argument_group("mock engine (no weights; step times from a performance model)")
     mock.add_argument(
         "--engine",
@@ -231,6 +255,13 @@ def _run_serve(args: argparse.Namespace) -> int:
         except ModelSourceError as exc:
             print(f"tandem serve: error: {exc}", file=sys.stderr)
             return 2
+        if args.workers > 1 or args.nats:
+            from tandem.cli.launcher import run_cluster
+            from tandem.engine.model_source import default_served_model_name
+
+            sock.close()  # the frontend process binds it
+            served = args.served_model_name or default_served_model_name(args.model)
+            return run_cluster(args, model_path, served)
         _serve(args, model_path, device, sock)
     return 0
 
@@ -463,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_profile(subparsers)
     _add_bench(subparsers)
+    from tandem.cli.distributed import add_frontend, add_worker
+
+    add_worker(subparsers)
+    add_frontend(subparsers)
     return parser
 
 

@@ -91,8 +91,14 @@ class NatsServer:
             "-l",
             str(self.log_path),
         ]
+        # Its own process group: a Ctrl-C in the terminal must not stop NATS before the
+        # workers using it have deregistered; its owner stops it last.
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            process_group=0,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,0 +1,213 @@
+"""`tandem worker` and `tandem frontend`: the two halves of distributed mode, each its own
+process, finding each other through NATS (DESIGN.md, running modes).
+
+`tandem serve --workers N` starts them for you on one machine (see `launcher`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+from tandem.cli import main as cli
+
+log = logging.getLogger("tandem")
+
+ROLES = ("aggregated",)  # prefill and decode come with disaggregation
+
+
+def _port_or_zero(text: str) -> int:
+    return 0 if text == "0" else cli._port(text)
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser, nats_required: bool = True) -> None:
+    rt = p.add_argument_group("distributed runtime")
+    rt.add_argument(
+        "--nats",
+        metavar="URL",
+        required=nats_required,
+        help="NATS server for discovery and events, e.g. nats://127.0.0.1:4222",
+    )
+    rt.add_argument(
+        "--namespace",
+        default="tandem",
+        help="discovery namespace; frontends use the workers of their namespace (%(default)s)",
+    )
+
+
+# -- tandem worker ------------------------------------------------------------------------
+
+
+def add_worker(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "worker",
+        help="run an engine as a worker that frontends find over NATS",
+        description=(
+            "Load MODEL into an engine, serve its `generate` endpoint over TCP, register it"
+            " with its model card in NATS discovery and publish its KV events and load."
+            " SIGTERM or Ctrl-C drains it: it deregisters, finishes its in-flight requests"
+            " (up to --drain-timeout), then exits."
+        ),
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL", help="as for `tandem serve`")
+    _add_runtime_flags(p)
+    w = p.add_argument_group("worker")
+    w.add_argument("--role", choices=ROLES, default="aggregated", help="(%(default)s)")
+    w.add_argument("--host", default="127.0.0.1", help="address of the request plane (%(default)s)")
+    w.add_argument(
+        "--port", type=_port_or_zero, default=0, help="request plane port; 0 picks one (0)"
+    )
+    w.add_argument(
+        "--advertise-host",
+        help="host that frontends connect to, when --host is a wildcard such as 0.0.0.0",
+    )
+    w.add_argument(
+        "--served-model-name",
+        help="model name in the card, as clients send it (default: the folder or file name)",
+    )
+    w.add_argument(
+        "--lease-ttl",
+        type=cli._positive_float,
+        default=3.0,
+        help="seconds after which a dead worker leaves discovery (%(default)s)",
+    )
+    w.add_argument(
+        "--drain-timeout",
+        type=cli._positive_float,
+        default=30.0,
+        help="on SIGTERM, seconds allowed for in-flight requests to finish (%(default)s)",
+    )
+    w.add_argument(
+        "--log-level", choices=cli.LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
+    )
+    cli._add_engine_flags(p)
+    cli._add_mock_flags(p)
+    p.set_defaults(run=run_worker)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from tandem.engine.async_engine import AsyncEngine
+    from tandem.engine.model_source import (
+        ModelSourceError,
+        default_served_model_name,
+        resolve_model,
+    )
+    from tandem.worker import model_card
+    from tandem.worker.service import serve_worker
+
+    device = args.device or cli._default_device()
+    try:
+        model_path = resolve_model(args.model, need_weights=args.engine == "real")
+    except ModelSourceError as exc:
+        print(f"tandem worker: error: {exc}", file=sys.stderr)
+        return 2
+    served = args.served_model_name or default_served_model_name(args.model)
+    log.info("loading %s on %s (dtype %s)", model_path, device, args.dtype)
+    engine = AsyncEngine(cli.engine_config(args, model_path, device))
+    try:
+        card = model_card(engine, served, role=args.role)
+        asyncio.run(
+            serve_worker(
+                engine,
+                card,
+                args.nats,
+                host=args.host,
+                port=args.port,
+                advertise_host=args.advertise_host,
+                namespace=args.namespace,
+                lease_ttl=args.lease_ttl,
+                drain_timeout=args.drain_timeout,
+            )
+        )
+    finally:
+        engine.shutdown()
+    return 0
+
+
+# -- tandem frontend ----------------------------------------------------------------------
+
+
+def add_frontend(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "frontend",
+        help="serve the OpenAI API in front of the workers found over NATS",
+        description=(
+            "Serve an OpenAI-compatible HTTP API and send requests to the workers registered"
+            " in NATS discovery (round robin). Waits for --min-workers workers; the first"
+            " worker's model card gives the model name, tokenizer and context length."
+        ),
+    )
+    _add_runtime_flags(p)
+    net = p.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    net.add_argument("--port", type=cli._port, default=8000, help="TCP port (%(default)s)")
+    net.add_argument(
+        "--served-model-name", help="model name clients send (default: the workers' card)"
+    )
+    net.add_argument(
+        "--tokenizer",
+        help="tokenizer folder (default: the path in the workers' model card, which must then"
+        " exist on this machine)",
+    )
+    net.add_argument(
+        "--api-key",
+        default=os.environ.get("TANDEM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 calls (default: $TANDEM_API_KEY)",
+    )
+    net.add_argument(
+        "--max-waiting",
+        type=cli._int_at_least(1),
+        default=256,
+        help="requests that may wait in the workers' queues before 503 (%(default)s)",
+    )
+    net.add_argument(
+        "--min-workers",
+        type=cli._int_at_least(1),
+        default=1,
+        help="workers to wait for before serving (%(default)s)",
+    )
+    net.add_argument(
+        "--log-level", choices=cli.LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
+    )
+    p.set_defaults(run=run_frontend)
+
+
+def run_frontend(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from tandem.frontend.service import serve_frontend
+
+    try:
+        sock = cli._bind(args.host, args.port)
+    except OSError as exc:
+        print(
+            f"tandem frontend: error: cannot listen on {args.host}:{args.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    with sock:
+        asyncio.run(
+            serve_frontend(
+                args.nats,
+                sock,
+                url=f"http://{cli._url_host(args.host)}:{args.port}",
+                served_model_name=args.served_model_name,
+                tokenizer=args.tokenizer,
+                api_key=args.api_key,
+                max_waiting=args.max_waiting,
+                namespace=args.namespace,
+                min_workers=args.min_workers,
+                log_level=args.log_level,
+            )
+        )
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )

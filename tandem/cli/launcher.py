@@ -1,0 +1,178 @@
+"""`tandem serve MODEL --workers N`: distributed mode on one machine.
+
+Starts a local nats-server (unless `--nats` names one), N `tandem worker` processes and a
+`tandem frontend` process, and supervises them: a worker that exits on its own is restarted
+(a few times; a worker that keeps dying stops everything, rather than serving on with fewer
+workers than asked for); the frontend exiting stops everything. SIGTERM or Ctrl-C stops the
+children with SIGTERM (workers drain), waits, then SIGKILLs what is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger("tandem.launcher")
+
+MAX_RESTARTS = 3
+#: Seconds given to children after SIGTERM beyond the workers' drain timeout.
+STOP_SLACK = 5.0
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine and mock flags of `args`, as `tandem worker` arguments."""
+    argv = [
+        "--dtype", args.dtype,
+        "--seed", str(args.seed),
+        "--block-size", str(args.block_size),
+        "--max-num-seqs", str(args.max_num_seqs),
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+        "--engine", args.engine,
+        "--mock-speedup", str(args.mock_speedup),
+        "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching",
+    ]  # fmt: skip
+    optional = {
+        "--device": args.device,
+        "--max-model-len": args.max_model_len,
+        "--num-gpu-blocks": args.num_gpu_blocks,
+        "--kv-cache-memory": args.kv_cache_memory,
+        "--perf-model": args.perf_model,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+class Cluster:
+    """The child processes of one `tandem serve --workers N`."""
+
+    def __init__(self, args: argparse.Namespace, model_path: Path, served: str, nats_url: str):
+        self.args = args
+        self.nats_url = nats_url
+        base = [sys.executable, "-m", "tandem.cli.main"]
+        self.worker_cmd = [
+            *base, "worker", str(model_path),
+            "--nats", nats_url,
+            "--served-model-name", served,
+            "--log-level", args.log_level,
+            "--drain-timeout", str(args.drain_timeout),
+            *engine_argv(args),
+        ]  # fmt: skip
+        self.frontend_cmd = [
+            *base, "frontend",
+            "--nats", nats_url,
+            "--host", args.host,
+            "--port", str(args.port),
+            "--served-model-name", served,
+            "--tokenizer", str(model_path),
+            "--max-waiting", str(args.max_waiting),
+            "--min-workers", str(args.workers),
+            "--log-level", args.log_level,
+        ]  # fmt: skip
+        # The API key travels in the environment, not on a command line others can read.
+        self.env = dict(os.environ)
+        self.env.pop("TANDEM_API_KEY", None)
+        if args.api_key:
+            self.env["TANDEM_API_KEY"] = args.api_key
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.restarts = [0] * args.workers
+        self.frontend: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.workers = [self._spawn(self.worker_cmd) for _ in range(self.args.workers)]
+        self.frontend = self._spawn(self.frontend_cmd)
+        log.info("started %d worker(s) and a frontend against %s", len(self.workers), self.nats_url)
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=self.env)
+
+    def check(self) -> int | None:
+        """Restart crashed workers; the exit status to stop with, or None to keep going."""
+        assert self.frontend is not None
+        if (code := self.frontend.poll()) is not None:
+            log.error("the frontend exited with status %s; stopping", code)
+            return 1
+        for i, proc in enumerate(self.workers):
+            code = proc.poll()
+            if code is None:
+                continue
+            if self.restarts[i] >= MAX_RESTARTS:
+                log.error(
+                    "worker %d exited with status %s after %d restarts; stopping",
+                    i,
+                    code,
+                    self.restarts[i],
+                )
+                return 1
+            self.restarts[i] += 1
+            log.warning(
+                "worker %d exited with status %s; restarting it (%d/%d)",
+                i,
+                code,
+                self.restarts[i],
+                MAX_RESTARTS,
+            )
+            self.workers[i] = self._spawn(self.worker_cmd)
+        return None
+
+    def stop(self) -> None:
+        """SIGTERM everyone, wait (workers drain), SIGKILL the rest."""
+        procs = [p for p in [self.frontend, *self.workers] if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.args.drain_timeout + STOP_SLACK
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
+
+
+def run_cluster(args: argparse.Namespace, model_path: Path, served: str) -> int:
+    """Run until SIGTERM / Ctrl-C or a fatal child failure; return the exit status."""
+    from tandem.runtime.testing import NatsServer
+
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    nats: NatsServer | None = None
+    cluster: Cluster | None = None
+    status = 0
+    try:
+        url = args.nats
+        if url is None:
+            nats = NatsServer().start()
+            url = nats.url
+            log.info("started nats-server at %s", url)
+        cluster = Cluster(args, model_path, served, url)
+        cluster.start()
+        while not stopping:
+            code = cluster.check()
+            if code is not None:
+                status = code
+                break
+            time.sleep(0.2)
+        if stopping:
+            log.info("signal %d: stopping workers and frontend", stopping[0])
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        if nats is not None:
+            nats.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status
