@@ -314,11 +314,15 @@ def build_app(
     @app.get("/health")
     async def health() -> Response:
         # An engine that exposes `error` (AsyncEngine does) is unhealthy once its loop died.
+        # A RemoteEngine's `error` is "no live workers"; its `describe()` lists the workers.
         error = getattr(fe.engine, "error", None)
         if error is not None:
-            raise APIError(503, f"engine is dead: {error}")
+            raise APIError(503, f"not serving: {error}")
         fe.engine.stats()
-        return Response(json_bytes({"status": "ok"}), media_type="application/json")
+        body: dict[str, Any] = {"status": "ok"}
+        if (describe := getattr(fe.engine, "describe", None)) is not None:
+            body["workers"] = describe()
+        return Response(json_bytes(body), media_type="application/json")
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,0 +1,186 @@
+"""`tandem serve --workers 2 --nats URL`: real processes (launcher, two mock-engine workers, a
+frontend) on a real nats-server, driven by the official `openai` client.
+
+One cluster serves the whole module, in order: answers through both workers; token streams
+survive a NATS restart and discovery recovers; a worker SIGKILLed mid-stream fails only its own
+streams (with an error, not a hang), leaves discovery within the lease TTL and is restarted by
+the launcher; SIGTERM stops everything cleanly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tandem.engine.testing import make_tiny_model
+from tandem.runtime.testing import NatsServer, free_port, nats_server_binary
+
+pytestmark = pytest.mark.skipif(nats_server_binary() is None, reason="nats-server not installed")
+
+LEASE_TTL = 3.0  # the worker's default --lease-ttl
+# Mock decode steps of about 57 ms (the polynomial's 5.7 ms at low load, slowed 10x): a stream of
+# STREAM_TOKENS lasts about 3 s, long enough to act on the system while it runs.
+SPEEDUP = "0.1"
+STREAM_TOKENS = 50
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.nats = NatsServer().start()
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / "serve.log"
+        model = make_tiny_model(tmp / "tiny")
+        cmd = [
+            sys.executable, "-m", "tandem.cli.main", "serve", str(model),
+            "--engine", "mock", "--mock-speedup", SPEEDUP, "--num-gpu-blocks", "256",
+            "--workers", "2", "--nats", self.nats.url, "--port", str(self.port),
+            "--drain-timeout", "10",
+        ]  # fmt: skip
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def health(self) -> dict | None:
+        try:
+            reply = httpx.get(f"{self.base}/health", timeout=2)
+        except httpx.TransportError:
+            return None
+        return reply.json() if reply.status_code == 200 else None
+
+    def wait_for_workers(self, n: int, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"tandem serve exited:\n{self.log()}"
+            health = self.health()
+            if health is not None and len(health["workers"]) == n:
+                return health["workers"]
+            assert time.monotonic() < deadline, f"not {n} workers in {timeout} s:\n{self.log()}"
+            time.sleep(0.2)
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        pids = []
+        for pid in map(int, children.split()):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"\0worker\0" in f.read():
+                    pids.append(pid)
+        return pids
+
+    def stream(self, prompt: str) -> str:
+        """One streamed completion of STREAM_TOKENS; its text."""
+        chunks = self.client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=STREAM_TOKENS, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.nats.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    made = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        made.wait_for_workers(2, timeout=180)
+        yield made
+    finally:
+        made.close()
+
+
+def test_openai_client_through_two_workers(cluster):
+    models = [m.id for m in cluster.client.models.list()]
+    assert models == ["tiny"]
+    for _ in range(4):
+        reply = cluster.client.completions.create(model="tiny", prompt="hello", max_tokens=4)
+        assert reply.usage.completion_tokens == 4
+    chat = cluster.client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = [c.usage for c in chat if c.usage is not None]
+    assert usage and usage[-1].completion_tokens == 3
+    # Round robin: each of the two workers served some of the five requests.
+    served = sorted(w["requests"] for w in cluster.wait_for_workers(2, timeout=5))
+    assert served[0] >= 2 and sum(served) == 5, served
+
+
+def test_streams_survive_a_nats_restart(cluster):
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(cluster.stream, f"nats restart {i}") for i in range(4)]
+        time.sleep(0.5)
+        cluster.nats.stop()
+        time.sleep(1.0)
+        assert not any(s.done() for s in streams), "streams should still be running"
+        cluster.nats.start()
+        texts = [s.result(timeout=60) for s in streams]
+    assert all(texts)
+    # Discovery and the load events recover by themselves: both workers still serve.
+    cluster.wait_for_workers(2, timeout=30)
+    for _ in range(2):
+        assert cluster.client.completions.create(model="tiny", prompt="x", max_tokens=2)
+
+
+def test_sigkilled_worker_fails_only_its_streams_and_is_replaced(cluster):
+    victim, survivor = cluster.worker_pids()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        streams = [pool.submit(cluster.stream, f"kill {i}") for i in range(6)]
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        outcomes = []
+        for s in streams:
+            try:
+                outcomes.append(s.result(timeout=60))  # never a hang
+            except openai.APIError as exc:
+                outcomes.append(exc)
+    failed = [o for o in outcomes if isinstance(o, Exception)]
+    # Round robin put three streams on each worker: the victim's fail, the others finish.
+    assert len(failed) == 3, outcomes
+    assert all("died mid-stream" in str(e) for e in failed), failed
+    assert all(isinstance(o, str) and o for o in outcomes if o not in failed)
+    # Gone from discovery within the lease TTL (plus the watch's delivery).
+    start = time.monotonic()
+    cluster.wait_for_workers(1, timeout=LEASE_TTL + 3)
+    assert time.monotonic() - start <= LEASE_TTL + 3
+    assert "worker 0 exited with status -9; restarting it" in cluster.log() or (
+        "worker 1 exited with status -9; restarting it" in cluster.log()
+    )
+    cluster.wait_for_workers(2, timeout=120)
+    assert survivor in cluster.worker_pids()
+
+
+def test_sigterm_stops_everything(cluster):
+    children = cluster.worker_pids()
+    cluster.proc.send_signal(signal.SIGTERM)
+    assert cluster.proc.wait(timeout=40) == 0, cluster.log()
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
+    assert cluster.nats.proc.poll() is None  # an external NATS is not ours to stop
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
