@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
-from tandem.protocol import GenerateOutput, GenerateRequest, KvEvent, LoadStats
+from tandem.protocol import GenerateOutput, GenerateRequest, KvEvent, KvSnapshot, LoadStats
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,17 @@ class AsyncEngine:
             events, self._kv_events = self._kv_events, []
         return events
 
+    async def kv_snapshot(self) -> KvSnapshot:
+        """The prefix cache's blocks, taken between steps in the engine thread so that it
+        agrees with the event ids (every event up to `last_event_id` is already buffered for
+        `take_kv_events`)."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine loop died: {self.error}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[KvSnapshot] = loop.create_future()
+        self._commands.put(("snapshot", (loop, future)))
+        return await future
+
     def shutdown(self) -> None:
         self._stopped.set()
         self._commands.put(("stop", None))
@@ -118,7 +129,12 @@ class AsyncEngine:
             block = False
             if kind == "stop":
                 return False
-            if kind == "add":
+            if kind == "snapshot":
+                self._publish()
+                loop, future = arg
+                snap = self.core.block_manager.snapshot()
+                loop.call_soon_threadsafe(_resolve, future, snap)
+            elif kind == "add":
                 try:
                     self.core.add_request(arg)
                 except ValueError as exc:
@@ -150,6 +166,11 @@ class AsyncEngine:
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in list(self._streams):
             self._deliver_to(request_id, exc)
+
+
+def _resolve(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from tandem.engine.sequence import Sequence
-from tandem.protocol import KvBlock, KvCleared, KvEvent, KvRemoved, KvStored
+from tandem.protocol import KvBlock, KvCleared, KvEvent, KvRemoved, KvSnapshot, KvStored
 from tandem.protocol.hashing import chain_hash, local_hash, lora_seed
 
 
@@ -142,6 +142,12 @@ class BlockManager:
         self.cached.clear()
         self._emit(KvCleared(event_id=0))
         return True
+
+    def snapshot(self) -> KvSnapshot:
+        """Every cached block, as of the last event emitted (the router's resync point)."""
+        return KvSnapshot(
+            last_event_id=self._next_event_id - 1, blocks={"device": list(self.cached)}
+        )
 
     def take_events(self) -> list[KvEvent]:
         events, self.events = self.events, []

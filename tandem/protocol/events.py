@@ -34,6 +34,15 @@ class KvCleared(msgspec.Struct, tag="cleared", kw_only=True):
 KvEvent = KvStored | KvRemoved | KvCleared
 
 
+class KvSnapshot(msgspec.Struct, kw_only=True):
+    """Every block a worker holds, per tier, as of its event `last_event_id` (-1: before any
+    event). A router that missed events replaces what it knew with this, then applies the
+    events after `last_event_id`."""
+
+    last_event_id: int
+    blocks: dict[Tier, list[int]]
+
+
 class LoadStats(msgspec.Struct, kw_only=True):
     """A worker's load at one instant: what the router and the planner balance on."""
 

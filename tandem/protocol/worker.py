@@ -18,6 +18,12 @@ Role = Literal["aggregated", "prefill", "decode"]
 DEFAULT_NAMESPACE = "tandem"
 WORKER_COMPONENT = "backend"
 GENERATE_ENDPOINT = "generate"
+#: Served beside `generate` on the same request plane; routers that lost events call it.
+KV_SNAPSHOT_ENDPOINT = "kv_snapshot"
+
+
+class KvSnapshotRequest(msgspec.Struct):
+    """Ask a worker for a `KvSnapshot` (no parameters)."""
 
 
 class ModelCard(msgspec.Struct, kw_only=True, frozen=True):

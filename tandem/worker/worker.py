@@ -14,11 +14,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tandem.protocol import GenerateOutput, GenerateRequest
+from tandem.protocol import GenerateOutput, GenerateRequest, KvSnapshot
 from tandem.protocol.worker import (
     DEFAULT_NAMESPACE,
     GENERATE_ENDPOINT,
+    KV_SNAPSHOT_ENDPOINT,
     WORKER_COMPONENT,
+    KvSnapshotRequest,
     ModelCard,
     Role,
 )
@@ -90,6 +92,7 @@ class Worker:
 
     async def start(self) -> InstanceInfo:
         self._server.add_endpoint(GENERATE_ENDPOINT, self._generate, GenerateRequest)
+        self._server.add_endpoint(KV_SNAPSHOT_ENDPOINT, self._kv_snapshot, KvSnapshotRequest)
         await self._server.start()
         self._publisher.start()
         self.info = InstanceInfo(
@@ -130,6 +133,9 @@ class Worker:
         await self._server.stop(grace)
         await self._publisher.stop()
         log.info("worker %s stopped", self.instance_id)
+
+    async def _kv_snapshot(self, request: KvSnapshotRequest) -> AsyncIterator[KvSnapshot]:
+        yield await self.engine.kv_snapshot()
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         # Cancellation by the caller arrives here as CancelledError; leaving the engine's
