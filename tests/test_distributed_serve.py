@@ -44,7 +44,7 @@ class Cluster:
             sys.executable, "-m", "tandem.cli.main", "serve", str(model),
             "--engine", "mock", "--mock-speedup", SPEEDUP, "--num-gpu-blocks", "256",
             "--workers", "2", "--nats", self.nats.url, "--port", str(self.port),
-            "--drain-timeout", "10",
+            "--drain-timeout", "10", "--router-mode", "round_robin",
         ]  # fmt: skip
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(

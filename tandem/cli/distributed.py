@@ -39,6 +39,73 @@ def _add_runtime_flags(p: argparse.ArgumentParser, nats_required: bool = True) -
     )
 
 
+def add_router_flags(p: argparse.ArgumentParser) -> None:
+    """How a frontend (or `tandem router`) picks workers; names as in NVIDIA Dynamo."""
+    from tandem.router import POLICIES
+
+    r = p.add_argument_group("routing")
+    r.add_argument(
+        "--router-mode",
+        choices=POLICIES,
+        default="kv",
+        help="kv: the worker holding most of the prompt's KV blocks, balanced against load;"
+        " or round_robin, random, least_loaded (%(default)s)",
+    )
+    r.add_argument(
+        "--kv-overlap-score-weight",
+        type=_non_negative_float,
+        default=1.0,
+        help="kv: credit per cached block against one block of load (%(default)s)",
+    )
+    r.add_argument(
+        "--router-temperature",
+        type=_non_negative_float,
+        default=0.0,
+        help="kv: 0 takes the lowest cost; above 0 samples by softmax of -cost (%(default)s)",
+    )
+    r.add_argument(
+        "--no-kv-events",
+        action="store_true",
+        help="kv: the workers publish no KV events; predict their blocks from routing decisions",
+    )
+    r.add_argument(
+        "--router-ttl",
+        type=cli._positive_float,
+        default=120.0,
+        help="with --no-kv-events: seconds a predicted block is trusted (%(default)s)",
+    )
+
+
+def router_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`Router` keyword arguments from `add_router_flags` flags."""
+    return {
+        "credit": args.kv_overlap_score_weight,
+        "temperature": args.router_temperature,
+        "approx_ttl": args.router_ttl if args.no_kv_events else None,
+    }
+
+
+def router_argv(args: argparse.Namespace) -> list[str]:
+    """The routing flags of `args`, to pass on to a `tandem frontend`."""
+    argv = [
+        "--router-mode", args.router_mode,
+        "--kv-overlap-score-weight", str(args.kv_overlap_score_weight),
+        "--router-temperature", str(args.router_temperature),
+        "--router-ttl", str(args.router_ttl),
+    ]  # fmt: skip
+    return [*argv, "--no-kv-events"] if args.no_kv_events else argv
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 # -- tandem worker ------------------------------------------------------------------------
 
 
@@ -138,8 +205,8 @@ def add_frontend(subparsers: Any) -> None:
         help="serve the OpenAI API in front of the workers found over NATS",
         description=(
             "Serve an OpenAI-compatible HTTP API and send requests to the workers registered"
-            " in NATS discovery (round robin). Waits for --min-workers workers; the first"
-            " worker's model card gives the model name, tokenizer and context length."
+            " in NATS discovery, chosen by --router-mode. Waits for --min-workers workers;"
+            " the first worker's model card gives the model name, tokenizer and context length."
         ),
     )
     _add_runtime_flags(p)
@@ -174,6 +241,7 @@ def add_frontend(subparsers: Any) -> None:
     net.add_argument(
         "--log-level", choices=cli.LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
     )
+    add_router_flags(p)
     p.set_defaults(run=run_frontend)
 
 
@@ -202,6 +270,8 @@ def run_frontend(args: argparse.Namespace) -> int:
                 namespace=args.namespace,
                 min_workers=args.min_workers,
                 log_level=args.log_level,
+                policy=args.router_mode,
+                router_options=router_options(args),
             )
         )
     return 0

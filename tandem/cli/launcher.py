@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from tandem.cli.distributed import router_argv
+
 log = logging.getLogger("tandem.launcher")
 
 MAX_RESTARTS = 3
@@ -76,6 +78,7 @@ class Cluster:
             "--max-waiting", str(args.max_waiting),
             "--min-workers", str(args.workers),
             "--log-level", args.log_level,
+            *router_argv(args),
         ]  # fmt: skip
         # The API key travels in the environment, not on a command line others can read.
         self.env = dict(os.environ)

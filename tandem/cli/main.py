@@ -135,6 +135,9 @@ def _add_serve(subparsers: Any) -> None:
         default=30.0,
         help="on shutdown, seconds a worker may take to finish its requests (%(default)s)",
     )
+    from tandem.cli.distributed import add_router_flags
+
+    add_router_flags(p)
     _add_engine_flags(p)
     _add_mock_flags(p)
 

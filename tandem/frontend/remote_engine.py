@@ -179,6 +179,11 @@ class RemoteEngine:
     def describe(self) -> list[dict[str, Any]]:
         return self.pool.describe()
 
+    def metrics_collectors(self) -> list[Any]:
+        from tandem.router.metrics import RouterCollector
+
+        return [RouterCollector(self.pool)]
+
     def _forget(self, rid: str, stream: ResponseStream) -> None:
         if self._streams.get(rid) is stream:
             del self._streams[rid]

@@ -131,6 +131,9 @@ class Frontend:
         self.model = served_model_name
         self.created = int(time.time())
         self.metrics = FrontendMetrics(engine.stats)
+        # An engine with more to report (a RemoteEngine's router) hands over its collectors.
+        for collector in getattr(engine, "metrics_collectors", list)():
+            self.metrics.registry.register(collector)
         self.admission = AdmissionControl(engine.stats, max_waiting)
         self.pre = Preprocessor(tokenizer, engine.max_model_len, engine.max_logprobs)
         self.texts = TokenTexts(tokenizer)

@@ -16,6 +16,7 @@ import uvicorn
 
 from tandem.frontend.remote_engine import RemoteEngine
 from tandem.protocol.worker import DEFAULT_NAMESPACE
+from tandem.router import Policy
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ async def serve_frontend(
     namespace: str = DEFAULT_NAMESPACE,
     min_workers: int = 1,
     log_level: str = "info",
+    policy: Policy = "kv",
+    router_options: dict[str, Any] | None = None,
 ) -> None:
     """Wait for `min_workers` workers, then serve HTTP on `sock` until a signal stops it."""
     from tandem.frontend.server import build_app
@@ -61,7 +64,9 @@ async def serve_frontend(
     discovery = await NatsDiscovery.connect(nats_url)
     events = await NatsEventPlane.connect(nats_url)
     client = TcpRequestClient()
-    remote = RemoteEngine(discovery, events, client, namespace=namespace)
+    remote = RemoteEngine(
+        discovery, events, client, namespace=namespace, policy=policy, router_options=router_options
+    )
     try:
         await remote.start()
         log.info("waiting for %d worker(s) of namespace %r on %s", min_workers, namespace, nats_url)
@@ -75,7 +80,7 @@ async def serve_frontend(
         server = _Server(
             uvicorn.Config(app, log_level=log_level),
             ready_line=f"serving {served!r} at {url}/v1 (OpenAI API) with "
-            f"{len(remote.describe())} worker(s); Ctrl-C stops",
+            f"{len(remote.describe())} worker(s), router {policy}; Ctrl-C stops",
             remote=remote,
         )
         await server.serve(sockets=[sock])

@@ -33,7 +33,7 @@ import xxhash
 
 from tandem.protocol import KvEvent, LoadStats
 from tandem.protocol.events import Tier
-from tandem.protocol.hashing import block_hashes
+from tandem.protocol.hashing import block_hashes, local_hash
 from tandem.router.index import KvIndex
 
 Policy = Literal["kv", "round_robin", "random", "least_loaded"]
@@ -155,7 +155,7 @@ class Router:
             self.index.expire()
         if self.policy == "kv":
             scores = self._scores(hashes, len(token_ids), self._with_room(workers))
-            best = self._pick(scores, _request_key(hashes, token_ids))
+            best = self._pick(scores, local_hash(token_ids))
             overlap, cost = best.overlap_blocks, best.cost
         else:
             best_id = self._pick_simple(workers)
@@ -255,7 +255,7 @@ class Router:
             weights = [math.exp(-(s.cost - lo) / ((hi - lo) * self.temperature)) for s in scores]
             return self._rng.choices(scores, weights)[0]
         best = [s for s in scores if s.cost == lo]
-        return min(best, key=lambda s: xxhash.xxh3_64_intdigest(s.worker_id, seed=key))
+        return min(best, key=lambda s: xxhash.xxh3_64_intdigest(s.worker_id.encode(), seed=key))
 
     def _pick_simple(self, workers: Sequence[str]) -> str:
         if self.policy == "round_robin":
@@ -265,8 +265,3 @@ class Router:
             return self._rng.choice(list(workers))
         return min(workers, key=lambda w: self._prefill_blocks(w) + self._decode_blocks(w))
 
-
-def _request_key(hashes: list[int], token_ids: Sequence[int]) -> int:
-    """A per-request seed for tie-breaks: its last block hash, or its length when it is
-    shorter than a block."""
-    return hashes[-1] if hashes else len(token_ids)

@@ -1,0 +1,85 @@
+"""Prometheus view of a `WorkerPool`'s router, read at scrape time (nothing on the hot path
+but appending each decision's duration to a list)."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from tandem.router.pool import WorkerPool
+
+PREFIX = "tandem_router"
+DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
+
+
+class RouterCollector(Collector):
+    def __init__(self, pool: WorkerPool) -> None:
+        self._pool = pool
+        self._buckets = [0] * (len(DECISION_BUCKETS) + 1)
+        self._sum = 0.0
+
+    def collect(self) -> Iterator[Metric]:
+        router = self._pool.router
+        if router is None:
+            return
+        for seconds in router.take_decision_times():
+            self._buckets[bisect.bisect_left(DECISION_BUCKETS, seconds)] += 1
+            self._sum += seconds
+        cumulative, total = [], 0
+        for bound, count in zip((*map(str, DECISION_BUCKETS), "+Inf"), self._buckets, strict=True):
+            total += count
+            cumulative.append((bound, total))
+        yield HistogramMetricFamily(
+            f"{PREFIX}_decision_seconds",
+            "Time to choose a worker for a request.",
+            buckets=cumulative,
+            sum_value=self._sum,
+        )
+        decisions = CounterMetricFamily(
+            f"{PREFIX}_decisions", "Routing decisions by policy.", labels=["policy"]
+        )
+        decisions.add_metric([router.policy], router.decisions)
+        yield decisions
+        yield CounterMetricFamily(
+            f"{PREFIX}_request_blocks",
+            "Full prompt blocks of routed requests.",
+            router.request_blocks,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_overlap_blocks",
+            "Of those, blocks the chosen worker already held.",
+            router.hit_blocks,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_overlap_ratio",
+            "Overlap blocks over request blocks since start (the router's prefix hit rate).",
+            router.hit_blocks / router.request_blocks if router.request_blocks else 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_index_blocks", "Block entries in the KV index.", router.index.num_blocks()
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_index_bytes",
+            "Approximate memory of the KV index.",
+            router.index.approx_bytes(),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_snapshots", "KV snapshots fetched after event gaps.", self._pool.snapshots
+        )
+        load = GaugeMetricFamily(
+            f"{PREFIX}_worker_load_blocks",
+            "Per worker: queued prefill and active decode KV blocks, as the router sees them.",
+            labels=["worker", "kind"],
+        )
+        for score in router.scores([], list(self._pool.workers)):
+            load.add_metric([score.worker_id, "prefill"], score.prefill_blocks)
+            load.add_metric([score.worker_id, "decode"], score.decode_blocks)
+        yield load
