@@ -187,6 +187,21 @@ def test_bookings_count_until_first_token_and_finish():
     assert router.scores(tokens, ["a"])[0].decode_blocks == 0
 
 
+def test_published_load_minus_what_we_released_since():
+    """A worker's figures lag: a request we saw finish no longer counts, even before the
+    worker's next report says so."""
+    router = Router(B, "kv")
+    tokens = list(range(10 * B))
+    router.select(tokens, ["a"], request_id="r1")
+    router.update_load("a", load(active=13, queued=10 * B))  # r1 plus 3 blocks of others
+    router.first_token("r1")
+    assert router.scores(tokens, ["a"])[0].prefill_blocks == 0
+    router.finish("r1")
+    assert router.scores(tokens, ["a"])[0].decode_blocks == 3
+    router.update_load("a", load(active=3))
+    assert router.scores(tokens, ["a"])[0].decode_blocks == 3
+
+
 def test_a_shared_system_prompt_spreads_over_all_workers():
     """One system prompt for everyone: the first worker to cache it must not take it all."""
     workers = [f"w{i}" for i in range(4)]

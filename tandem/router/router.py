@@ -96,6 +96,9 @@ class Router:
         self._booked_prefill: dict[str, int] = {}  # worker -> tokens
         self._booked_blocks: dict[str, int] = {}  # worker -> blocks
         self._bookings: dict[str, _Booking] = {}
+        # Released by us since the worker last published: its figures still count them.
+        self._released_prefill: dict[str, int] = {}
+        self._released_blocks: dict[str, int] = {}
         self.decisions = 0
         self.hit_blocks = 0
         self.request_blocks = 0
@@ -109,8 +112,13 @@ class Router:
     def remove_worker(self, worker_id: str) -> None:
         self.index.remove_worker(worker_id)
         self._loads.pop(worker_id, None)
-        self._booked_prefill.pop(worker_id, None)
-        self._booked_blocks.pop(worker_id, None)
+        for figures in (
+            self._booked_prefill,
+            self._booked_blocks,
+            self._released_prefill,
+            self._released_blocks,
+        ):
+            figures.pop(worker_id, None)
         for rid in [r for r, b in self._bookings.items() if b.worker_id == worker_id]:
             del self._bookings[rid]
 
@@ -125,6 +133,8 @@ class Router:
 
     def update_load(self, worker_id: str, stats: LoadStats) -> None:
         self._loads[worker_id] = stats
+        self._released_prefill.pop(worker_id, None)
+        self._released_blocks.pop(worker_id, None)
 
     # -- selection -----------------------------------------------------------------------
 
@@ -185,7 +195,9 @@ class Router:
         """The request's prefill is done: its queued prefill tokens leave the booking."""
         booking = self._bookings.get(request_id)
         if booking is not None and booking.prefill_tokens:
-            self._booked_prefill[booking.worker_id] -= booking.prefill_tokens
+            w = booking.worker_id
+            self._booked_prefill[w] -= booking.prefill_tokens
+            self._released_prefill[w] = self._released_prefill.get(w, 0) + booking.prefill_tokens
             booking.prefill_tokens = 0
 
     def finish(self, request_id: str) -> None:
@@ -193,7 +205,9 @@ class Router:
         self.first_token(request_id)
         booking = self._bookings.pop(request_id, None)
         if booking is not None:
-            self._booked_blocks[booking.worker_id] -= booking.blocks
+            w = booking.worker_id
+            self._booked_blocks[w] -= booking.blocks
+            self._released_blocks[w] = self._released_blocks.get(w, 0) + booking.blocks
 
     def take_decision_times(self) -> list[float]:
         times, self.decision_seconds = self.decision_seconds, []
@@ -208,15 +222,19 @@ class Router:
         self._booked_blocks[worker_id] = self._booked_blocks.get(worker_id, 0) + blocks
 
     def _prefill_blocks(self, worker_id: str) -> float:
-        """Queued prefill in blocks: the worker's own figure or our bookings, whichever is
-        larger (bookings count at once; published figures include other routers' work)."""
+        """Queued prefill in blocks: the worker's own figure (less what we released since it
+        was published) or our bookings, whichever is larger. Bookings count at once;
+        published figures include other routers' work."""
         load = self._loads.get(worker_id)
         published = load.queued_prefill_tokens if load else 0
+        published -= self._released_prefill.get(worker_id, 0)
         return max(published, self._booked_prefill.get(worker_id, 0)) / self.block_size
 
     def _decode_blocks(self, worker_id: str) -> float:
+        """Active KV blocks, on the same terms as `_prefill_blocks`."""
         load = self._loads.get(worker_id)
         published = load.active_blocks if load else 0
+        published -= self._released_blocks.get(worker_id, 0)
         return float(max(published, self._booked_blocks.get(worker_id, 0)))
 
     def _with_room(self, workers: Sequence[str]) -> Sequence[str]:
