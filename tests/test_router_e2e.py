@@ -108,10 +108,19 @@ def test_openai_sessions_through_kv_router_over_nats(tmp_path):
     """Three users, four turns each, three workers: every later turn finds its history cached
     because the router sends it where the earlier turns ran."""
     model = make_tiny_model(tmp_path / "tiny")
-    port = free_port()
+    port, router_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
     with NatsServer() as nats, open(log_path, "w") as log:
+        router = subprocess.Popen(
+            [
+                sys.executable, "-m", "tandem.cli.main", "router", "--nats", nats.url,
+                "--port", str(router_port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         proc = subprocess.Popen(
             [
                 sys.executable, "-m", "tandem.cli.main", "serve", str(model),
@@ -150,9 +159,23 @@ def test_openai_sessions_through_kv_router_over_nats(tmp_path):
             metrics = httpx.get(f"{base}/metrics", timeout=2).text
             assert 'tandem_router_decisions_total{policy="kv"} 12.0' in metrics
             assert "tandem_router_decision_seconds_bucket" in metrics
+
+            # The standalone router saw the same events: it knows where user 0's history is.
+            query = {"token_ids": histories[0]}
+            url = f"http://127.0.0.1:{router_port}"
+            scores = httpx.post(f"{url}/overlap_scores", json=query, timeout=5).json()["scores"]
+            best = httpx.post(f"{url}/best_worker", json=query, timeout=5).json()
+            top = max(s["overlap_blocks"] for s in scores)
+            assert top >= (len(histories[0]) - 2 * BLOCK) // BLOCK
+            assert best["overlap_blocks"] == top and best["policy"] == "kv"
+            assert best["address"] in {w["address"] for w in workers}
+            bad = httpx.post(f"{url}/best_worker", json={"tokens": [1]}, timeout=5)
+            assert bad.status_code == 400 and "tokens" in bad.json()["error"]["message"]
         finally:
+            router.terminate()
             proc.terminate()
             try:
                 proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            router.wait(timeout=10)

@@ -277,6 +277,57 @@ def run_frontend(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- tandem router ------------------------------------------------------------------------
+
+
+def add_router(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "router",
+        help="run the KV-aware router alone and ask it where prompts would go",
+        description=(
+            "Follow the workers of a namespace (discovery, load, KV events) like a frontend's"
+            " embedded router, and answer over HTTP: POST /best_worker and /overlap_scores"
+            ' with {"token_ids": [...]}, GET /health and /metrics.'
+        ),
+    )
+    _add_runtime_flags(p)
+    net = p.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    net.add_argument("--port", type=cli._port, default=8001, help="TCP port (%(default)s)")
+    net.add_argument(
+        "--log-level", choices=cli.LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
+    )
+    add_router_flags(p)
+    p.set_defaults(run=run_router)
+
+
+def run_router(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from tandem.router.service import serve_router
+
+    try:
+        sock = cli._bind(args.host, args.port)
+    except OSError as exc:
+        print(
+            f"tandem router: error: cannot listen on {args.host}:{args.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    with sock:
+        asyncio.run(
+            serve_router(
+                args.nats,
+                sock,
+                url=f"http://{cli._url_host(args.host)}:{args.port}",
+                namespace=args.namespace,
+                policy=args.router_mode,
+                router_options=router_options(args),
+                log_level=args.log_level,
+            )
+        )
+    return 0
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

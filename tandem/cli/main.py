@@ -497,10 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_profile(subparsers)
     _add_bench(subparsers)
-    from tandem.cli.distributed import add_frontend, add_worker
+    from tandem.cli.distributed import add_frontend, add_router, add_worker
 
     add_worker(subparsers)
     add_frontend(subparsers)
+    add_router(subparsers)
     return parser
 
 
