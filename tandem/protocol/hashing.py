@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import xxhash
 
 BASE_SEED = 1337
+_PAIR = struct.Struct("<QQ")
 _MASK64 = (1 << 64) - 1
 
 
@@ -48,13 +49,20 @@ def block_hashes(
 
     `parent` continues a chain: pass the sequence hash of the block before `tokens[0]`.
     """
+    # One conversion of all tokens and zero-copy slices of it: the router hashes every prompt
+    # on its hot path (8k tokens in ~0.2 ms this way, ~0.7 ms block by block).
     seed = lora_seed(lora_name)
-    locals_: list[int] = []
+    full = len(tokens) // block_size * block_size
+    data = array("I", tokens[:full])
+    if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover - big-endian hosts
+        data.byteswap()
+    view = memoryview(data).cast("B")
+    step = 4 * block_size
+    xxh3, pack = xxhash.xxh3_64_intdigest, _PAIR.pack
+    locals_ = [xxh3(view[i : i + step], seed) for i in range(0, 4 * full, step)]
     seqs: list[int] = []
     prev = parent
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        h = local_hash(tokens[start : start + block_size], seed)
-        prev = h if prev is None else chain_hash(prev, h, seed)
-        locals_.append(h)
+    for h in locals_:
+        prev = h if prev is None else xxh3(pack(prev, h), seed)
         seqs.append(prev)
     return locals_, seqs
