@@ -12,7 +12,8 @@ Workloads:
 
 * `sessions` - `--users` users share one system prompt and hold multi-turn conversations (the
   context grows by the answer and a new message each turn); closed loop, one turn in flight
-  per user.
+  per user. The default (1,024-token messages, 128-token answers, 8 turns) is agent-like: tool
+  output or documents each turn; `--message-len 128 --answer-len 256 --turns 10` is chat.
 * `trace` - the first `--trace-requests` requests of ../shared/traces/conversation_trace.jsonl
   (Mooncake format: 512-token hash blocks give the prefix sharing), arriving at the trace's
   timestamps scaled so that the fleet runs near `--target-load` busy: a probe run with round
@@ -25,7 +26,8 @@ and the most and fewest requests any worker received. Then the micro-benchmark: 
 included, and the selection alone).
 
     python benchmarks/routing.py [--workers 8] [--policies kv round_robin least_loaded]
-        [--users 32] [--turns 6] [--trace-requests 400] [--output results/routing.json]
+        [--kv-decode-weights 1] [--users 32] [--turns 8] [--message-len 1024]
+        [--answer-len 128] [--trace-requests 400] [--output results/routing.json]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from tandem.bench.records import ERROR_STREAM, RequestRecord, RequestSpec
 from tandem.bench.runner import Arrival, Bounds, run_load
@@ -65,7 +68,9 @@ BLOCK = 16
 class Fleet:
     """`n` mock workers and a RemoteEngine routing over them with `policy`."""
 
-    def __init__(self, model: Path, n: int, blocks: int, policy: str) -> None:
+    def __init__(
+        self, model: Path, n: int, blocks: int, policy: str, options: dict | None = None
+    ) -> None:
         self.engines = [
             AsyncEngine(
                 EngineConfig(
@@ -93,7 +98,9 @@ class Fleet:
             )
             for e in self.engines
         ]
-        self.remote = RemoteEngine(self.discovery, self.events, self.client, policy=policy)
+        self.remote = RemoteEngine(
+            self.discovery, self.events, self.client, policy=policy, router_options=options
+        )
 
     async def __aenter__(self) -> Fleet:
         await self.remote.start()
@@ -144,16 +151,35 @@ class Fleet:
         rec.output_token_ids = ids
 
 
+class Variant(NamedTuple):
+    label: str
+    policy: str
+    options: dict
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    """The policies to compare; `kv` once per `--kv-decode-weights` value."""
+    out = []
+    for policy in args.policies:
+        if policy == "kv":
+            weights = args.kv_decode_weights
+            out += [Variant(f"kv d={w:g}", "kv", {"decode_weight": w}) for w in weights]
+        else:
+            out.append(Variant(policy, policy, {}))
+    return out
+
+
 async def run_policy(
     model: Path,
     args: argparse.Namespace,
-    policy: str,
+    variant: Variant,
     workload: Workload,
     arrival: Arrival,
     num_requests: int | None = None,
 ) -> dict:
     bounds = Bounds(duration_s=args.max_seconds, num_requests=num_requests)
-    async with Fleet(model, args.workers, args.blocks, policy) as fleet:
+    fleet = Fleet(model, args.workers, args.blocks, variant.policy, variant.options)
+    async with fleet:
         busy0 = fleet.busy_s()
         result = await run_load(workload, fleet.send, arrival, bounds)
         busy = (fleet.busy_s() - busy0) / (result.elapsed_s * args.workers)
@@ -161,7 +187,7 @@ async def run_policy(
     summary = summarize(result.records, result.elapsed_s, Slo())
     cached = summary.get("cached_tokens", {})
     return {
-        "policy": policy,
+        "policy": variant.label,
         "requests": summary["requests"]["completed"],
         "failed": summary["requests"]["failed"] + summary["requests"]["cancelled"],
         "elapsed_s": result.elapsed_s,
@@ -216,18 +242,17 @@ def decision_latency(workers: int, prompt_tokens: int, queries: int, seed: int =
         router.add_worker(w)
     prompts = [p[: rng.randrange(prompt_tokens // 2, prompt_tokens)] for p in prefixes]
     prompts = [p + [rng.randrange(100, 50_000)] * (prompt_tokens - len(p)) for p in prompts]
-    total, select_only = [], []
+    total, hashing = [], []
     for q in range(queries):
         tokens = prompts[q % len(prompts)]
         t0 = time.perf_counter()
         router.select(tokens, ids)
         total.append(time.perf_counter() - t0)
-        hashes = block_hashes(tokens, BLOCK)[1]
         t0 = time.perf_counter()
-        router._pick(router._scores(hashes, len(tokens), ids), 0)
-        select_only.append(time.perf_counter() - t0)
+        block_hashes(tokens, BLOCK)
+        hashing.append(time.perf_counter() - t0)
     total.sort()
-    select_only.sort()
+    hashing.sort()
     return {
         "workers": workers,
         "prompt_tokens": prompt_tokens,
@@ -236,8 +261,8 @@ def decision_latency(workers: int, prompt_tokens: int, queries: int, seed: int =
         "queries": queries,
         "decision_p50_us": percentile(total, 50) * 1e6,
         "decision_p99_us": percentile(total, 99) * 1e6,
-        "selection_only_p50_us": percentile(select_only, 50) * 1e6,
-        "selection_only_p99_us": percentile(select_only, 99) * 1e6,
+        "hashing_p50_us": percentile(hashing, 50) * 1e6,
+        "hashing_p99_us": percentile(hashing, 99) * 1e6,
     }
 
 
@@ -247,21 +272,22 @@ def decision_latency(workers: int, prompt_tokens: int, queries: int, seed: int =
 def table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     print(
-        f"{'policy':>13} {'done':>5} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+        f"{'policy':>14} {'done':>5} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
         f"{'out tok/s':>9} {'hit rate':>8} {'busy':>5} {'max/min per worker':>19}"
     )
     for r in rows:
         print(
-            f"{r['policy']:>13} {r['requests']:>5} {r['ttft_p50_ms']:>9.1f} "
+            f"{r['policy']:>14} {r['requests']:>5} {r['ttft_p50_ms']:>9.1f} "
             f"{r['ttft_p99_ms']:>9.1f} {r['itl_p50_ms']:>8.1f} {r['output_tok_s']:>9.0f} "
             f"{(r['prefix_hit_rate'] or 0):>8.1%} {r['busy_fraction']:>5.0%} "
             f"{r['max_requests_per_worker']:>9}/{r['min_requests_per_worker']:<4} "
             f"(fair {r['fair_share']:.0f})"
         )
     base = {r["policy"]: r for r in rows}
-    if "kv" in base and "round_robin" in base:
-        ratio = base["round_robin"]["ttft_p50_ms"] / base["kv"]["ttft_p50_ms"]
-        print(f"TTFT p50 round_robin / kv: {ratio:.2f}x")
+    for r in rows:
+        if r["policy"].startswith("kv") and "round_robin" in base:
+            ratio = base["round_robin"]["ttft_p50_ms"] / r["ttft_p50_ms"]
+            print(f"TTFT p50 round_robin / {r['policy']}: {ratio:.2f}x")
 
 
 async def amain(args: argparse.Namespace) -> dict:
@@ -271,11 +297,11 @@ async def amain(args: argparse.Namespace) -> dict:
         out: dict = {"args": vars(args), "workloads": {}}
         if "sessions" in args.workloads:
             rows = []
-            for policy in args.policies:
+            for variant in variants(args):
                 workload, arrival = sessions(args, space)
                 n = args.users * args.turns
-                rows.append(await run_policy(model, args, policy, workload, arrival, n))
-                print(f"  sessions / {policy}: done", flush=True)
+                rows.append(await run_policy(model, args, variant, workload, arrival, n))
+                print(f"  sessions / {variant.label}: done", flush=True)
             table(
                 f"sessions: {args.users} users, {args.system_prompt_len}-token system prompt,"
                 f" {args.turns} turns of {args.message_len} in / {args.answer_len} out",
@@ -284,7 +310,8 @@ async def amain(args: argparse.Namespace) -> dict:
             out["workloads"]["sessions"] = rows
         if "trace" in args.workloads:
             probe_workload, probe_arrival = trace(args, space, 1.0)
-            probe = await run_policy(model, args, "round_robin", probe_workload, probe_arrival)
+            rr = Variant("round_robin", "round_robin", {})
+            probe = await run_policy(model, args, rr, probe_workload, probe_arrival)
             scale = probe["busy_fraction"] / args.target_load
             print(
                 f"  trace probe at 1.0x pace: fleet busy {probe['busy_fraction']:.0%};"
@@ -292,10 +319,10 @@ async def amain(args: argparse.Namespace) -> dict:
                 flush=True,
             )
             rows = []
-            for policy in args.policies:
+            for variant in variants(args):
                 workload, arrival = trace(args, space, scale)
-                rows.append(await run_policy(model, args, policy, workload, arrival))
-                print(f"  trace / {policy}: done", flush=True)
+                rows.append(await run_policy(model, args, variant, workload, arrival))
+                print(f"  trace / {variant.label}: done", flush=True)
             table(
                 f"trace: first {args.trace_requests} requests of {TRACE.name},"
                 f" time scale {scale:.3f}",
@@ -310,12 +337,19 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--blocks", type=int, default=16384, help="KV blocks per worker (16 tokens)")
     p.add_argument("--policies", nargs="+", default=["kv", "round_robin", "least_loaded"])
+    p.add_argument(
+        "--kv-decode-weights",
+        nargs="+",
+        type=float,
+        default=[1.0],
+        help="run kv once per weight of decode blocks in its cost (1 = DESIGN.md's baseline)",
+    )
     p.add_argument("--workloads", nargs="+", default=["sessions", "trace"])
     p.add_argument("--users", type=int, default=32)
     p.add_argument("--system-prompt-len", type=int, default=1024)
-    p.add_argument("--turns", type=int, default=6)
-    p.add_argument("--message-len", type=int, default=256)
-    p.add_argument("--answer-len", type=int, default=64)
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--message-len", type=int, default=1024)
+    p.add_argument("--answer-len", type=int, default=128)
     p.add_argument("--trace-requests", type=int, default=400)
     p.add_argument("--target-load", type=float, default=0.8)
     p.add_argument("--max-seconds", type=float, default=240.0, help="bound of each run")
@@ -333,8 +367,8 @@ def main() -> None:
         f" {latency['workers']} workers ({latency['index_blocks']} indexed blocks,"
         f" ~{latency['index_approx_bytes'] / 2**20:.0f} MiB): p50"
         f" {latency['decision_p50_us']:.0f} us, p99 {latency['decision_p99_us']:.0f} us"
-        f" (selection alone p50 {latency['selection_only_p50_us']:.0f} us,"
-        f" p99 {latency['selection_only_p99_us']:.0f} us; the rest is block hashing)"
+        f" (of which block hashing: p50 {latency['hashing_p50_us']:.0f} us,"
+        f" p99 {latency['hashing_p99_us']:.0f} us)"
     )
     result["decision_latency"] = latency
     args.output.parent.mkdir(parents=True, exist_ok=True)

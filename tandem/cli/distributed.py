@@ -58,6 +58,13 @@ def add_router_flags(p: argparse.ArgumentParser) -> None:
         help="kv: credit per cached block against one block of load (%(default)s)",
     )
     r.add_argument(
+        "--kv-decode-weight",
+        type=_non_negative_float,
+        default=1.0,
+        help="kv: weight of a worker's active decode blocks against queued prefill blocks"
+        " (%(default)s)",
+    )
+    r.add_argument(
         "--router-temperature",
         type=_non_negative_float,
         default=0.0,
@@ -80,6 +87,7 @@ def router_options(args: argparse.Namespace) -> dict[str, Any]:
     """`Router` keyword arguments from `add_router_flags` flags."""
     return {
         "credit": args.kv_overlap_score_weight,
+        "decode_weight": args.kv_decode_weight,
         "temperature": args.router_temperature,
         "approx_ttl": args.router_ttl if args.no_kv_events else None,
     }
@@ -90,6 +98,7 @@ def router_argv(args: argparse.Namespace) -> list[str]:
     argv = [
         "--router-mode", args.router_mode,
         "--kv-overlap-score-weight", str(args.kv_overlap_score_weight),
+        "--kv-decode-weight", str(args.kv_decode_weight),
         "--router-temperature", str(args.router_temperature),
         "--router-ttl", str(args.router_ttl),
     ]  # fmt: skip

@@ -159,31 +159,45 @@ class KvIndex:
     def overlap(self, hashes: Sequence[int]) -> Overlap:
         """Per worker holding at least the first block: leading blocks held, tier-weighted."""
         result = Overlap()
-        holders = self._holders
-        active = holders.get(hashes[0], 0) if hashes else 0
-        depth = 0
-        lower = [(t, TIER_WEIGHTS[t] - 1.0, m) for t, m in self._lower.items() if m]
+        get = self._holders.get
+        active = get(hashes[0], 0) if hashes else 0
+        if not active:
+            return result
+        lower = [(TIER_WEIGHTS[t] - 1.0, m) for t, m in self._lower.items() if m]
         discount: dict[int, float] = {}
-        while active:
-            h = hashes[depth]
-            for _tier, penalty, masks in lower:
-                # Bits held only below device here: charge them the tier's discount.
-                below = active & masks.get(h, 0)
-                while below:
-                    bit = below & -below
-                    below ^= bit
-                    discount[bit] = discount.get(bit, 0.0) + penalty
-            depth += 1
-            nxt = active & holders.get(hashes[depth], 0) if depth < len(hashes) else 0
-            gone = active & ~nxt
-            while gone:
-                bit = gone & -gone
-                gone ^= bit
-                worker_id = self._by_bit[bit]
-                result.blocks[worker_id] = depth
-                result.weighted[worker_id] = depth + discount.get(bit, 0.0)
-            active = nxt
+        if lower:
+            self._discount(active, hashes[0], lower, discount)
+        for depth, h in enumerate(hashes[1:], 1):
+            nxt = active & get(h, 0)
+            if nxt != active:
+                self._record(active & ~nxt, depth, discount, result)
+                if not nxt:
+                    return result
+                active = nxt
+            if lower:
+                self._discount(active, h, lower, discount)
+        self._record(active, len(hashes), discount, result)
         return result
+
+    def _discount(
+        self, active: int, h: int, lower: list[tuple[float, dict[int, int]]], out: dict[int, float]
+    ) -> None:
+        """Charge the workers whose copy of block `h` is only below device its tier's discount."""
+        for penalty, masks in lower:
+            below = active & masks.get(h, 0)
+            while below:
+                bit = below & -below
+                below ^= bit
+                out[bit] = out.get(bit, 0.0) + penalty
+
+    def _record(self, gone: int, depth: int, discount: dict[int, float], result: Overlap) -> None:
+        """Workers in `gone` matched exactly `depth` leading blocks."""
+        while gone:
+            bit = gone & -gone
+            gone ^= bit
+            worker_id = self._by_bit[bit]
+            result.blocks[worker_id] = depth
+            result.weighted[worker_id] = depth + discount.get(bit, 0.0)
 
     def num_blocks(self, worker_id: str | None = None) -> int:
         """Entries held, for one worker or all."""

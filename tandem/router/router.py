@@ -75,6 +75,7 @@ class Router:
         policy: Policy = "kv",
         *,
         credit: float = 1.0,
+        decode_weight: float = 1.0,
         temperature: float = 0.0,
         busy_kv_usage: float = 0.95,
         approx_ttl: float | None = None,
@@ -86,6 +87,7 @@ class Router:
         self.block_size = block_size
         self.policy = policy
         self.credit = credit
+        self.decode_weight = decode_weight
         self.temperature = temperature
         self.busy_kv_usage = busy_kv_usage
         self.approx_ttl = approx_ttl  # not None: approximate mode, no KV events expected
@@ -165,7 +167,8 @@ class Router:
             self.index.expire()
         if self.policy == "kv":
             scores = self._scores(hashes, len(token_ids), self._with_room(workers))
-            best = self._pick(scores, local_hash(token_ids))
+            # Tie-break seed: the prompt's last block hash (the whole prompt when shorter).
+            best = self._pick(scores, hashes[-1] if hashes else local_hash(token_ids))
             overlap, cost = best.overlap_blocks, best.cost
         else:
             best_id = self._pick_simple(workers)
@@ -261,7 +264,7 @@ class Router:
                     cached_blocks=cached,
                     prefill_blocks=prefill,
                     decode_blocks=decode,
-                    cost=prefill + n - self.credit * cached + decode,
+                    cost=prefill + n - self.credit * cached + self.decode_weight * decode,
                 )
             )
         return scores
