@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from tandem.cli.distributed import router_argv
+from tandem.runtime.testing import die_with_parent
 
 log = logging.getLogger("tandem.launcher")
 
@@ -95,7 +96,9 @@ class Cluster:
         log.info("started %d worker(s) and a frontend against %s", len(self.workers), self.nats_url)
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=self.env)
+        return subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, env=self.env, preexec_fn=die_with_parent
+        )
 
     def check(self) -> int | None:
         """Restart crashed workers; the exit status to stop with, or None to keep going."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import xxhash
 
@@ -49,8 +49,24 @@ def block_hashes(
 
     `parent` continues a chain: pass the sequence hash of the block before `tokens[0]`.
     """
-    # One conversion of all tokens and zero-copy slices of it: the router hashes every prompt
-    # on its hot path (8k tokens in ~0.2 ms this way, ~0.7 ms block by block).
+    locals_: list[int] = []
+    seqs: list[int] = []
+    for local, seq in iter_block_hashes(tokens, block_size, lora_name, parent):
+        locals_.append(local)
+        seqs.append(seq)
+    return locals_, seqs
+
+
+def iter_block_hashes(
+    tokens: Sequence[int],
+    block_size: int,
+    lora_name: str | None = None,
+    parent: int | None = None,
+) -> Iterator[tuple[int, int]]:
+    """`block_hashes`, one (local, sequence) pair at a time: the router stops hashing a prompt
+    where no worker holds the next block."""
+    # One conversion of all tokens and zero-copy slices of it (8k tokens in ~0.2 ms; block by
+    # block conversions took ~0.7 ms).
     seed = lora_seed(lora_name)
     full = len(tokens) // block_size * block_size
     data = array("I", tokens[:full])
@@ -59,10 +75,8 @@ def block_hashes(
     view = memoryview(data).cast("B")
     step = 4 * block_size
     xxh3, pack = xxhash.xxh3_64_intdigest, _PAIR.pack
-    locals_ = [xxh3(view[i : i + step], seed) for i in range(0, 4 * full, step)]
-    seqs: list[int] = []
     prev = parent
-    for h in locals_:
-        prev = h if prev is None else xxh3(pack(prev, h), seed)
-        seqs.append(prev)
-    return locals_, seqs
+    for i in range(0, 4 * full, step):
+        local = xxh3(view[i : i + step], seed)
+        prev = local if prev is None else xxh3(pack(prev, local), seed)
+        yield local, prev

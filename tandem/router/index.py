@@ -156,18 +156,24 @@ class KvIndex:
 
     # -- queries -----------------------------------------------------------------------
 
-    def overlap(self, hashes: Sequence[int]) -> Overlap:
-        """Per worker holding at least the first block: leading blocks held, tier-weighted."""
+    def overlap(self, hashes: Iterable[int]) -> Overlap:
+        """Per worker holding at least the first block: leading blocks held, tier-weighted.
+
+        `hashes` is consumed only as far as some worker still matches, so a lazy iterator
+        saves hashing the uncached tail of a prompt."""
         result = Overlap()
         get = self._holders.get
-        active = get(hashes[0], 0) if hashes else 0
+        it = iter(hashes)
+        first = next(it, None)
+        active = 0 if first is None else get(first, 0)
         if not active:
             return result
         lower = [(TIER_WEIGHTS[t] - 1.0, m) for t, m in self._lower.items() if m]
         discount: dict[int, float] = {}
         if lower:
-            self._discount(active, hashes[0], lower, discount)
-        for depth, h in enumerate(hashes[1:], 1):
+            self._discount(active, first, lower, discount)
+        depth = 1
+        for h in it:
             nxt = active & get(h, 0)
             if nxt != active:
                 self._record(active & ~nxt, depth, discount, result)
@@ -176,7 +182,8 @@ class KvIndex:
                 active = nxt
             if lower:
                 self._discount(active, h, lower, discount)
-        self._record(active, len(hashes), discount, result)
+            depth += 1
+        self._record(active, depth, discount, result)
         return result
 
     def _discount(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import msgspec
@@ -33,7 +33,7 @@ import xxhash
 
 from tandem.protocol import KvEvent, LoadStats
 from tandem.protocol.events import Tier
-from tandem.protocol.hashing import block_hashes, local_hash
+from tandem.protocol.hashing import block_hashes, iter_block_hashes, local_hash
 from tandem.router.index import KvIndex
 
 Policy = Literal["kv", "round_robin", "random", "least_loaded"]
@@ -162,29 +162,30 @@ class Router:
         if not workers:
             raise ValueError("no workers to choose from")
         start = time.perf_counter()
-        hashes = self.hashes(token_ids, lora_name) if self.policy == "kv" else []
+        hashes: Iterable[int] = ()
         if self.approx_ttl is not None:
             self.index.expire()
+            hashes = self.hashes(token_ids, lora_name)  # all of them, to predict
+        elif self.policy == "kv":
+            hashes = (s for _, s in iter_block_hashes(token_ids, self.block_size, lora_name))
         if self.policy == "kv":
             scores = self._scores(hashes, len(token_ids), self._with_room(workers))
-            # Tie-break seed: the prompt's last block hash (the whole prompt when shorter).
-            best = self._pick(scores, hashes[-1] if hashes else local_hash(token_ids))
-            overlap, cost = best.overlap_blocks, best.cost
+            # Tie-break seed: the prompt's tail, so that prompts differ in it.
+            best = self._pick(scores, local_hash(token_ids[-4 * self.block_size :]))
+            worker_id, overlap, cost = best.worker_id, best.overlap_blocks, best.cost
         else:
-            best_id = self._pick_simple(workers)
-            overlap = self.index.overlap(hashes).blocks.get(best_id, 0) if hashes else 0
-            best = None
-            cost = self._prefill_blocks(best_id) + self._decode_blocks(best_id)
-        worker_id = best.worker_id if best else best_id
+            worker_id = self._pick_simple(workers)
+            overlap = 0
+            cost = self._prefill_blocks(worker_id) + self._decode_blocks(worker_id)
         n_blocks = -(-len(token_ids) // self.block_size)
         if request_id is not None:
             uncached = max(0, len(token_ids) - overlap * self.block_size)
             self._book(request_id, worker_id, uncached, n_blocks)
-        if self.approx_ttl is not None and hashes:
-            self.index.predict(worker_id, hashes, self.approx_ttl)
+        if self.approx_ttl is not None:
+            self.index.predict(worker_id, list(hashes), self.approx_ttl)
         self.decisions += 1
         self.hit_blocks += overlap
-        self.request_blocks += len(hashes)
+        self.request_blocks += len(token_ids) // self.block_size
         self.decision_seconds.append(time.perf_counter() - start)
         return Decision(
             worker_id=worker_id,
@@ -248,13 +249,15 @@ class Router:
         ]
         return roomy or workers
 
-    def _scores(self, hashes: list[int], num_tokens: int, workers: Sequence[str]):
+    def _scores(
+        self, hashes: Iterable[int], num_tokens: int, workers: Sequence[str]
+    ) -> list[WorkerScore]:
         n = -(-num_tokens // self.block_size)
-        overlap = self.index.overlap(hashes) if hashes else None
+        overlap = self.index.overlap(hashes)
         scores = []
         for w in workers:
-            held = overlap.blocks.get(w, 0) if overlap else 0
-            cached = overlap.weighted.get(w, 0.0) if overlap else 0.0
+            held = overlap.blocks.get(w, 0)
+            cached = overlap.weighted.get(w, 0.0)
             prefill = self._prefill_blocks(w)
             decode = self._decode_blocks(w)
             scores.append(
