@@ -274,6 +274,7 @@ def _serve(args: argparse.Namespace, model_path: Path, device: str, sock: socket
     from tandem.engine.async_engine import AsyncEngine
     from tandem.engine.model_source import default_served_model_name
     from tandem.frontend.server import build_app
+    from tandem.frontend.service import ReadyServer
 
     config = engine_config(args, model_path, device)
     served_name = args.served_model_name or default_served_model_name(args.model)
@@ -284,7 +285,7 @@ def _serve(args: argparse.Namespace, model_path: Path, device: str, sock: socket
             engine, str(model_path), served_name, api_key=args.api_key, max_waiting=args.max_waiting
         )
         url = f"http://{_url_host(args.host)}:{args.port}"
-        server = _Server(
+        server = ReadyServer(
             uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level),
             ready_line=f"serving {served_name!r} at {url}/v1 (OpenAI API); Ctrl-C stops",
             on_shutdown=engine.shutdown,
@@ -346,31 +347,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, plus one log line once the port is open and an engine shutdown
-    inside uvicorn's graceful exit (after SIGTERM uvicorn re-raises the signal, which
-    ends the process before any `finally` of ours could run)."""
-
-    def __init__(
-        self, config: uvicorn.Config, ready_line: str, on_shutdown: Callable[[], None]
-    ) -> None:
-        super().__init__(config)
-        self.ready_line = ready_line
-        self.on_shutdown = on_shutdown
-
-    async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            log.info("%s", self.ready_line)
-
-    async def shutdown(self, sockets: Any = None) -> None:
-        await super().shutdown(sockets)
-        self.on_shutdown()
-
-
-# -- tandem profile -------------------------------------------------------------------------
 
 
 def _add_profile(subparsers: Any) -> None:

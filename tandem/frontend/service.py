@@ -8,8 +8,10 @@ tokenizer location (unless `tokenizer` is given), the served name and `max_model
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
@@ -21,14 +23,20 @@ from tandem.router import Policy
 log = logging.getLogger(__name__)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server plus a ready line, and the pool's shutdown inside uvicorn's graceful
-    exit (after a signal uvicorn re-raises it, ending the process before our `finally`)."""
+class ReadyServer(uvicorn.Server):
+    """uvicorn's server, plus one log line once the port is open and a cleanup inside
+    uvicorn's graceful exit (after SIGTERM uvicorn re-raises the signal, which ends the
+    process before any `finally` of ours could run). `on_shutdown` may be async."""
 
-    def __init__(self, config: uvicorn.Config, ready_line: str, remote: RemoteEngine) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        ready_line: str,
+        on_shutdown: Callable[[], Awaitable[None] | None],
+    ) -> None:
         super().__init__(config)
         self.ready_line = ready_line
-        self.remote = remote
+        self.on_shutdown = on_shutdown
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
@@ -37,7 +45,9 @@ class _Server(uvicorn.Server):
 
     async def shutdown(self, sockets: Any = None) -> None:
         await super().shutdown(sockets)
-        await self.remote.close()
+        done = self.on_shutdown()
+        if inspect.isawaitable(done):
+            await done
 
 
 async def serve_frontend(
@@ -77,11 +87,11 @@ async def serve_frontend(
         app = build_app(
             remote, tokenizer or card.tokenizer, served, api_key=api_key, max_waiting=max_waiting
         )
-        server = _Server(
+        server = ReadyServer(
             uvicorn.Config(app, log_level=log_level),
             ready_line=f"serving {served!r} at {url}/v1 (OpenAI API) with "
             f"{len(remote.describe())} worker(s), router {policy}; Ctrl-C stops",
-            remote=remote,
+            on_shutdown=remote.close,
         )
         await server.serve(sockets=[sock])
     finally:

@@ -23,6 +23,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tandem.frontend.errors import APIError, install_handlers
+from tandem.frontend.service import ReadyServer
 from tandem.protocol.worker import DEFAULT_NAMESPACE
 from tandem.router.metrics import RouterCollector
 from tandem.router.pool import WorkerPool
@@ -115,8 +116,11 @@ async def serve_router(
     )
     try:
         await pool.start()
-        server = uvicorn.Server(uvicorn.Config(build_router_app(pool), log_level=log_level))
-        log.info("router (%s) for namespace %r answering at %s", policy, namespace, url)
+        server = ReadyServer(
+            uvicorn.Config(build_router_app(pool), log_level=log_level),
+            ready_line=f"router ({policy}) for namespace {namespace!r} answering at {url}",
+            on_shutdown=pool.close,
+        )
         await server.serve(sockets=[sock])
     finally:
         await pool.close()
