@@ -49,34 +49,39 @@ def block_hashes(
 
     `parent` continues a chain: pass the sequence hash of the block before `tokens[0]`.
     """
-    locals_: list[int] = []
+    seed = lora_seed(lora_name)
+    data, step = _as_le_bytes(tokens, block_size)
+    xxh3, pack = xxhash.xxh3_64_intdigest, _PAIR.pack
+    locals_ = [xxh3(data[i : i + step], seed) for i in range(0, len(data), step)]
     seqs: list[int] = []
-    for local, seq in iter_block_hashes(tokens, block_size, lora_name, parent):
-        locals_.append(local)
-        seqs.append(seq)
+    prev = parent
+    for h in locals_:
+        prev = h if prev is None else xxh3(pack(prev, h), seed)
+        seqs.append(prev)
     return locals_, seqs
 
 
-def iter_block_hashes(
-    tokens: Sequence[int],
-    block_size: int,
-    lora_name: str | None = None,
-    parent: int | None = None,
-) -> Iterator[tuple[int, int]]:
-    """`block_hashes`, one (local, sequence) pair at a time: the router stops hashing a prompt
+def iter_sequence_hashes(
+    tokens: Sequence[int], block_size: int, lora_name: str | None = None
+) -> Iterator[int]:
+    """The sequence hashes of `block_hashes`, one at a time: the router stops hashing a prompt
     where no worker holds the next block."""
-    # One conversion of all tokens and zero-copy slices of it (8k tokens in ~0.2 ms; block by
-    # block conversions took ~0.7 ms).
     seed = lora_seed(lora_name)
+    data, step = _as_le_bytes(tokens, block_size)
+    xxh3, pack = xxhash.xxh3_64_intdigest, _PAIR.pack
+    prev = None
+    for i in range(0, len(data), step):
+        local = xxh3(data[i : i + step], seed)
+        prev = local if prev is None else xxh3(pack(prev, local), seed)
+        yield prev
+
+
+def _as_le_bytes(tokens: Sequence[int], block_size: int) -> tuple[bytes, int]:
+    """The full blocks of `tokens` as little-endian u32 bytes, and the bytes per block. One
+    conversion for the whole prompt: 8k tokens hash in ~0.2 ms this way, ~0.7 ms when each
+    block is converted on its own."""
     full = len(tokens) // block_size * block_size
     data = array("I", tokens[:full])
     if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover - big-endian hosts
         data.byteswap()
-    view = memoryview(data).cast("B")
-    step = 4 * block_size
-    xxh3, pack = xxhash.xxh3_64_intdigest, _PAIR.pack
-    prev = parent
-    for i in range(0, 4 * full, step):
-        local = xxh3(view[i : i + step], seed)
-        prev = local if prev is None else xxh3(pack(prev, local), seed)
-        yield local, prev
+    return data.tobytes(), 4 * block_size

@@ -33,7 +33,7 @@ import xxhash
 
 from tandem.protocol import KvEvent, LoadStats
 from tandem.protocol.events import Tier
-from tandem.protocol.hashing import block_hashes, iter_block_hashes, local_hash
+from tandem.protocol.hashing import block_hashes, iter_sequence_hashes, local_hash
 from tandem.router.index import KvIndex
 
 Policy = Literal["kv", "round_robin", "random", "least_loaded"]
@@ -167,7 +167,7 @@ class Router:
             self.index.expire()
             hashes = self.hashes(token_ids, lora_name)  # all of them, to predict
         elif self.policy == "kv":
-            hashes = (s for _, s in iter_block_hashes(token_ids, self.block_size, lora_name))
+            hashes = iter_sequence_hashes(token_ids, self.block_size, lora_name)
         if self.policy == "kv":
             scores = self._scores(hashes, len(token_ids), self._with_room(workers))
             # Tie-break seed: the prompt's tail, so that prompts differ in it.
