@@ -107,12 +107,12 @@ class WorkerPool:
                 await self._changed.wait()
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._tasks = []
 
     # -- choosing ----------------------------------------------------------------------
 
@@ -270,7 +270,15 @@ class WorkerPool:
             held.append(batch)
         elif not self.router.apply_events(wid, batch.events):
             self._resyncing[wid] = []
-            asyncio.get_running_loop().create_task(self._resync(wid), name=f"kv-snapshot-{wid}")
+            task = asyncio.get_running_loop().create_task(
+                self._resync(wid), name=f"kv-snapshot-{wid}"
+            )
+            self._tasks.append(task)  # a reference, so the loop does not drop it midway
+            task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
 
     async def _resync(self, worker_id: str) -> None:
         """Fetch the worker's snapshot, then replay the batches that came meanwhile."""
