@@ -12,8 +12,9 @@ Workloads:
 
 * `sessions` - `--users` users share one system prompt and hold multi-turn conversations (the
   context grows by the answer and a new message each turn); closed loop, one turn in flight
-  per user. The default (1,024-token messages, 128-token answers, 8 turns) is agent-like: tool
-  output or documents each turn; `--message-len 128 --answer-len 256 --turns 10` is chat.
+  per user. The default (512-1,536-token messages, 64-192-token answers, 8 turns) is
+  agent-like: tool output or documents each turn. Lengths vary so that users fall out of step:
+  with fixed lengths every closed-loop user sends its turn at the same moment, turn after turn.
 * `trace` - the first `--trace-requests` requests of ../shared/traces/conversation_trace.jsonl
   (Mooncake format: 512-token hash blocks give the prefix sharing), arriving at the trace's
   timestamps scaled so that the fleet runs near `--target-load` busy: a probe run with round
@@ -23,11 +24,12 @@ For each workload and policy: TTFT p50 / p99, ITL p50, output tokens/s, prefix h
 (cached prompt tokens over prompt tokens, as the engines report them), fleet busy fraction,
 and the most and fewest requests any worker received. Then the micro-benchmark: `select()` for
 8k-token prompts over 64 workers whose index holds their blocks, p50 / p99 (block hashing
-included, and the selection alone).
+included; hashing alone reported beside it).
 
     python benchmarks/routing.py [--workers 8] [--policies kv round_robin least_loaded]
-        [--kv-decode-weights 1] [--users 32] [--turns 8] [--message-len 1024]
-        [--answer-len 128] [--trace-requests 400] [--output results/routing.json]
+        [--kv-decode-weights 1] [--users 32] [--turns 8] [--message-len uniform:512:1536]
+        [--answer-len uniform:64:192] [--trace-requests 400] [--output results/routing.json]
+    python benchmarks/routing.py --workloads    # the decision-latency micro-benchmark alone
 """
 
 from __future__ import annotations
@@ -344,7 +346,13 @@ def main() -> None:
         default=[1.0],
         help="run kv once per weight of decode blocks in its cost (1 = DESIGN.md's baseline)",
     )
-    p.add_argument("--workloads", nargs="+", default=["sessions", "trace"])
+    p.add_argument(
+        "--workloads",
+        nargs="*",
+        choices=["sessions", "trace"],
+        default=["sessions", "trace"],
+        help="none (a bare --workloads): only the decision-latency micro-benchmark",
+    )
     p.add_argument("--users", type=int, default=32)
     p.add_argument("--system-prompt-len", type=int, default=1024)
     p.add_argument("--turns", type=int, default=8)
