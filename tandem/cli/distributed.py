@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
@@ -53,20 +54,20 @@ def add_router_flags(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--kv-overlap-score-weight",
-        type=_non_negative_float,
+        type=cli._non_negative_float,
         default=1.0,
         help="kv: credit per cached block against one block of load (%(default)s)",
     )
     r.add_argument(
         "--kv-decode-weight",
-        type=_non_negative_float,
+        type=cli._non_negative_float,
         default=1.0,
         help="kv: weight of a worker's active decode blocks against queued prefill blocks"
         " (%(default)s)",
     )
     r.add_argument(
         "--router-temperature",
-        type=_non_negative_float,
+        type=cli._non_negative_float,
         default=0.0,
         help="kv: 0 takes the lowest cost; above 0 samples by softmax of -cost (%(default)s)",
     )
@@ -103,16 +104,6 @@ def router_argv(args: argparse.Namespace) -> list[str]:
         "--router-ttl", str(args.router_ttl),
     ]  # fmt: skip
     return [*argv, "--no-kv-events"] if args.no_kv_events else argv
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 # -- tandem worker ------------------------------------------------------------------------
@@ -219,9 +210,7 @@ def add_frontend(subparsers: Any) -> None:
         ),
     )
     _add_runtime_flags(p)
-    net = p.add_argument_group("server")
-    net.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
-    net.add_argument("--port", type=cli._port, default=8000, help="TCP port (%(default)s)")
+    net = _add_listen_flags(p, port=8000)
     net.add_argument(
         "--served-model-name", help="model name clients send (default: the workers' card)"
     )
@@ -258,13 +247,8 @@ def run_frontend(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from tandem.frontend.service import serve_frontend
 
-    try:
-        sock = cli._bind(args.host, args.port)
-    except OSError as exc:
-        print(
-            f"tandem frontend: error: cannot listen on {args.host}:{args.port}: {exc}",
-            file=sys.stderr,
-        )
+    sock = _bind_or_none(args, "frontend")
+    if sock is None:
         return 2
     with sock:
         asyncio.run(
@@ -300,9 +284,7 @@ def add_router(subparsers: Any) -> None:
         ),
     )
     _add_runtime_flags(p)
-    net = p.add_argument_group("server")
-    net.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
-    net.add_argument("--port", type=cli._port, default=8001, help="TCP port (%(default)s)")
+    net = _add_listen_flags(p, port=8001)
     net.add_argument(
         "--log-level", choices=cli.LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
     )
@@ -314,13 +296,8 @@ def run_router(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from tandem.router.service import serve_router
 
-    try:
-        sock = cli._bind(args.host, args.port)
-    except OSError as exc:
-        print(
-            f"tandem router: error: cannot listen on {args.host}:{args.port}: {exc}",
-            file=sys.stderr,
-        )
+    sock = _bind_or_none(args, "router")
+    if sock is None:
         return 2
     with sock:
         asyncio.run(
@@ -335,6 +312,25 @@ def run_router(args: argparse.Namespace) -> int:
             )
         )
     return 0
+
+
+def _add_listen_flags(p: argparse.ArgumentParser, port: int) -> argparse._ArgumentGroup:
+    net = p.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    net.add_argument("--port", type=cli._port, default=port, help="TCP port (%(default)s)")
+    return net
+
+
+def _bind_or_none(args: argparse.Namespace, command: str) -> socket.socket | None:
+    """The listening socket, or None after telling why it cannot be had."""
+    try:
+        return cli._bind(args.host, args.port)
+    except OSError as exc:
+        print(
+            f"tandem {command}: error: cannot listen on {args.host}:{args.port}: {exc}",
+            file=sys.stderr,
+        )
+        return None
 
 
 def _setup_logging(level: str) -> None:
