@@ -1,9 +1,8 @@
-"""Prometheus view of a `WorkerPool`'s router, read at scrape time (nothing on the hot path
-but appending each decision's duration to a list)."""
+"""Prometheus view of a `WorkerPool`'s router, read at scrape time (the hot path only counts)."""
 
 from __future__ import annotations
 
-import bisect
+import itertools
 from collections.abc import Iterator
 
 from prometheus_client.core import (
@@ -15,33 +14,25 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from tandem.router.pool import WorkerPool
+from tandem.router.router import DECISION_BUCKETS
 
 PREFIX = "tandem_router"
-DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
 
 
 class RouterCollector(Collector):
     def __init__(self, pool: WorkerPool) -> None:
         self._pool = pool
-        self._buckets = [0] * (len(DECISION_BUCKETS) + 1)
-        self._sum = 0.0
 
     def collect(self) -> Iterator[Metric]:
         router = self._pool.router
         if router is None:
             return
-        for seconds in router.take_decision_times():
-            self._buckets[bisect.bisect_left(DECISION_BUCKETS, seconds)] += 1
-            self._sum += seconds
-        cumulative, total = [], 0
-        for bound, count in zip((*map(str, DECISION_BUCKETS), "+Inf"), self._buckets, strict=True):
-            total += count
-            cumulative.append((bound, total))
+        bounds = (*map(str, DECISION_BUCKETS), "+Inf")
         yield HistogramMetricFamily(
             f"{PREFIX}_decision_seconds",
             "Time to choose a worker for a request.",
-            buckets=cumulative,
-            sum_value=self._sum,
+            buckets=list(zip(bounds, itertools.accumulate(router.decision_counts), strict=True)),
+            sum_value=router.decision_seconds_sum,
         )
         decisions = CounterMetricFamily(
             f"{PREFIX}_decisions", "Routing decisions by policy.", labels=["policy"]

@@ -22,6 +22,7 @@ the same events choose alike, yet spread over workers.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 import time
@@ -38,6 +39,8 @@ from tandem.router.index import KvIndex
 
 Policy = Literal["kv", "round_robin", "random", "least_loaded"]
 POLICIES: tuple[Policy, ...] = ("kv", "round_robin", "random", "least_loaded")
+#: Upper bounds (seconds) of the decision-time histogram.
+DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
 
 
 class WorkerScore(msgspec.Struct, kw_only=True):
@@ -104,7 +107,9 @@ class Router:
         self.decisions = 0
         self.hit_blocks = 0
         self.request_blocks = 0
-        self.decision_seconds: list[float] = []  # since the last `take_decision_times()`
+        # Decision durations as histogram counts: constant memory whether or not anyone scrapes.
+        self.decision_counts = [0] * (len(DECISION_BUCKETS) + 1)
+        self.decision_seconds_sum = 0.0
 
     # -- feeding -------------------------------------------------------------------------
 
@@ -186,7 +191,9 @@ class Router:
         self.decisions += 1
         self.hit_blocks += overlap
         self.request_blocks += len(token_ids) // self.block_size
-        self.decision_seconds.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.decision_counts[bisect.bisect_left(DECISION_BUCKETS, elapsed)] += 1
+        self.decision_seconds_sum += elapsed
         return Decision(
             worker_id=worker_id,
             overlap_blocks=overlap,
@@ -212,10 +219,6 @@ class Router:
             w = booking.worker_id
             self._booked_blocks[w] -= booking.blocks
             self._released_blocks[w] = self._released_blocks.get(w, 0) + booking.blocks
-
-    def take_decision_times(self) -> list[float]:
-        times, self.decision_seconds = self.decision_seconds, []
-        return times
 
     # -- internals -----------------------------------------------------------------------
 
