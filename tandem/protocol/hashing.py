@@ -68,11 +68,13 @@ def iter_sequence_hashes(
     where no worker holds the next block."""
     seed = lora_seed(lora_name)
     data, step = _as_le_bytes(tokens, block_size)
-    xxh3, pack = xxhash.xxh3_64_intdigest, _PAIR.pack
-    prev = None
-    for i in range(0, len(data), step):
-        local = xxh3(data[i : i + step], seed)
-        prev = local if prev is None else xxh3(pack(prev, local), seed)
+    if not data:
+        return
+    xxh3, pack, view = xxhash.xxh3_64_intdigest, _PAIR.pack, memoryview(data)
+    prev = xxh3(view[:step], seed)
+    yield prev
+    for i in range(step, len(data), step):
+        prev = xxh3(pack(prev, xxh3(view[i : i + step], seed)), seed)
         yield prev
 
 
