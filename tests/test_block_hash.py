@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from tandem.protocol import block_hashes
+from tandem.protocol.hashing import iter_sequence_hashes
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "block_hash_vectors.json"
 
@@ -19,6 +20,8 @@ def test_block_hash_vectors(case):
     local, seq = block_hashes(case["tokens"], case["block_size"], case.get("lora_name"))
     assert local == case["local_hashes"]
     assert seq == case["sequence_hashes"]
+    lazy = iter_sequence_hashes(case["tokens"], case["block_size"], case.get("lora_name"))
+    assert list(lazy) == case["sequence_hashes"]
 
 
 def test_chain_continues_from_parent():
