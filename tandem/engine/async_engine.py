@@ -12,13 +12,41 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
-from tandem.protocol import GenerateOutput, GenerateRequest, KvEvent, KvSnapshot, LoadStats
+from tandem.protocol import (
+    GenerateOutput,
+    GenerateRequest,
+    KvEvent,
+    KvSnapshot,
+    KvTransferParams,
+    LoadStats,
+)
 
 log = logging.getLogger(__name__)
+
+#: How long an imported request waits for free blocks before computing its prompt here.
+IMPORT_ROOM_WAIT = 2.0
+
+
+class KvPayload(Protocol):
+    """Pulled KV blocks, ready to be copied into this engine's cache (in the engine thread)."""
+
+    def write_into(self, k_cache: Any, v_cache: Any, dst_block_ids: list[int]) -> None: ...
+
+
+class KvSource(Protocol):
+    """Where an imported request's KV comes from; `tandem.transfer` implements it."""
+
+    async def fetch(self, params: KvTransferParams, indices: list[int]) -> KvPayload | None:
+        """The blocks at `indices` of `params.block_ids` (None: nothing to copy, mock)."""
+
+    async def release(self, params: KvTransferParams) -> None:
+        """Tell the source it may free the blocks (idempotent)."""
 
 
 class EngineDeadError(RuntimeError):
@@ -40,20 +68,32 @@ class AsyncEngine:
         self._events_lock = threading.Lock()
         self._stopped = threading.Event()
         self.error: BaseException | None = None
+        self.kv_layout = self.core.kv_layout
+        self.kv_transfer_timeout = 10.0
+        self.kv_imports = 0
+        self.kv_import_fallbacks = 0
+        self._tasks: set[asyncio.Task] = set()
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
 
     # -- public API ----------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """Stream outputs until every one of the request's `n` sequences has finished.
+    async def generate(
+        self, request: GenerateRequest, kv_source: KvSource | None = None
+    ) -> AsyncIterator[GenerateOutput]:
+        """Stream outputs until every one of the request's `n` sequences has finished (or,
+        for a `kv_export` request, until its KV is handed over in `kv_transfer`).
 
         Raises ValueError before yielding anything if the request can never be served.
         Leaving the loop early (break, cancellation, a client gone) aborts the request.
+        A `kv_import` request pulls its blocks from `kv_source` first; if that fails, its
+        prompt is computed here (logged and counted in `kv_import_fallbacks`).
         """
         if self.error is not None:
             raise EngineDeadError(f"engine loop died: {self.error}")
         self.core.validate(request)
+        if request.kv_import is not None and kv_source is None:
+            raise ValueError("this worker cannot import KV caches (it has no transfer source)")
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already running")
         outputs: asyncio.Queue = asyncio.Queue()
@@ -61,17 +101,79 @@ class AsyncEngine:
         self._commands.put(("add", request))
         remaining = request.sampling.n
         try:
+            if request.kv_import is not None:
+                await self._import(request.request_id, request.kv_import, kv_source)
             while remaining:
                 out = await outputs.get()
                 if isinstance(out, BaseException):
                     raise out
-                if out.finish_reason is not None:
+                if out.finish_reason is not None or out.kv_transfer is not None:
                     remaining -= 1
                 yield out
         finally:
             self._streams.pop(request.request_id, None)
             if remaining:
                 self.abort(request.request_id)
+
+    async def release_export(self, request_id: str) -> int:
+        """Free the blocks an exported request holds; how many there were (0: none left)."""
+        return await self._in_engine(self.core.release_export, request_id)
+
+    async def touch_export(self, request_id: str) -> list[int]:
+        """An exported request's blocks, kept for another full hold (a pull is starting);
+        KeyError if they were released or expired."""
+        return await self._in_engine(self.core.touch_export, request_id)
+
+    def kv_caches(self) -> tuple[Any, Any] | None:
+        """The K and V cache tensors (None for the mock engine). Blocks held for export are
+        never written, so a transfer may read them from another thread."""
+        return self.core.kv_caches()
+
+    async def _import(self, rid: str, params: KvTransferParams, source: KvSource) -> None:
+        """Reserve blocks, pull the KV into them, start decoding; on failure prefill here."""
+        loop = asyncio.get_running_loop()
+        try:
+            give_up = loop.time() + IMPORT_ROOM_WAIT
+            while (plan := await self._in_engine(self.core.reserve_import, rid)) is None:
+                if loop.time() > give_up:
+                    raise TimeoutError(f"no free KV blocks within {IMPORT_ROOM_WAIT:.0f} s")
+                await asyncio.sleep(0.005)
+            indices, dst = plan
+            started = time.perf_counter()
+            payload = await asyncio.wait_for(
+                source.fetch(params, indices), self.kv_transfer_timeout
+            )
+            modelled = self.core.modelled_transfer_s(len(indices))
+            if modelled > 0:  # the mock engine: the transfer takes the time its model says
+                await asyncio.sleep(max(0.0, modelled - (time.perf_counter() - started)))
+            await self._in_engine(self.core.finish_import, rid, payload, dst)
+            self.kv_imports += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.kv_import_fallbacks += 1
+            log.warning(
+                "request %s: KV transfer from worker %s failed (%s: %s); computing the prompt"
+                " here instead",
+                rid,
+                params.worker_id or "?",
+                type(exc).__name__,
+                exc,
+            )
+            self._commands.put(("call", (self.core.fallback_import, (rid,), None, None)))
+        finally:
+            task = loop.create_task(source.release(params))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _in_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` in the engine thread between steps; its result or its exception."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine loop died: {self.error}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._commands.put(("call", (fn, args, loop, future)))
+        return await future
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stop a request (or only its sequence `index`) and free the blocks; harmless if it
@@ -91,12 +193,11 @@ class AsyncEngine:
         """The prefix cache's blocks, taken between steps in the engine thread so that it
         agrees with the event ids (every event up to `last_event_id` is already buffered for
         `take_kv_events`)."""
-        if self.error is not None:
-            raise EngineDeadError(f"engine loop died: {self.error}")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[KvSnapshot] = loop.create_future()
-        self._commands.put(("snapshot", (loop, future)))
-        return await future
+        return await self._in_engine(self._snapshot)
+
+    def _snapshot(self) -> KvSnapshot:
+        self._publish()
+        return self.core.block_manager.snapshot()
 
     def shutdown(self) -> None:
         self._stopped.set()
@@ -111,6 +212,8 @@ class AsyncEngine:
                 block = not self.core.has_work()
                 if not self._apply_commands(block):
                     break
+                for rid in self.core.expire_exports():
+                    log.warning("request %s: no decode worker took its KV in time; freed", rid)
                 outputs = self.core.step() if self.core.has_work() else []
                 self._publish()  # before delivering: a caller that sees an output sees its stats
                 self._deliver(outputs)
@@ -120,20 +223,21 @@ class AsyncEngine:
             self._fail_all(EngineDeadError(f"engine loop died: {exc}"))
 
     def _apply_commands(self, block: bool) -> bool:
-        """Run queued adds and aborts; wait for one when idle. False means stop."""
+        """Run queued commands; wait for one when idle (until the next export deadline at
+        most). False means stop."""
         while True:
+            timeout = None
+            if block and (deadline := self.core.next_export_deadline()) is not None:
+                timeout = max(0.0, deadline - time.monotonic())
             try:
-                kind, arg = self._commands.get(block=block)
+                kind, arg = self._commands.get(block=block, timeout=timeout)
             except queue.Empty:
                 return True
             block = False
             if kind == "stop":
                 return False
-            if kind == "snapshot":
-                self._publish()
-                loop, future = arg
-                snap = self.core.block_manager.snapshot()
-                loop.call_soon_threadsafe(_resolve, future, snap)
+            if kind == "call":
+                self._call(*arg)
             elif kind == "add":
                 try:
                     self.core.add_request(arg)
@@ -141,6 +245,19 @@ class AsyncEngine:
                     self._deliver_to(arg.request_id, exc)
             else:
                 self._deliver(self.core.abort(*arg))
+
+    def _call(self, fn: Callable[..., Any], args: tuple, loop: Any, future: Any) -> None:
+        try:
+            result: Any = fn(*args)
+        except Exception as exc:  # the caller's failure, not the engine's
+            if future is None:
+                log.exception("engine call %s failed", getattr(fn, "__name__", fn))
+                return
+            loop.call_soon_threadsafe(_resolve_error, future, exc)
+            return
+        if future is not None:
+            loop.call_soon_threadsafe(_resolve, future, result)
+        self._publish()
 
     def _publish(self) -> None:
         self._stats = self.core.stats()
@@ -171,6 +288,11 @@ class AsyncEngine:
 def _resolve(future: asyncio.Future, value: object) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _resolve_error(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -24,9 +24,12 @@ class EngineConfig:
     num_gpu_blocks: int | None = None
     kv_cache_memory_gb: float = 1.0
     enable_prefix_caching: bool = True
+    # Disaggregation: seconds a prefill worker holds exported KV for a decode worker to pull.
+    kv_export_ttl: float = 30.0
     seed: int = 0
     max_logprobs: int = 20
     # The mock engine: no weights, step times from a performance model (tandem.engine.mock).
     engine: str = "real"  # real | mock
     perf_model: str | None = None  # "polynomial" (default) or a profile JSON from `tandem profile`
     mock_speedup: float = 1.0  # divides every modelled step time
+    mock_transfer_gbps: float = 25.0  # the modelled KV transfer link, GB/s

@@ -77,8 +77,9 @@ class Scheduler:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = self.bm.match_prefix(seq)
-            n = min(seq.num_tokens - len(hits) * self.bm.block_size, budget)
+            hits = [] if seq.block_table else self.bm.match_prefix(seq)  # imported: has its KV
+            done = seq.num_computed_tokens + len(hits) * self.bm.block_size
+            n = min(seq.num_tokens - done, budget)
             if not self.bm.allocate(seq, n, hits):
                 break
             self.waiting.popleft()
@@ -101,6 +102,11 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         self.bm.free_seq(seq)
+
+    def detach(self, seq: Sequence) -> None:
+        """Take a running sequence off the batch and keep its blocks (its KV is exported)."""
+        self.running.remove(seq)
+        seq.status = Status.FINISHED
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -21,6 +21,7 @@ from tandem.protocol.generate import (
     TokenLogprob,
 )
 from tandem.protocol.hashing import block_hashes, lora_seed
+from tandem.protocol.transfer import KvLayout, KvTransferParams
 
 __all__ = [
     "FinishReason",
@@ -29,9 +30,11 @@ __all__ = [
     "KvBlock",
     "KvCleared",
     "KvEvent",
+    "KvLayout",
     "KvRemoved",
     "KvSnapshot",
     "KvStored",
+    "KvTransferParams",
     "LoadStats",
     "SamplingParams",
     "Tier",

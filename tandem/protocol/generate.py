@@ -6,6 +6,8 @@ from typing import Literal
 
 import msgspec
 
+from tandem.protocol.transfer import KvTransferParams
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -61,10 +63,17 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):
+    """`kv_export`: prefill only (disaggregated serving): sample the first token, then hold the
+    prompt's KV blocks for a decode worker and describe them in the output's `kv_transfer`.
+    `kv_import`: continue a request prefilled elsewhere, pulling its blocks first; outputs
+    then start after the tokens in `kv_import.token_ids`."""
+
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     lora_name: str | None = None
+    kv_export: bool = False
+    kv_import: KvTransferParams | None = None
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
@@ -80,6 +89,7 @@ class GenerateOutput(msgspec.Struct, omit_defaults=True, kw_only=True):
 
     `token_ids` holds only the tokens new since the previous output for that index.
     `finish_reason` is set on the last output of that index; `error` explains "error".
+    `kv_transfer` ends the stream of a `kv_export` request whose generation goes on elsewhere.
     """
 
     request_id: str
@@ -91,3 +101,4 @@ class GenerateOutput(msgspec.Struct, omit_defaults=True, kw_only=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    kv_transfer: KvTransferParams | None = None

@@ -28,6 +28,11 @@ class MockRunner:
         self.eos_token_ids = eos_token_ids
         self.kv_usage = kv_usage  # callable: the block manager's current usage
         self.busy_s = 0.0
+        self.transfer_gbps = config.mock_transfer_gbps
+
+    def transfer_ms(self, nbytes: int) -> float:
+        """A KV transfer between two workers: a fixed 1 ms plus the bytes at the link's rate."""
+        return (1.0 + nbytes / (self.transfer_gbps * 1e6)) / self.speedup
 
     def step_ms(self, batch: ScheduledBatch) -> float:
         prefill_tokens = 0
