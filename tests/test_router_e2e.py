@@ -114,8 +114,14 @@ def test_openai_sessions_through_kv_router_over_nats(tmp_path):
     with NatsServer() as nats, open(log_path, "w") as log:
         router = subprocess.Popen(
             [
-                sys.executable, "-m", "tandem.cli.main", "router", "--nats", nats.url,
-                "--port", str(router_port),
+                sys.executable,
+                "-m",
+                "tandem.cli.main",
+                "router",
+                "--nats",
+                nats.url,
+                "--port",
+                str(router_port),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -123,9 +129,23 @@ def test_openai_sessions_through_kv_router_over_nats(tmp_path):
         )
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "tandem.cli.main", "serve", str(model),
-                "--engine", "mock", "--num-gpu-blocks", "512", "--workers", "3",
-                "--nats", nats.url, "--port", str(port), "--router-mode", "kv",
+                sys.executable,
+                "-m",
+                "tandem.cli.main",
+                "serve",
+                str(model),
+                "--engine",
+                "mock",
+                "--num-gpu-blocks",
+                "512",
+                "--workers",
+                "3",
+                "--nats",
+                nats.url,
+                "--port",
+                str(port),
+                "--router-mode",
+                "kv",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -31,8 +31,12 @@ def run(coro, timeout: float = 20.0):
 
 def instance(component="backend", endpoint="generate", **metadata) -> InstanceInfo:
     return InstanceInfo(
-        namespace="test", component=component, endpoint=endpoint,
-        instance_id=new_instance_id(), address="127.0.0.1:1", metadata=metadata,
+        namespace="test",
+        component=component,
+        endpoint=endpoint,
+        instance_id=new_instance_id(),
+        address="127.0.0.1:1",
+        metadata=metadata,
     )
 
 
@@ -127,8 +131,9 @@ def test_register_list_watch_revoke(factory):
         # Heartbeats do not show up as changes; changed metadata does.
         await asyncio.sleep(0.8)
         assert [e.kind for e in watcher.events] == ["added", "added"]
-        a2 = InstanceInfo(**{**{f: getattr(a, f) for f in a.__struct_fields__},
-                             "metadata": {"model": "m2"}})
+        a2 = InstanceInfo(
+            **{**{f: getattr(a, f) for f in a.__struct_fields__}, "metadata": {"model": "m2"}}
+        )
         old_lease, lease_a = lease_a, await owner.register(a2)
         await watcher.wait_for(lambda: watcher.live[a.key].metadata == {"model": "m2"})
         await old_lease.revoke()  # superseded: must not remove the new registration

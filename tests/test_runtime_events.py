@@ -20,8 +20,14 @@ def run(coro, timeout: float = 15.0):
 
 
 def load(active: int) -> LoadStats:
-    return LoadStats(active_blocks=active, free_blocks=10, total_blocks=20, num_running=1,
-                     num_waiting=0, queued_prefill_tokens=0)
+    return LoadStats(
+        active_blocks=active,
+        free_blocks=10,
+        total_blocks=20,
+        num_running=1,
+        num_waiting=0,
+        queued_prefill_tokens=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +77,12 @@ def test_publish_subscribe_typed(make_plane):
         other = await sub_plane.subscribe("tandem.other.>", LoadStats)
         await asyncio.sleep(0.05)  # let a NATS SUB reach the server before publishing
 
-        stored = KvStored(event_id=0, parent_sequence_hash=None,
-                          blocks=[KvBlock(11, 12), KvBlock(13, 14)], tier="host")
+        stored = KvStored(
+            event_id=0,
+            parent_sequence_hash=None,
+            blocks=[KvBlock(11, 12), KvBlock(13, 14)],
+            tier="host",
+        )
         removed = KvRemoved(event_id=1, sequence_hashes=[11])
         await pub.publish("tandem.test.kv_events.w1", stored)
         await pub.publish("tandem.test.kv_events.w1", {"not": "an event"})  # skipped, logged

@@ -104,8 +104,9 @@ def test_streaming_typed_and_errors(kind):
         assert items == [{"i": i, "tag": "a"} for i in range(5)]
 
         req = GenerateOutput(request_id="r1", token_ids=[7, 8, 9])
-        outs = [o async for o in client.call(server.address, "typed", req,
-                                             response_type=GenerateOutput)]
+        outs = [
+            o async for o in client.call(server.address, "typed", req, response_type=GenerateOutput)
+        ]
         assert [o.token_ids for o in outs] == [[7], [8], [9]]
         assert all(isinstance(o, GenerateOutput) and o.request_id == "r1" for o in outs)
 
@@ -194,8 +195,9 @@ def test_deadline_cancels_handler_and_raises_timeout(kind):
         await asyncio.wait_for(handlers.cancelled.wait(), 2.0)
         # An absolute deadline (time.monotonic()) works the same way.
         with pytest.raises(TimeoutError):
-            async for _ in client.call(server.address, "slow", {"delay": 1.0},
-                                       deadline=time.monotonic() + 0.1):
+            async for _ in client.call(
+                server.address, "slow", {"delay": 1.0}, deadline=time.monotonic() + 0.1
+            ):
                 pass
         await client.close()
         await server.stop()
@@ -250,6 +252,7 @@ def test_server_stop_ends_streams_with_shutdown(kind):
 def test_peer_killed_mid_stream_raises_peer_gone():
     proc, address, _ = spawn_token_server(delay=0.01)
     try:
+
         async def main():
             client = TcpRequestClient()
             other = client.call(address, "tokens", {"n": 10**9})

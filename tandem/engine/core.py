@@ -313,7 +313,8 @@ class EngineCore:
         """Continue from the sampled tokens, with the seeded sampler where it stopped."""
         seq.token_ids += params.token_ids
         if seq.generator is not None and params.rng_state is not None:
-            seq.generator.set_state(torch.frombuffer(bytearray(params.rng_state), dtype=torch.uint8))
+            state = torch.frombuffer(bytearray(params.rng_state), dtype=torch.uint8)
+            seq.generator.set_state(state)
         self.importing[seq.request_id] = seq
 
     def reserve_import(self, request_id: str) -> tuple[list[int], list[int]] | None:

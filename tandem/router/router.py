@@ -291,4 +291,3 @@ class Router:
         if self.policy == "random":
             return self._rng.choice(list(workers))
         return min(workers, key=lambda w: self._prefill_blocks(w) + self._decode_blocks(w))
-

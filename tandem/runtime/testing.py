@@ -186,10 +186,15 @@ async def _serve_tokens(delay: float, host: str, nats_url: str | None, ttl: floa
         from tandem.runtime.nats_discovery import NatsDiscovery
 
         discovery = await NatsDiscovery.connect(nats_url, default_ttl=ttl)
-        await discovery.register(InstanceInfo(
-            namespace="test", component="tokens", endpoint="tokens",
-            instance_id=instance_id, address=server.address,
-        ))
+        await discovery.register(
+            InstanceInfo(
+                namespace="test",
+                component="tokens",
+                endpoint="tokens",
+                instance_id=instance_id,
+                address=server.address,
+            )
+        )
     print(server.address, instance_id, flush=True)
     await asyncio.Event().wait()
 
@@ -202,8 +207,7 @@ def spawn_token_server(
     discovery if `nats_url` is given. Returns the process, its address and its instance id."""
     import sys
 
-    cmd = [sys.executable, "-m", "tandem.runtime.testing", "--delay", str(delay),
-           "--ttl", str(ttl)]
+    cmd = [sys.executable, "-m", "tandem.runtime.testing", "--delay", str(delay), "--ttl", str(ttl)]
     if nats_url:
         cmd += ["--nats", nats_url]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
