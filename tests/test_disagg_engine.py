@@ -85,7 +85,8 @@ def test_local_transfer_matches_aggregated_greedy(engines, prompt_len):
         got, _ = await disaggregated(prefill, decode, source, request("d", prompt, temperature=0))
         assert got == want
         await settle(prefill, decode)
-        assert decode.kv_imports >= 1 and decode.kv_import_fallbacks == 0
+        stats = decode.stats()
+        assert stats.kv_imports >= 1 and stats.kv_import_fallbacks == 0
 
     asyncio.run(main())
 

@@ -18,7 +18,7 @@ from tandem.cli import main as cli
 
 log = logging.getLogger("tandem")
 
-ROLES = ("aggregated",)  # prefill and decode come with disaggregation
+ROLES = ("aggregated", "prefill", "decode")
 
 
 def _port_or_zero(text: str) -> int:
@@ -82,6 +82,41 @@ def add_router_flags(p: argparse.ArgumentParser) -> None:
         default=120.0,
         help="with --no-kv-events: seconds a predicted block is trusted (%(default)s)",
     )
+
+
+def add_disagg_flags(p: argparse.ArgumentParser) -> None:
+    """When a frontend with prefill workers splits a request (names as in NVIDIA Dynamo)."""
+    d = p.add_argument_group("disaggregated serving (when prefill workers are live)")
+    d.add_argument(
+        "--max-local-prefill-length",
+        type=cli._int_at_least(0),
+        default=512,
+        help="prefill on the decode worker when at most this many prompt tokens are uncached"
+        " there (%(default)s)",
+    )
+    d.add_argument(
+        "--max-prefill-queue-tokens",
+        type=cli._int_at_least(1),
+        default=16384,
+        help="a prefill worker with this many prompt tokens queued is saturated; when all are,"
+        " decode workers with room prefill locally (%(default)s)",
+    )
+
+
+def disagg_config(args: argparse.Namespace) -> Any:
+    from tandem.frontend.disagg import DisaggConfig
+
+    return DisaggConfig(
+        max_local_prefill_length=args.max_local_prefill_length,
+        max_prefill_queue_tokens=args.max_prefill_queue_tokens,
+    )
+
+
+def disagg_argv(args: argparse.Namespace) -> list[str]:
+    return [
+        "--max-local-prefill-length", str(args.max_local_prefill_length),
+        "--max-prefill-queue-tokens", str(args.max_prefill_queue_tokens),
+    ]  # fmt: skip
 
 
 def router_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,12 +269,19 @@ def add_frontend(subparsers: Any) -> None:
         "--min-workers",
         type=cli._int_at_least(1),
         default=1,
-        help="workers to wait for before serving (%(default)s)",
+        help="decode (or aggregated) workers to wait for before serving (%(default)s)",
+    )
+    net.add_argument(
+        "--min-prefill-workers",
+        type=cli._int_at_least(0),
+        default=0,
+        help="prefill workers to wait for before serving (%(default)s)",
     )
     net.add_argument(
         "--log-level", choices=cli.LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
     )
     add_router_flags(p)
+    add_disagg_flags(p)
     p.set_defaults(run=run_frontend)
 
 
@@ -262,9 +304,11 @@ def run_frontend(args: argparse.Namespace) -> int:
                 max_waiting=args.max_waiting,
                 namespace=args.namespace,
                 min_workers=args.min_workers,
+                min_prefill_workers=args.min_prefill_workers,
                 log_level=args.log_level,
                 policy=args.router_mode,
                 router_options=router_options(args),
+                disagg=disagg_config(args),
             )
         )
     return 0

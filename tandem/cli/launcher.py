@@ -1,9 +1,11 @@
-"""`tandem serve MODEL --workers N`: distributed mode on one machine.
+"""`tandem serve MODEL --workers N` (or `--prefill-workers P --decode-workers D`): distributed
+mode on one machine.
 
-Starts a local nats-server (unless `--nats` names one), N `tandem worker` processes and a
-`tandem frontend` process, and supervises them: a worker that exits on its own is restarted
-(a few times; a worker that keeps dying stops everything, rather than serving on with fewer
-workers than asked for); the frontend exiting stops everything. SIGTERM or Ctrl-C stops the
+Starts a local nats-server (unless `--nats` names one), N `tandem worker` processes (or P with
+`--role prefill` and D with `--role decode`) and a `tandem frontend` process, and supervises
+them: a worker that exits on its own is restarted (a few times; a worker that keeps dying
+stops everything, rather than serving on with fewer workers than asked for); the frontend
+exiting stops everything. SIGTERM or Ctrl-C stops the
 children with SIGTERM (workers drain), waits, then SIGKILLs what is left.
 """
 
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from tandem.cli.distributed import router_argv
+from tandem.cli.distributed import disagg_argv, router_argv
 from tandem.runtime.testing import die_with_parent
 
 log = logging.getLogger("tandem.launcher")
@@ -55,11 +57,16 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
 
 
 class Cluster:
-    """The child processes of one `tandem serve --workers N`."""
+    """The child processes of one `tandem serve --workers N` (or P prefill + D decode)."""
 
     def __init__(self, args: argparse.Namespace, model_path: Path, served: str, nats_url: str):
         self.args = args
         self.nats_url = nats_url
+        if args.prefill_workers:
+            self.roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
+        else:
+            self.roles = ["aggregated"] * args.workers
+        decode_workers = args.decode_workers or args.workers
         base = [sys.executable, "-m", "tandem.cli.main"]
         self.worker_cmd = [
             *base, "worker", str(model_path),
@@ -77,9 +84,11 @@ class Cluster:
             "--served-model-name", served,
             "--tokenizer", str(model_path),
             "--max-waiting", str(args.max_waiting),
-            "--min-workers", str(args.workers),
+            "--min-workers", str(decode_workers),
+            "--min-prefill-workers", str(args.prefill_workers or 0),
             "--log-level", args.log_level,
             *router_argv(args),
+            *disagg_argv(args),
         ]  # fmt: skip
         # The API key travels in the environment, not on a command line others can read.
         self.env = dict(os.environ)
@@ -87,13 +96,20 @@ class Cluster:
         if args.api_key:
             self.env["TANDEM_API_KEY"] = args.api_key
         self.workers: list[subprocess.Popen[bytes]] = []
-        self.restarts = [0] * args.workers
+        self.restarts = [0] * len(self.roles)
         self.frontend: subprocess.Popen[bytes] | None = None
 
+    def _spawn_worker(self, i: int) -> subprocess.Popen[bytes]:
+        return self._spawn([*self.worker_cmd, "--role", self.roles[i]])
+
     def start(self) -> None:
-        self.workers = [self._spawn(self.worker_cmd) for _ in range(self.args.workers)]
+        self.workers = [self._spawn_worker(i) for i in range(len(self.roles))]
         self.frontend = self._spawn(self.frontend_cmd)
-        log.info("started %d worker(s) and a frontend against %s", len(self.workers), self.nats_url)
+        log.info(
+            "started %s and a frontend against %s",
+            ", ".join(f"{self.roles.count(r)} {r} worker(s)" for r in dict.fromkeys(self.roles)),
+            self.nats_url,
+        )
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -112,21 +128,23 @@ class Cluster:
                 continue
             if self.restarts[i] >= MAX_RESTARTS:
                 log.error(
-                    "worker %d exited with status %s after %d restarts; stopping",
+                    "worker %d (%s) exited with status %s after %d restarts; stopping",
                     i,
+                    self.roles[i],
                     code,
                     self.restarts[i],
                 )
                 return 1
             self.restarts[i] += 1
             log.warning(
-                "worker %d exited with status %s; restarting it (%d/%d)",
+                "worker %d (%s) exited with status %s; restarting it (%d/%d)",
                 i,
+                self.roles[i],
                 code,
                 self.restarts[i],
                 MAX_RESTARTS,
             )
-            self.workers[i] = self._spawn(self.worker_cmd)
+            self.workers[i] = self._spawn_worker(i)
         return None
 
     def stop(self) -> None:

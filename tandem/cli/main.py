@@ -136,6 +136,18 @@ def _add_serve(subparsers: Any) -> None:
         " nats-server and a frontend process, and supervises them (%(default)s)",
     )
     dist.add_argument(
+        "--prefill-workers",
+        type=_int_at_least(1),
+        metavar="P",
+        help="disaggregated serving: P prefill worker processes (needs --decode-workers)",
+    )
+    dist.add_argument(
+        "--decode-workers",
+        type=_int_at_least(1),
+        metavar="D",
+        help="disaggregated serving: D decode worker processes (needs --prefill-workers)",
+    )
+    dist.add_argument(
         "--nats",
         metavar="URL",
         help="use this NATS server instead of starting one (implies worker processes)",
@@ -146,9 +158,10 @@ def _add_serve(subparsers: Any) -> None:
         default=30.0,
         help="on shutdown, seconds a worker may take to finish its requests (%(default)s)",
     )
-    from tandem.cli.distributed import add_router_flags
+    from tandem.cli.distributed import add_disagg_flags, add_router_flags
 
     add_router_flags(p)
+    add_disagg_flags(p)
     _add_engine_flags(p)
     _add_mock_flags(p)
 
@@ -250,6 +263,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
     from tandem.engine.model_source import ModelSourceError, resolve_model
 
+    if (args.prefill_workers is None) != (args.decode_workers is None):
+        print(
+            "tandem serve: error: --prefill-workers and --decode-workers go together",
+            file=sys.stderr,
+        )
+        return 2
+    if args.prefill_workers is not None and args.workers > 1:
+        print(
+            "tandem serve: error: --workers is for aggregated workers; with --prefill-workers"
+            " and --decode-workers, leave it out",
+            file=sys.stderr,
+        )
+        return 2
     device = args.device or _default_device()
     if device == "cuda" and not _cuda_available():
         print("tandem serve: error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
@@ -269,7 +295,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         except ModelSourceError as exc:
             print(f"tandem serve: error: {exc}", file=sys.stderr)
             return 2
-        if args.workers > 1 or args.nats:
+        if args.workers > 1 or args.nats or args.prefill_workers:
             from tandem.cli.launcher import run_cluster
             from tandem.engine.model_source import default_served_model_name
 

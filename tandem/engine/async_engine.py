@@ -70,8 +70,6 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self.kv_layout = self.core.kv_layout
         self.kv_transfer_timeout = 10.0
-        self.kv_imports = 0
-        self.kv_import_fallbacks = 0
         self._tasks: set[asyncio.Task] = set()
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
@@ -87,7 +85,7 @@ class AsyncEngine:
         Raises ValueError before yielding anything if the request can never be served.
         Leaving the loop early (break, cancellation, a client gone) aborts the request.
         A `kv_import` request pulls its blocks from `kv_source` first; if that fails, its
-        prompt is computed here (logged and counted in `kv_import_fallbacks`).
+        prompt is computed here (logged, and counted in the stats' `kv_import_fallbacks`).
         """
         if self.error is not None:
             raise EngineDeadError(f"engine loop died: {self.error}")
@@ -147,11 +145,9 @@ class AsyncEngine:
             if modelled > 0:  # the mock engine: the transfer takes the time its model says
                 await asyncio.sleep(max(0.0, modelled - (time.perf_counter() - started)))
             await self._in_engine(self.core.finish_import, rid, payload, dst)
-            self.kv_imports += 1
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.kv_import_fallbacks += 1
             log.warning(
                 "request %s: KV transfer from worker %s failed (%s: %s); computing the prompt"
                 " here instead",

@@ -84,6 +84,8 @@ class EngineCore:
         self.exports: dict[str, tuple[Sequence, float]] = {}
         self.importing: dict[str, Sequence] = {}
         self.kv_exports_expired = 0
+        self.kv_imports = 0
+        self.kv_import_fallbacks = 0
         log.info(
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len %d, dtype %s, %s",
             config.model,
@@ -343,6 +345,7 @@ class EngineCore:
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.block_manager.commit(seq)
         self.scheduler.add(seq)
+        self.kv_imports += 1
 
     def fallback_import(self, request_id: str) -> None:
         """The transfer failed: compute the prompt here instead (same tokens, same seed)."""
@@ -351,6 +354,7 @@ class EngineCore:
             return
         self.block_manager.free_seq(seq)
         self.scheduler.add(seq)
+        self.kv_import_fallbacks += 1
 
     def stats(self) -> LoadStats:
         bm = self.block_manager
@@ -363,6 +367,9 @@ class EngineCore:
             queued_prefill_tokens=self.scheduler.queued_prefill_tokens(),
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
+            kv_imports=self.kv_imports,
+            kv_import_fallbacks=self.kv_import_fallbacks,
+            kv_exports_expired=self.kv_exports_expired,
         )
 
     def take_kv_events(self) -> list[KvEvent]:

@@ -86,6 +86,21 @@ class EngineStatsCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_prefix_cache_hits", "Prefix-cache block hits.", value=s.prefix_cache_hits
         )
+        counters = [
+            ("kv_imports", "Requests whose prompt KV arrived from a prefill worker.", s.kv_imports),
+            (
+                "kv_import_fallbacks",
+                "KV transfers that failed, so the decode worker computed the prompt itself.",
+                s.kv_import_fallbacks,
+            ),
+            (
+                "kv_exports_expired",
+                "Exported KV freed by its deadline: no decode worker confirmed it.",
+                s.kv_exports_expired,
+            ),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
 
 class FrontendMetrics:

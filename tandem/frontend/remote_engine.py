@@ -11,15 +11,33 @@ Failure handling, and why:
   down) is retried on another worker: nothing was generated, so nothing can be duplicated.
 * A worker that dies mid-stream ends the stream with `WorkerLost`, which the HTTP layer turns
   into an error response or SSE error event; no retry yet (request migration is a later issue).
+
+Disaggregated serving: when prefill workers are live, a request whose uncached prompt is long
+goes first to a prefill worker (chosen by its own KV-aware router) with `kv_export`; its first
+token streams to the client at once, and the returned `KvTransferParams` go with the request
+to a decode worker (`kv_import`), which pulls the blocks and generates the rest. Either way:
+* No prefill worker can take it (none live, all refused): prefill on the decode worker
+  (counted in `tandem_disagg_fallbacks`).
+* The decode side never gets the blocks (no decode worker, the client left): the frontend
+  releases them on the prefill worker; a transfer that fails is the decode worker's to
+  handle (it computes the prompt itself), and the prefill worker's deadline frees what
+  nobody released.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tandem.protocol import GenerateOutput, GenerateRequest, LoadStats
+import msgspec
+
+from tandem.frontend.disagg import DisaggCollector, DisaggConfig, DisaggPlanner
+from tandem.protocol import GenerateOutput, GenerateRequest, KvTransferParams, LoadStats
+from tandem.protocol.transfer import KV_RELEASE_ENDPOINT, KvReleased, KvReleaseRequest
 from tandem.protocol.worker import DEFAULT_NAMESPACE, GENERATE_ENDPOINT, ModelCard
 from tandem.router.pool import NoWorkers, WorkerPool
 from tandem.router.router import Policy
@@ -54,18 +72,40 @@ class RemoteEngine:
         namespace: str = DEFAULT_NAMESPACE,
         policy: Policy = "round_robin",
         router_options: dict[str, Any] | None = None,
+        disagg: DisaggConfig | None = None,
     ) -> None:
+        common = dict(namespace=namespace, policy=policy, router_options=router_options)
+        # Decode (and aggregated) workers; prefill workers, always KV-aware: their prefix
+        # caches are what saves prefill work.
         self.pool = WorkerPool(
+            discovery, events, client, **common, accept=lambda c: self._pairs(c, self.prefill)
+        )
+        common["policy"] = "kv"
+        self.prefill = WorkerPool(
             discovery,
             events,
             client,
-            namespace=namespace,
-            policy=policy,
-            router_options=router_options,
+            **common,
+            roles=("prefill",),
+            accept=lambda c: self._pairs(c, self.pool),
         )
+        self.planner = DisaggPlanner(self.prefill, self.pool, disagg or DisaggConfig())
+        self.fallbacks: Counter[str] = Counter()
         self._client = client
         self.namespace = namespace
         self._streams: dict[str, ResponseStream] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def _pairs(card: ModelCard, other: WorkerPool) -> str | None:
+        """Why a joining worker cannot exchange KV with the other pool's workers (checked
+        when it registers, so that no request discovers it mid-transfer)."""
+        if other.card is None or card.role == "aggregated" or other.card.role == "aggregated":
+            return None
+        reason = other.card.mismatch(card) or other.card.kv_mismatch(card)
+        return (
+            None if reason is None else f"cannot pair with the {other.card.role} workers: {reason}"
+        )
 
     @property
     def card(self) -> ModelCard | None:
@@ -83,23 +123,99 @@ class RemoteEngine:
 
     async def start(self) -> None:
         await self.pool.start()
+        await self.prefill.start()
 
-    async def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> None:
-        await self.pool.wait_for_workers(n, timeout)
+    async def wait_for_workers(
+        self, n: int = 1, timeout: float | None = None, prefill: int = 0
+    ) -> None:
+        """`n` decode (or aggregated) workers and `prefill` prefill workers."""
+        async with asyncio.timeout(timeout):
+            await self.pool.wait_for_workers(n)
+            await self.prefill.wait_for_workers(prefill)
 
     async def close(self) -> None:
         await self.pool.close()
+        await self.prefill.close()
         for stream in list(self._streams.values()):
             stream.cancel()
 
     # -- EngineClient --------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        if self.planner.plan(request) == "remote":
+            outputs = self._disaggregated(request)
+        else:
+            outputs = self._stream(self.pool, request)
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
+                yield out
+
+    async def _disaggregated(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Prefill (and first token) on a prefill worker, the rest on a decode worker."""
+        params: KvTransferParams | None = None
+        handed_over = False
+        export = msgspec.structs.replace(request, kv_export=True)
+        try:
+            try:
+                async for out in self._stream(self.prefill, export):
+                    if out.kv_transfer is not None:
+                        params, out.kv_transfer = out.kv_transfer, None
+                    yield out
+            except NoWorkers as exc:
+                if params is not None:
+                    raise
+                self.fallbacks["prefill_unavailable"] += 1
+                log.warning(
+                    "request %s: %s; prefilling on a decode worker", request.request_id, exc
+                )
+                async for out in self._stream(self.pool, request):
+                    yield out
+                return
+            if params is None:  # finished with its first token: nothing to decode
+                return
+            imported = msgspec.structs.replace(request, kv_import=params)
+            async for out in self._stream(self.pool, imported):
+                handed_over = True  # the decode worker pulls and releases from now on
+                yield out
+        finally:
+            if params is not None and not handed_over:
+                self._release(params)
+
+    def _release(self, params: KvTransferParams) -> None:
+        """Free exported blocks that no decode worker will take (in the background)."""
+
+        async def release() -> None:
+            try:
+                stream = self._client.call(
+                    params.address,
+                    KV_RELEASE_ENDPOINT,
+                    KvReleaseRequest(request_id=params.request_id),
+                    response_type=KvReleased,
+                    timeout=5.0,
+                )
+                async with stream:
+                    async for _ in stream:
+                        pass
+            except Exception as exc:
+                log.warning(
+                    "request %s: releasing its KV on worker %s failed (%s); its deadline will",
+                    params.request_id,
+                    params.worker_id,
+                    exc,
+                )
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _stream(
+        self, pool: WorkerPool, request: GenerateRequest
+    ) -> AsyncIterator[GenerateOutput]:
         rid = request.request_id
         tried: set[str] = set()
         try:
             while True:
-                worker, _ = self.pool.select(request, tried)
+                worker, _ = pool.select(request, tried)
                 tried.add(worker.info.instance_id)
                 stream = self._client.call(
                     worker.info.address, GENERATE_ENDPOINT, request, response_type=GenerateOutput
@@ -121,7 +237,7 @@ class RemoteEngine:
                             exc,
                         )
                         if isinstance(exc, PeerGone):
-                            self.pool.suspect(worker.info.instance_id)
+                            pool.suspect(worker.info.instance_id)
                         continue
                     raise _translate(exc) from exc
                 except BaseException:
@@ -129,7 +245,7 @@ class RemoteEngine:
                     raise
                 break
             worker.requests += 1
-            self.pool.first_token(rid)
+            pool.first_token(rid)
             try:
                 yield first
                 async for out in stream:
@@ -152,7 +268,7 @@ class RemoteEngine:
             finally:
                 self._forget(rid, stream)
         finally:
-            self.pool.finish(rid)
+            pool.finish(rid)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Cancel the request's stream: the worker's handler is cancelled and aborts it.
@@ -168,7 +284,10 @@ class RemoteEngine:
             stream.cancel()
 
     def stats(self) -> LoadStats:
-        return self.pool.stats()
+        totals = [self.pool.stats(), self.prefill.stats()]
+        return LoadStats(
+            **{f: sum(getattr(t, f) for t in totals) for f in LoadStats.__struct_fields__}
+        )
 
     # -- introspection (/health) -----------------------------------------------------------
 
@@ -177,12 +296,16 @@ class RemoteEngine:
         return self.pool.error
 
     def describe(self) -> list[dict[str, Any]]:
-        return self.pool.describe()
+        return self.pool.describe() + self.prefill.describe()
 
     def metrics_collectors(self) -> list[Any]:
         from tandem.router.metrics import RouterCollector
 
-        return [RouterCollector(self.pool)]
+        return [
+            RouterCollector(self.pool),
+            RouterCollector(self.prefill, prefix="tandem_prefill_router"),
+            DisaggCollector(self.planner, self.fallbacks),
+        ]
 
     def _forget(self, rid: str, stream: ResponseStream) -> None:
         if self._streams.get(rid) is stream:

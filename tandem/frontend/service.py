@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 
+from tandem.frontend.disagg import DisaggConfig
 from tandem.frontend.remote_engine import RemoteEngine
 from tandem.protocol.worker import DEFAULT_NAMESPACE
 from tandem.router import Policy
@@ -61,11 +62,14 @@ async def serve_frontend(
     max_waiting: int = 256,
     namespace: str = DEFAULT_NAMESPACE,
     min_workers: int = 1,
+    min_prefill_workers: int = 0,
     log_level: str = "info",
     policy: Policy = "kv",
     router_options: dict[str, Any] | None = None,
+    disagg: DisaggConfig | None = None,
 ) -> None:
-    """Wait for `min_workers` workers, then serve HTTP on `sock` until a signal stops it."""
+    """Wait for `min_workers` decode (or aggregated) workers and `min_prefill_workers` prefill
+    workers, then serve HTTP on `sock` until a signal stops it."""
     from tandem.frontend.server import build_app
     from tandem.runtime import TcpRequestClient
     from tandem.runtime.nats_discovery import NatsDiscovery
@@ -75,12 +79,24 @@ async def serve_frontend(
     events = await NatsEventPlane.connect(nats_url)
     client = TcpRequestClient()
     remote = RemoteEngine(
-        discovery, events, client, namespace=namespace, policy=policy, router_options=router_options
+        discovery,
+        events,
+        client,
+        namespace=namespace,
+        policy=policy,
+        router_options=router_options,
+        disagg=disagg,
     )
     try:
         await remote.start()
-        log.info("waiting for %d worker(s) of namespace %r on %s", min_workers, namespace, nats_url)
-        await remote.wait_for_workers(min_workers)
+        log.info(
+            "waiting for %d worker(s) and %d prefill worker(s) of namespace %r on %s",
+            min_workers,
+            min_prefill_workers,
+            namespace,
+            nats_url,
+        )
+        await remote.wait_for_workers(min_workers, prefill=min_prefill_workers)
         card = remote.card
         assert card is not None
         served = served_model_name or card.model
@@ -90,7 +106,7 @@ async def serve_frontend(
         server = ReadyServer(
             uvicorn.Config(app, log_level=log_level),
             ready_line=f"serving {served!r} at {url}/v1 (OpenAI API) with "
-            f"{len(remote.describe())} worker(s), router {policy}; Ctrl-C stops",
+            f"{_workers(remote)}, router {policy}; Ctrl-C stops",
             on_shutdown=remote.close,
         )
         await server.serve(sockets=[sock])
@@ -99,3 +115,10 @@ async def serve_frontend(
         await client.close()
         await discovery.close()
         await events.close()
+
+
+def _workers(remote: RemoteEngine) -> str:
+    text = f"{len(remote.pool.workers)} worker(s)"
+    if remote.prefill.workers:
+        text += f" and {len(remote.prefill.workers)} prefill worker(s)"
+    return text

@@ -54,6 +54,11 @@ class LoadStats(msgspec.Struct, kw_only=True):
     queued_prefill_tokens: int
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # Disaggregation, counted since start: imports done, imports that fell back to computing
+    # the prompt locally, exports freed by their deadline (no decode worker confirmed).
+    kv_imports: int = 0
+    kv_import_fallbacks: int = 0
+    kv_exports_expired: int = 0
 
     @property
     def kv_usage(self) -> float:

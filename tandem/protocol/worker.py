@@ -12,6 +12,7 @@ from typing import Any, Literal
 import msgspec
 
 from tandem.protocol.events import KvEvent, LoadStats
+from tandem.protocol.transfer import KvLayout
 
 Role = Literal["aggregated", "prefill", "decode"]
 
@@ -32,7 +33,8 @@ class ModelCard(msgspec.Struct, kw_only=True, frozen=True):
     Stored in discovery as the instance's `metadata`. `model` is the served model name, the
     one clients send; `tokenizer` is a path valid on the worker's machine (a frontend on
     another machine passes its own `--tokenizer`). Two workers may serve the same requests
-    only if `model` and `block_size` agree (block hashes depend on the block size).
+    only if `model` and `block_size` agree (block hashes depend on the block size); a prefill
+    and a decode worker may pair up only if their `kv_layout`s are equal as well.
     """
 
     model: str
@@ -43,6 +45,7 @@ class ModelCard(msgspec.Struct, kw_only=True, frozen=True):
     max_model_len: int
     max_logprobs: int
     role: Role = "aggregated"
+    kv_layout: KvLayout | None = None
 
     def to_metadata(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)
@@ -59,6 +62,12 @@ class ModelCard(msgspec.Struct, kw_only=True, frozen=True):
         if other.block_size != self.block_size:
             return f"block size {other.block_size} != {self.block_size}"
         return None
+
+    def kv_mismatch(self, other: ModelCard) -> str | None:
+        """Why this worker and `other` cannot exchange KV blocks, or None if they can."""
+        if self.kv_layout is None or other.kv_layout is None:
+            return "a worker does not describe its KV cache layout"
+        return self.kv_layout.mismatch(other.kv_layout)
 
 
 class WorkerLoad(msgspec.Struct, kw_only=True):

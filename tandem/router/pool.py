@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -29,6 +30,7 @@ from tandem.protocol.worker import (
     KvEventBatch,
     KvSnapshotRequest,
     ModelCard,
+    Role,
     WorkerLoad,
     kv_events_subject,
     load_subject,
@@ -70,7 +72,13 @@ class WorkerPool:
         namespace: str = DEFAULT_NAMESPACE,
         policy: Policy = "round_robin",
         router_options: dict[str, Any] | None = None,
+        roles: tuple[Role, ...] = ("aggregated", "decode"),
+        accept: Callable[[ModelCard], str | None] | None = None,
     ) -> None:
+        """`roles`: the worker roles this pool serves (others belong to another pool).
+        `accept`: a further check of a joining worker's card; a reason refuses it."""
+        self.roles = roles
+        self._accept = accept
         self._discovery = discovery
         self._events = events
         self._client = client
@@ -184,6 +192,11 @@ class WorkerPool:
             card = ModelCard.from_metadata(info.metadata)
         except msgspec.ValidationError as exc:
             self._refuse(iid, f"refusing worker {iid} at {info.address}: no valid card ({exc})")
+            return
+        if card.role not in self.roles:
+            return
+        if self._accept is not None and (reason := self._accept(card)) is not None:
+            self._refuse(iid, f"refusing {card.role} worker {iid} at {info.address}: {reason}")
             return
         if self.card is None:
             self.card = card

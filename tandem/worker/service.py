@@ -10,10 +10,33 @@ import signal
 from typing import Any
 
 from tandem.protocol.worker import DEFAULT_NAMESPACE, ModelCard
-from tandem.runtime import TcpRequestServer
+from tandem.runtime import TcpRequestClient, TcpRequestServer
+from tandem.transfer import TcpKvSource
 from tandem.worker.worker import Worker
 
 log = logging.getLogger(__name__)
+
+
+def kv_source_for(engine: Any, client: TcpRequestClient) -> Any:
+    """Host/TCP pulls; CUDA IPC in front of them when the cache is on a GPU (it falls back to
+    TCP for prefill workers on other nodes)."""
+    tcp = TcpKvSource(client, engine.kv_layout)
+    caches = engine.kv_caches()
+    if caches is not None and caches[0].is_cuda:
+        from tandem.transfer.cuda_ipc import CudaIpcKvSource
+
+        return CudaIpcKvSource(tcp)
+    return tcp
+
+
+def cuda_ipc_for(engine: Any) -> Any:
+    """The GPU cache's CUDA IPC handles, or None (CPU cache, mock engine)."""
+    caches = engine.kv_caches()
+    if caches is None or not caches[0].is_cuda:
+        return None
+    from tandem.transfer.cuda_ipc import share_cache
+
+    return share_cache(*caches)
 
 
 async def serve_worker(
@@ -40,6 +63,7 @@ async def serve_worker(
             loop.add_signal_handler(sig, stop.set)
     discovery = await NatsDiscovery.connect(nats_url)
     events = await NatsEventPlane.connect(nats_url)
+    client = TcpRequestClient()  # a decode worker pulls KV from prefill workers with it
     try:
         server = TcpRequestServer(host, port, advertise_host=advertise_host)
         worker = Worker(
@@ -50,6 +74,8 @@ async def serve_worker(
             server=server,
             namespace=namespace,
             lease_ttl=lease_ttl,
+            kv_source=kv_source_for(engine, client) if card.role == "decode" else None,
+            cuda_ipc=cuda_ipc_for(engine) if card.role == "prefill" else None,
         )
         info = await worker.start()
         # One line on stdout that supervisors and tests can wait for.
@@ -58,6 +84,8 @@ async def serve_worker(
         log.info("worker %s: stopping", info.instance_id)
         await worker.drain(drain_timeout)
     finally:
+        with contextlib.suppress(Exception):
+            await client.close()
         with contextlib.suppress(Exception):
             await discovery.close()
         with contextlib.suppress(Exception):

@@ -32,6 +32,7 @@ from tandem.runtime import (
     RequestServer,
     new_instance_id,
 )
+from tandem.transfer import KvExportServer
 from tandem.worker.publisher import LoadPublisher
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def model_card(
         max_model_len=engine.max_model_len,
         max_logprobs=engine.max_logprobs,
         role=role,
+        kv_layout=getattr(engine, "kv_layout", None),
     )
 
 
@@ -66,8 +68,14 @@ class Worker:
         instance_id: str | None = None,
         lease_ttl: float | None = None,
         publish_interval: float = 0.1,
+        kv_source: Any = None,
+        cuda_ipc: Any = None,
     ) -> None:
+        """`kv_source` (decode role): where imported requests' KV is pulled from.
+        `cuda_ipc` (prefill role): the cache's CUDA IPC handles, given to decode workers."""
         self.engine = engine
+        self.kv_source = kv_source
+        self.cuda_ipc = cuda_ipc
         self.card = card
         self.namespace = namespace
         self.instance_id = instance_id or new_instance_id()
@@ -93,6 +101,8 @@ class Worker:
     async def start(self) -> InstanceInfo:
         self._server.add_endpoint(GENERATE_ENDPOINT, self._generate, GenerateRequest)
         self._server.add_endpoint(KV_SNAPSHOT_ENDPOINT, self._kv_snapshot, KvSnapshotRequest)
+        if self.card.role == "prefill":
+            KvExportServer(self.engine).add_endpoints(self._server)
         await self._server.start()
         self._publisher.start()
         self.info = InstanceInfo(
@@ -140,5 +150,17 @@ class Worker:
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         # Cancellation by the caller arrives here as CancelledError; leaving the engine's
         # generator then aborts the request and frees its blocks.
-        async for out in self.engine.generate(request):
+        if request.kv_export and self.card.role != "prefill":
+            raise ValueError(f"this worker's role is {self.card.role}: it exports no KV")
+        if request.kv_import is not None:
+            if self.kv_source is None:
+                raise ValueError(f"this worker's role is {self.card.role}: it imports no KV")
+            outputs = self.engine.generate(request, self.kv_source)
+        else:
+            outputs = self.engine.generate(request)
+        async for out in outputs:
+            if out.kv_transfer is not None:  # where the decode worker pulls from
+                out.kv_transfer.worker_id = self.instance_id
+                out.kv_transfer.address = self._server.address
+                out.kv_transfer.cuda_ipc = self.cuda_ipc
             yield out

@@ -1,0 +1,331 @@
+"""Disaggregated serving through the frontend's `RemoteEngine`: prefill and decode `Worker`s
+on a real TCP request plane, KV moved by the host/TCP transport. Outputs must equal one
+aggregated engine's, and every failure must end with every block freed on every side."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+
+import tandem.transfer.tcp as tcp_transfer
+from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.config import EngineConfig
+from tandem.frontend.disagg import DisaggConfig
+from tandem.frontend.remote_engine import RemoteEngine, WorkerLost
+from tandem.protocol import GenerateRequest, SamplingParams
+from tandem.runtime import MemoryDiscovery, MemoryEventPlane, TcpRequestClient, TcpRequestServer
+from tandem.transfer import KvExportServer, TcpKvSource
+from tandem.worker import Worker, model_card
+
+BLOCKS = 96
+
+
+def make_engine(model, **config) -> AsyncEngine:
+    return AsyncEngine(EngineConfig(model=str(model), num_gpu_blocks=BLOCKS, **config))
+
+
+@pytest.fixture(scope="module")
+def aggregated(tiny_llama):
+    engine = make_engine(tiny_llama)
+    yield engine
+    engine.shutdown()
+
+
+def request(rid: str, prompt: list[int], max_tokens: int = 10, **sampling) -> GenerateRequest:
+    sampling.setdefault("temperature", 0.0)
+    return GenerateRequest(
+        request_id=rid,
+        prompt_token_ids=prompt,
+        sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampling),
+    )
+
+
+def prompt_of(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 380) for _ in range(n)]
+
+
+async def tokens(outputs: AsyncIterator) -> list[int]:
+    return [t async for out in outputs for t in out.token_ids]
+
+
+async def tokens_into(into: list[int], outputs: AsyncIterator) -> None:
+    async for out in outputs:
+        into.extend(out.token_ids)
+
+
+async def settle(*engines: AsyncEngine) -> None:
+    """Wait until no engine holds a block for a request (cached ones are free)."""
+    async with asyncio.timeout(10):
+        while any(e.stats().active_blocks for e in engines):
+            await asyncio.sleep(0.01)
+
+
+class Cluster:
+    """One prefill and one decode worker (each its own engine and TCP server), a frontend."""
+
+    def __init__(self, prefill: AsyncEngine, decode: AsyncEngine, served: str = "tiny") -> None:
+        self.discovery = MemoryDiscovery(default_ttl=5.0)
+        self.events = MemoryEventPlane()
+        self.client = TcpRequestClient()
+        self.decode_client = TcpRequestClient()
+        self.prefill_engine, self.decode_engine = prefill, decode
+        self.source = TcpKvSource(self.decode_client, decode.kv_layout)
+        self.prefill = Worker(
+            prefill,
+            model_card(prefill, served, role="prefill"),
+            discovery=self.discovery,
+            events=self.events,
+            server=TcpRequestServer(),
+            publish_interval=0.02,
+        )
+        self.decode = Worker(
+            decode,
+            model_card(decode, served, role="decode"),
+            discovery=self.discovery,
+            events=self.events,
+            server=TcpRequestServer(),
+            publish_interval=0.02,
+            kv_source=self.source,
+        )
+        self.remote = RemoteEngine(
+            self.discovery,
+            self.events,
+            self.client,
+            policy="kv",
+            disagg=DisaggConfig(max_local_prefill_length=0),
+        )
+
+    async def __aenter__(self) -> Cluster:
+        await self.prefill.start()
+        await self.decode.start()
+        await self.remote.start()
+        await self.remote.wait_for_workers(1, timeout=5)
+        async with asyncio.timeout(5):
+            while not self.remote.prefill.workers and not self.remote.prefill._refused:
+                await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for worker in (self.prefill, self.decode):
+            with contextlib.suppress(Exception):
+                await worker.drain(0.5)
+        await self.remote.close()
+        await self.client.close()
+        await self.decode_client.close()
+        await self.discovery.close()
+
+
+@pytest.fixture
+def pair(tiny_llama):
+    made = []
+
+    def make(prefill_ttl: float = 30.0, transfer_timeout: float = 10.0):
+        prefill = make_engine(tiny_llama, kv_export_ttl=prefill_ttl)
+        decode = make_engine(tiny_llama)
+        decode.kv_transfer_timeout = transfer_timeout
+        made.extend([prefill, decode])
+        return prefill, decode
+
+    yield make
+    for engine in made:
+        engine.shutdown()
+
+
+def test_disaggregated_equals_aggregated(pair, aggregated):
+    async def main():
+        async with Cluster(*pair()) as c:
+            for i, n in enumerate([17, 48, 100, 161]):
+                prompt = prompt_of(i, n)
+                want = await tokens(aggregated.generate(request(f"a{i}", prompt)))
+                got = await tokens(c.remote.generate(request(f"d{i}", prompt)))
+                assert got == want, n
+            seeded = {"temperature": 0.8, "seed": 7, "top_k": 50}
+            prompt = prompt_of(99, 70)
+            want = await tokens(aggregated.generate(request("as", prompt, **seeded)))
+            got = await tokens(c.remote.generate(request("ds", prompt, **seeded)))
+            assert got == want
+            assert c.remote.planner.counts["remote"] == 5
+            stats = c.decode_engine.stats()
+            assert stats.kv_imports == 5 and stats.kv_import_fallbacks == 0
+            await settle(c.prefill_engine, c.decode_engine)
+            assert c.prefill_engine.stats().kv_exports_expired == 0
+
+    asyncio.run(main())
+
+
+def test_first_token_streams_before_the_decode_worker_starts(pair, monkeypatch):
+    """The first token reaches the caller while the KV pull is still held up."""
+    gate = asyncio.Event()
+    pull = KvExportServer.pull
+
+    async def slow_pull(self, req):
+        await gate.wait()
+        async for chunk in pull(self, req):
+            yield chunk
+
+    monkeypatch.setattr(KvExportServer, "pull", slow_pull)
+
+    async def main():
+        async with Cluster(*pair()) as c:
+            stream = c.remote.generate(request("f", prompt_of(1, 64), max_tokens=5))
+            first = await anext(stream)
+            assert len(first.token_ids) == 1 and first.kv_transfer is None
+            gate.set()
+            rest = [t async for out in stream for t in out.token_ids]
+            assert len(rest) == 4
+
+    asyncio.run(main())
+
+
+def test_prefill_worker_dies_mid_transfer(pair, aggregated, monkeypatch):
+    """The pull breaks after one chunk: the decode worker computes the prompt itself, with the
+    same tokens; its fallback is counted; the dead side's blocks go at its deadline."""
+    monkeypatch.setattr(tcp_transfer, "CHUNK_BYTES", 1)  # one layer-block per chunk
+    pull = KvExportServer.pull
+
+    async def dying_pull(self, req):
+        async for chunk in pull(self, req):
+            yield chunk
+            await self.server_to_kill.stop()  # the process "dies": connections drop
+            await asyncio.sleep(3600)
+
+    monkeypatch.setattr(KvExportServer, "pull", dying_pull)
+
+    async def main():
+        async with Cluster(*pair(prefill_ttl=1.0)) as c:
+            KvExportServer.server_to_kill = c.prefill._server
+            prompt = prompt_of(5, 90)
+            want = await tokens(aggregated.generate(request("a", prompt)))
+            got = await tokens(c.remote.generate(request("d", prompt)))
+            assert got == want
+            assert c.decode_engine.stats().kv_import_fallbacks == 1
+            await settle(c.prefill_engine, c.decode_engine)
+            assert c.prefill_engine.stats().kv_exports_expired == 1
+
+    asyncio.run(main())
+
+
+def test_transfer_timeout_falls_back_and_releases(pair, aggregated, monkeypatch):
+    async def stuck_pull(self, req):
+        await asyncio.sleep(3600)
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(KvExportServer, "pull", stuck_pull)
+
+    async def main():
+        async with Cluster(*pair(transfer_timeout=0.5)) as c:
+            prompt = prompt_of(6, 80)
+            want = await tokens(aggregated.generate(request("a", prompt)))
+            got = await tokens(c.remote.generate(request("d", prompt)))
+            assert got == want
+            assert c.decode_engine.stats().kv_import_fallbacks == 1
+            # Released by the decode worker, not by the (30 s) deadline.
+            await settle(c.prefill_engine, c.decode_engine)
+            assert c.prefill_engine.stats().kv_exports_expired == 0
+
+    asyncio.run(main())
+
+
+def test_decode_worker_dies_after_import(pair, monkeypatch):
+    async def main():
+        async with Cluster(*pair()) as c:
+            stream = c.remote.generate(request("d", prompt_of(8, 100), max_tokens=200))
+            assert len((await anext(stream)).token_ids) == 1  # from the prefill worker
+            await anext(stream)  # from the decode worker: the import is done
+            await c.decode._server.stop()  # the decode worker "dies"
+            with pytest.raises(WorkerLost):
+                async for _ in stream:
+                    pass
+            # The prefill worker's copy was released after the import, not at its deadline.
+            await settle(c.prefill_engine, c.decode_engine)
+            assert c.prefill_engine.stats().kv_exports_expired == 0
+
+    asyncio.run(main())
+
+
+def test_client_disconnects_mid_transfer(pair, monkeypatch):
+    gate = asyncio.Event()
+    pulling = asyncio.Event()
+    pull = KvExportServer.pull
+
+    async def slow_pull(self, req):
+        pulling.set()
+        await gate.wait()
+        async for chunk in pull(self, req):
+            yield chunk
+
+    monkeypatch.setattr(KvExportServer, "pull", slow_pull)
+
+    async def main():
+        async with Cluster(*pair()) as c:
+            got: list = []
+            consumer = asyncio.create_task(
+                tokens_into(got, c.remote.generate(request("c", prompt_of(9, 120), max_tokens=50)))
+            )
+            async with asyncio.timeout(5):
+                await pulling.wait()
+            assert len(got) == 1  # the first token went out
+            assert c.decode_engine.stats().active_blocks > 0  # reserved for the import
+            consumer.cancel()  # the client went away
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            await settle(c.prefill_engine, c.decode_engine)
+            stats = c.prefill_engine.stats()
+            assert stats.kv_exports_expired == 0 and stats.active_blocks == 0
+            gate.set()
+
+    asyncio.run(main())
+
+
+def test_layout_mismatch_refused_when_the_worker_registers(tiny_models, tiny_llama, caplog):
+    """A prefill worker whose KV geometry differs never joins; requests prefill locally."""
+    prefill = make_engine(tiny_models["qwen3"])
+    decode = make_engine(tiny_llama)
+
+    async def main():
+        async with Cluster(prefill, decode) as c:
+            assert not c.remote.prefill.workers
+            out = await tokens(c.remote.generate(request("m", prompt_of(2, 60), max_tokens=3)))
+            assert len(out) == 3
+            assert c.remote.planner.counts["local_no_prefill_workers"] == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
+    assert "cannot pair with the decode workers: KV cache" in caplog.text
+
+
+def test_short_uncached_prompts_prefill_locally(pair):
+    async def main():
+        async with Cluster(*pair()) as c:
+            c.remote.planner.config.max_local_prefill_length = 32
+            prompt = prompt_of(4, 200)
+            await tokens(c.remote.generate(request("long", prompt, max_tokens=2)))
+            async with asyncio.timeout(5):  # the decode worker's KV events reach the router
+                while c.remote.pool.router.index.num_blocks() < 12:
+                    await asyncio.sleep(0.01)
+            follow_up = prompt + prompt_of(5, 20)
+            await tokens(c.remote.generate(request("turn2", follow_up, max_tokens=2)))
+            assert c.remote.planner.counts == {"remote": 1, "local_short": 1}
+
+    asyncio.run(main())
+
+
+def test_the_decode_worker_refuses_exports_and_the_prefill_worker_imports(pair):
+    async def main():
+        async with Cluster(*pair()) as c:
+            req = request("x", prompt_of(3, 20))
+            with pytest.raises(Exception, match="exports no KV"):
+                await tokens(
+                    c.remote._stream(c.remote.pool, msgspec.structs.replace(req, kv_export=True))
+                )
+
+    asyncio.run(main())
