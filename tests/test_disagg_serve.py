@@ -1,0 +1,89 @@
+"""`tandem serve MODEL --prefill-workers 1 --decode-workers 1`: launcher, a prefill worker, a
+decode worker and a frontend as real processes on a real nats-server, driven by `openai`.
+
+Each prompt is sent twice. The first time the decode worker holds none of it, so it is
+prefilled on the prefill worker and its KV moves over host/TCP; the second time the decode
+worker holds the prompt (the imported blocks entered its prefix cache), so it is prefilled
+there, as in aggregated serving. Both answers must be the same text.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tandem.engine.testing import make_tiny_model
+from tandem.runtime.testing import NatsServer, free_port, nats_server_binary
+
+pytestmark = pytest.mark.skipif(nats_server_binary() is None, reason="nats-server not installed")
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. " * 6,
+    "Prefill is compute bound; decode is memory bound. Tokens stream to many users. " * 4,
+]
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_openai_against_prefill_and_decode_workers(tmp_path):
+    model = make_tiny_model(tmp_path / "tiny")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    with NatsServer() as nats, open(log_path, "w") as log:
+        cmd = [
+            sys.executable, "-m", "tandem.cli.main", "serve", str(model),
+            "--prefill-workers", "1", "--decode-workers", "1", "--nats", nats.url,
+            "--port", str(port), "--num-gpu-blocks", "256", "--max-local-prefill-length", "16",
+            "--drain-timeout", "5",
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while "serving 'tiny'" not in log_path.read_text():
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+            assert "1 worker(s) and 1 prefill worker(s)" in log_path.read_text()
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+            roles = {w["role"] for w in httpx.get(f"{base}/health").json()["workers"]}
+            assert roles == {"prefill", "decode"}
+            for prompt in PROMPTS:
+                answers = []
+                for _ in range(2):
+                    stream = client.completions.create(
+                        model="tiny",
+                        prompt=prompt,
+                        max_tokens=24,
+                        temperature=0,
+                        stream=True,
+                        extra_body={"ignore_eos": True},
+                    )
+                    answers.append("".join(chunk.choices[0].text for chunk in stream))
+                    time.sleep(0.5)  # the decode worker's KV events reach the router
+                assert answers[0] == answers[1] and answers[0]
+            chat = client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": PROMPTS[0] * 2}],
+                max_tokens=8,
+                temperature=0,
+            )
+            assert chat.usage.completion_tokens == 8 or chat.choices[0].finish_reason == "stop"
+            metrics = httpx.get(f"{base}/metrics").text
+            assert metric(metrics, 'tandem_disagg_requests_total{path="remote"}') == 3
+            assert metric(metrics, 'tandem_disagg_requests_total{path="local_short"}') == 2
+            assert metric(metrics, "tandem_kv_imports_total") == 3
+            assert metric(metrics, "tandem_kv_import_fallbacks_total") == 0
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log_path.read_text()
