@@ -4,7 +4,8 @@ decode worker and a frontend as real processes on a real nats-server, driven by 
 Each prompt is sent twice. The first time the decode worker holds none of it, so it is
 prefilled on the prefill worker and its KV moves over host/TCP; the second time the decode
 worker holds the prompt (the imported blocks entered its prefix cache), so it is prefilled
-there, as in aggregated serving. Both answers must be the same text.
+there, as in aggregated serving. Both answers must be the same text. On a GPU machine the same
+runs with `--device cuda`, where the KV moves through CUDA IPC between the two processes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from tandem.engine.testing import make_tiny_model
 from tandem.runtime.testing import NatsServer, free_port, nats_server_binary
@@ -35,7 +37,17 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def test_openai_against_prefill_and_decode_workers(tmp_path):
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_openai_against_prefill_and_decode_workers(tmp_path, device):
     model = make_tiny_model(tmp_path / "tiny")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -45,7 +57,7 @@ def test_openai_against_prefill_and_decode_workers(tmp_path):
             sys.executable, "-m", "tandem.cli.main", "serve", str(model),
             "--prefill-workers", "1", "--decode-workers", "1", "--nats", nats.url,
             "--port", str(port), "--num-gpu-blocks", "256", "--max-local-prefill-length", "16",
-            "--drain-timeout", "5",
+            "--drain-timeout", "5", "--device", device,
         ]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
@@ -84,6 +96,8 @@ def test_openai_against_prefill_and_decode_workers(tmp_path):
             assert metric(metrics, 'tandem_disagg_requests_total{path="local_short"}') == 2
             assert metric(metrics, "tandem_kv_imports_total") == 3
             assert metric(metrics, "tandem_kv_import_fallbacks_total") == 0
+            if device == "cuda":
+                assert "through CUDA IPC" in log_path.read_text()
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, log_path.read_text()
