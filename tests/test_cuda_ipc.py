@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tandem.protocol.transfer import CudaIpcCache
-from tandem.transfer import CacheBlocks
+from tandem.transfer.blocks import CacheBlocks
 from tandem.transfer.cuda_ipc import local_device, open_cache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

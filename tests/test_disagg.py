@@ -19,7 +19,7 @@ from tandem.frontend.disagg import DisaggConfig
 from tandem.frontend.remote_engine import RemoteEngine, WorkerLost
 from tandem.protocol import GenerateRequest, SamplingParams
 from tandem.runtime import MemoryDiscovery, MemoryEventPlane, TcpRequestClient, TcpRequestServer
-from tandem.transfer import KvExportServer, TcpKvSource
+from tandem.transfer.tcp import KvExportServer, TcpKvSource
 from tandem.worker import Worker, model_card
 
 BLOCKS = 96

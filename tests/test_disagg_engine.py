@@ -13,7 +13,9 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.protocol import GenerateRequest, KvTransferParams, SamplingParams
 from tandem.runtime import TcpRequestClient, TcpRequestServer
-from tandem.transfer import KvExportServer, KvLayoutMismatch, LocalKvSource, TcpKvSource
+from tandem.transfer.blocks import KvLayoutMismatch
+from tandem.transfer.local import LocalKvSource
+from tandem.transfer.tcp import KvExportServer, TcpKvSource
 
 BLOCKS = 64
 

@@ -37,7 +37,6 @@ import msgspec
 
 from tandem.frontend.disagg import DisaggCollector, DisaggConfig, DisaggPlanner
 from tandem.protocol import GenerateOutput, GenerateRequest, KvTransferParams, LoadStats
-from tandem.protocol.transfer import KV_RELEASE_ENDPOINT, KvReleased, KvReleaseRequest
 from tandem.protocol.worker import DEFAULT_NAMESPACE, GENERATE_ENDPOINT, ModelCard
 from tandem.router.pool import NoWorkers, WorkerPool
 from tandem.router.router import Policy
@@ -49,6 +48,7 @@ from tandem.runtime import (
     RequestClient,
     ResponseStream,
 )
+from tandem.transfer.release import release_kv
 
 log = logging.getLogger(__name__)
 
@@ -184,27 +184,7 @@ class RemoteEngine:
     def _release(self, params: KvTransferParams) -> None:
         """Free exported blocks that no decode worker will take (in the background)."""
 
-        async def release() -> None:
-            try:
-                stream = self._client.call(
-                    params.address,
-                    KV_RELEASE_ENDPOINT,
-                    KvReleaseRequest(request_id=params.request_id),
-                    response_type=KvReleased,
-                    timeout=5.0,
-                )
-                async with stream:
-                    async for _ in stream:
-                        pass
-            except Exception as exc:
-                log.warning(
-                    "request %s: releasing its KV on worker %s failed (%s); its deadline will",
-                    params.request_id,
-                    params.worker_id,
-                    exc,
-                )
-
-        task = asyncio.get_running_loop().create_task(release())
+        task = asyncio.get_running_loop().create_task(release_kv(self._client, params))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -12,18 +12,7 @@ a decode engine reserves blocks of its own and asks a `KvSource` for the data:
 
 Every source ends with `release`, which lets the prefill side free its copy; a deadline on the
 prefill side frees it anyway when no decode worker ever confirms.
+
+Modules: `blocks` (payloads, layout check), `local`, `tcp`, `cuda_ipc` (the sources and the
+prefill side's server), `release` (torch-free: the frontend releases blocks with it too).
 """
-
-from tandem.transfer.blocks import CacheBlocks, HostBlocks, KvLayoutMismatch, check_layout
-from tandem.transfer.local import LocalKvSource
-from tandem.transfer.tcp import KvExportServer, TcpKvSource
-
-__all__ = [
-    "CacheBlocks",
-    "HostBlocks",
-    "KvExportServer",
-    "KvLayoutMismatch",
-    "LocalKvSource",
-    "TcpKvSource",
-    "check_layout",
-]

@@ -21,12 +21,12 @@ from tandem.protocol.transfer import (
     KvReleaseRequest,
 )
 from tandem.transfer.blocks import DTYPES, HostBlocks, check_layout
+from tandem.transfer.release import release_kv
 
 log = logging.getLogger(__name__)
 
 #: Bytes of K plus V per message: well under the request plane's 8 MiB frame limit.
 CHUNK_BYTES = 4 * 1024 * 1024
-RELEASE_TIMEOUT = 5.0
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -107,24 +107,7 @@ class TcpKvSource:
         return HostBlocks(k, v)
 
     async def release(self, params: KvTransferParams) -> None:
-        try:
-            stream = self.client.call(
-                params.address,
-                KV_RELEASE_ENDPOINT,
-                KvReleaseRequest(request_id=params.request_id),
-                response_type=KvReleased,
-                timeout=RELEASE_TIMEOUT,
-            )
-            async with stream:
-                async for _ in stream:
-                    pass
-        except Exception as exc:  # its deadline frees the blocks if it is still alive
-            log.warning(
-                "request %s: releasing KV on worker %s failed (%s)",
-                params.request_id,
-                params.worker_id,
-                exc,
-            )
+        await release_kv(self.client, params)
 
 
 def _tensor(raw: Any, dtype: torch.dtype, shape: tuple[int, ...], count: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any
 
 from tandem.protocol.worker import DEFAULT_NAMESPACE, ModelCard
 from tandem.runtime import TcpRequestClient, TcpRequestServer
-from tandem.transfer import TcpKvSource
+from tandem.transfer.tcp import TcpKvSource
 from tandem.worker.worker import Worker
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from tandem.runtime import (
     RequestServer,
     new_instance_id,
 )
-from tandem.transfer import KvExportServer
+from tandem.transfer.tcp import KvExportServer
 from tandem.worker.publisher import LoadPublisher
 
 log = logging.getLogger(__name__)
