@@ -121,6 +121,22 @@ class Cluster:
         await self.discovery.close()
 
 
+def hold_pulls(monkeypatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make KV pulls wait for the first event (set by the test); the second is set once a
+    pull has started."""
+    gate, pulling = asyncio.Event(), asyncio.Event()
+    pull = KvExportServer.pull
+
+    async def held_pull(self, req):
+        pulling.set()
+        await gate.wait()
+        async for chunk in pull(self, req):
+            yield chunk
+
+    monkeypatch.setattr(KvExportServer, "pull", held_pull)
+    return gate, pulling
+
+
 @pytest.fixture
 def pair(tiny_llama):
     made = []
@@ -161,15 +177,7 @@ def test_disaggregated_equals_aggregated(pair, aggregated):
 
 def test_first_token_streams_before_the_decode_worker_starts(pair, monkeypatch):
     """The first token reaches the caller while the KV pull is still held up."""
-    gate = asyncio.Event()
-    pull = KvExportServer.pull
-
-    async def slow_pull(self, req):
-        await gate.wait()
-        async for chunk in pull(self, req):
-            yield chunk
-
-    monkeypatch.setattr(KvExportServer, "pull", slow_pull)
+    gate, _ = hold_pulls(monkeypatch)
 
     async def main():
         async with Cluster(*pair()) as c:
@@ -250,17 +258,7 @@ def test_decode_worker_dies_after_import(pair, monkeypatch):
 
 
 def test_client_disconnects_mid_transfer(pair, monkeypatch):
-    gate = asyncio.Event()
-    pulling = asyncio.Event()
-    pull = KvExportServer.pull
-
-    async def slow_pull(self, req):
-        pulling.set()
-        await gate.wait()
-        async for chunk in pull(self, req):
-            yield chunk
-
-    monkeypatch.setattr(KvExportServer, "pull", slow_pull)
+    gate, pulling = hold_pulls(monkeypatch)
 
     async def main():
         async with Cluster(*pair()) as c:
