@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -33,6 +34,14 @@ class DisaggConfig:
     max_prefill_queue_tokens: int = 16384
 
 
+class Plan(NamedTuple):
+    """`path`: "remote", or local_<why>. `hashes`: the prompt's block hashes if the plan
+    needed them (both routers then reuse them instead of hashing the prompt again)."""
+
+    path: str
+    hashes: list[int] | None = None
+
+
 class DisaggPlanner:
     def __init__(self, prefill: WorkerPool, decode: WorkerPool, config: DisaggConfig) -> None:
         self.prefill = prefill
@@ -40,28 +49,28 @@ class DisaggPlanner:
         self.config = config
         self.counts: Counter[str] = Counter()  # path: remote, or local_<why>
 
-    def plan(self, request: GenerateRequest) -> str:
-        """ "remote", or why the request is prefilled on its decode worker."""
-        path = self._plan(request)
-        self.counts[path] += 1
-        return path
+    def plan(self, request: GenerateRequest) -> Plan:
+        """Where to prefill `request`: "remote", or why on its decode worker."""
+        plan = self._plan(request)
+        self.counts[plan.path] += 1
+        return plan
 
-    def _plan(self, request: GenerateRequest) -> str:
+    def _plan(self, request: GenerateRequest) -> Plan:
         if not self.prefill.workers:
-            return "local_no_prefill_workers"
+            return Plan("local_no_prefill_workers")
         if request.sampling.n != 1:
-            return "local_n"
+            return Plan("local_n")
         router, prompt = self.decode.router, request.prompt_token_ids
-        if router is not None and self.decode.workers:
-            scores = router.scores(prompt, list(self.decode.workers), request.lora_name)
-            best = max(scores, key=lambda s: s.overlap_blocks)
-            if len(prompt) - best.overlap_blocks * router.block_size <= (
-                self.config.max_local_prefill_length
-            ):
-                return "local_short"
-            if self._prefill_saturated() and self._decode_has_room():
-                return "local_prefill_busy"
-        return "remote"
+        if router is None or not self.decode.workers:
+            return Plan("remote")
+        hashes = router.hashes(prompt, request.lora_name)
+        scores = router.scores(prompt, list(self.decode.workers), hashes=hashes)
+        best = max(s.overlap_blocks for s in scores)
+        if len(prompt) - best * router.block_size <= self.config.max_local_prefill_length:
+            return Plan("local_short", hashes)
+        if self._prefill_saturated() and self._decode_has_room():
+            return Plan("local_prefill_busy", hashes)
+        return Plan("remote", hashes)
 
     def _prefill_saturated(self) -> bool:
         limit = self.config.max_prefill_queue_tokens

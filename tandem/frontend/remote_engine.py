@@ -142,22 +142,25 @@ class RemoteEngine:
     # -- EngineClient --------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        if self.planner.plan(request) == "remote":
-            outputs = self._disaggregated(request)
+        plan = self.planner.plan(request)
+        if plan.path == "remote":
+            outputs = self._disaggregated(request, plan.hashes)
         else:
-            outputs = self._stream(self.pool, request)
+            outputs = self._stream(self.pool, request, plan.hashes)
         async with contextlib.aclosing(outputs):
             async for out in outputs:
                 yield out
 
-    async def _disaggregated(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+    async def _disaggregated(
+        self, request: GenerateRequest, hashes: list[int] | None
+    ) -> AsyncIterator[GenerateOutput]:
         """Prefill (and first token) on a prefill worker, the rest on a decode worker."""
         params: KvTransferParams | None = None
         handed_over = False
         export = msgspec.structs.replace(request, kv_export=True)
         try:
             try:
-                async for out in self._stream(self.prefill, export):
+                async for out in self._stream(self.prefill, export, hashes):
                     if out.kv_transfer is not None:
                         params, out.kv_transfer = out.kv_transfer, None
                     yield out
@@ -168,13 +171,13 @@ class RemoteEngine:
                 log.warning(
                     "request %s: %s; prefilling on a decode worker", request.request_id, exc
                 )
-                async for out in self._stream(self.pool, request):
+                async for out in self._stream(self.pool, request, hashes):
                     yield out
                 return
             if params is None:  # finished with its first token: nothing to decode
                 return
             imported = msgspec.structs.replace(request, kv_import=params)
-            async for out in self._stream(self.pool, imported):
+            async for out in self._stream(self.pool, imported, hashes):
                 handed_over = True  # the decode worker pulls and releases from now on
                 yield out
         finally:
@@ -189,13 +192,15 @@ class RemoteEngine:
         task.add_done_callback(self._tasks.discard)
 
     async def _stream(
-        self, pool: WorkerPool, request: GenerateRequest
+        self, pool: WorkerPool, request: GenerateRequest, hashes: list[int] | None = None
     ) -> AsyncIterator[GenerateOutput]:
+        """Run `request` on a worker of `pool`, retrying others while none has produced
+        anything. `hashes`: the prompt's block hashes, if already computed."""
         rid = request.request_id
         tried: set[str] = set()
         try:
             while True:
-                worker, _ = pool.select(request, tried)
+                worker, _ = pool.select(request, tried, hashes)
                 tried.add(worker.info.instance_id)
                 stream = self._client.call(
                     worker.info.address, GENERATE_ENDPOINT, request, response_type=GenerateOutput

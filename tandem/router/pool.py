@@ -124,8 +124,11 @@ class WorkerPool:
 
     # -- choosing ----------------------------------------------------------------------
 
-    def select(self, request: GenerateRequest, tried: set[str]) -> tuple[WorkerState, Decision]:
-        """The worker for `request`, skipping `tried` and (while others exist) suspects."""
+    def select(
+        self, request: GenerateRequest, tried: set[str], hashes: list[int] | None = None
+    ) -> tuple[WorkerState, Decision]:
+        """The worker for `request`, skipping `tried` and (while others exist) suspects.
+        `hashes`: the prompt's sequence hashes, when the caller has them already."""
         now = time.monotonic()
         live = [w for w in self.workers if w not in tried]
         healthy = [w for w in live if self._suspect.get(w, 0.0) <= now]
@@ -139,6 +142,7 @@ class WorkerPool:
             candidates,
             lora_name=request.lora_name,
             request_id=request.request_id,
+            hashes=hashes,
         )
         return self.workers[decision.worker_id], decision
 

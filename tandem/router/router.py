@@ -149,10 +149,17 @@ class Router:
         return block_hashes(token_ids, self.block_size, lora_name)[1]
 
     def scores(
-        self, token_ids: Sequence[int], workers: Sequence[str], lora_name: str | None = None
+        self,
+        token_ids: Sequence[int],
+        workers: Sequence[str],
+        lora_name: str | None = None,
+        hashes: Sequence[int] | None = None,
     ) -> list[WorkerScore]:
-        """The kv policy's view of every worker in `workers`."""
-        return self._scores(self.hashes(token_ids, lora_name), len(token_ids), workers)
+        """The kv policy's view of every worker in `workers`. `hashes`: the prompt's sequence
+        hashes, if the caller has them already."""
+        if hashes is None:
+            hashes = self.hashes(token_ids, lora_name)
+        return self._scores(hashes, len(token_ids), workers)
 
     def select(
         self,
@@ -161,20 +168,25 @@ class Router:
         *,
         lora_name: str | None = None,
         request_id: str | None = None,
+        hashes: Sequence[int] | None = None,
     ) -> Decision:
         """Pick one of `workers` (non-empty) for a prompt; with `request_id`, book its load on
-        the chosen worker until `finish(request_id)`."""
+        the chosen worker until `finish(request_id)`. `hashes`: the prompt's sequence hashes,
+        if the caller has them already (otherwise they are computed only as far as needed)."""
         if not workers:
             raise ValueError("no workers to choose from")
         start = time.perf_counter()
-        hashes: Iterable[int] = ()
+        prompt_hashes: Iterable[int] = ()
+        if hashes is not None:
+            prompt_hashes = hashes
+        elif self.approx_ttl is not None:
+            prompt_hashes = self.hashes(token_ids, lora_name)  # all of them, to predict
+        elif self.policy == "kv":
+            prompt_hashes = iter_sequence_hashes(token_ids, self.block_size, lora_name)
         if self.approx_ttl is not None:
             self.index.expire()
-            hashes = self.hashes(token_ids, lora_name)  # all of them, to predict
-        elif self.policy == "kv":
-            hashes = iter_sequence_hashes(token_ids, self.block_size, lora_name)
         if self.policy == "kv":
-            scores = self._scores(hashes, len(token_ids), self._with_room(workers))
+            scores = self._scores(prompt_hashes, len(token_ids), self._with_room(workers))
             # Tie-break seed: the prompt's tail, so that prompts differ in it.
             best = self._pick(scores, local_hash(token_ids[-4 * self.block_size :]))
             worker_id, overlap, cost = best.worker_id, best.overlap_blocks, best.cost
@@ -187,7 +199,7 @@ class Router:
             uncached = max(0, len(token_ids) - overlap * self.block_size)
             self._book(request_id, worker_id, uncached, n_blocks)
         if self.approx_ttl is not None:
-            self.index.predict(worker_id, list(hashes), self.approx_ttl)
+            self.index.predict(worker_id, list(prompt_hashes), self.approx_ttl)
         self.decisions += 1
         self.hit_blocks += overlap
         self.request_blocks += len(token_ids) // self.block_size
