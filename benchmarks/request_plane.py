@@ -61,8 +61,9 @@ async def stream_tokens(req: StreamRequest):
             yield Token(request_id="bench", token_ids=[i], sent_ns=time.monotonic_ns())
     else:
         for i in range(req.n):
-            yield Token(request_id="bench", token_ids=[i],
-                        sent_ns=time.monotonic_ns() if req.stamp else 0)
+            yield Token(
+                request_id="bench", token_ids=[i], sent_ns=time.monotonic_ns() if req.stamp else 0
+            )
 
 
 def add_endpoint(server) -> None:
@@ -134,7 +135,10 @@ async def bench(args) -> dict:
     interval = args.interval / 1e3
     lat_tokens = max(50, int(args.latency_seconds / interval))
     cases = [
-        ("throughput", 1), ("throughput", args.streams), ("latency", 1), ("latency", args.streams)
+        ("throughput", 1),
+        ("throughput", args.streams),
+        ("latency", 1),
+        ("latency", args.streams),
     ]
     runs: dict[tuple[str, int], dict[str, list]] = {c: {p: [] for p in paths} for c in cases}
     try:
@@ -161,9 +165,7 @@ async def bench(args) -> dict:
         row: dict = {"workload": kind, "streams": streams}
         if kind == "throughput":
             row["tok_s"] = {p: statistics.median(v) for p, v in by_path.items()}
-            row["ratio_vs_inproc"] = {
-                p: row["tok_s"][p] / row["tok_s"]["inproc"] for p in by_path
-            }
+            row["ratio_vs_inproc"] = {p: row["tok_s"][p] / row["tok_s"]["inproc"] for p in by_path}
             row["us_per_token"] = {p: 1e6 / v for p, v in row["tok_s"].items()}
         else:
             row["latency_us"] = {
@@ -184,24 +186,40 @@ async def bench(args) -> dict:
 def print_table(result: dict) -> None:
     paths = result["paths"]
     print("\nstreamed tokens/s (median), one token per item")
-    print(f"{'streams':>8} " + " ".join(f"{p:>12}" for p in paths)
-          + " " + " ".join(f"{p + '/inproc':>18}" for p in paths[1:])
-          + " " + " ".join(f"{p + ' us/tok':>17}" for p in paths))
+    print(
+        f"{'streams':>8} "
+        + " ".join(f"{p:>12}" for p in paths)
+        + " "
+        + " ".join(f"{p + '/inproc':>18}" for p in paths[1:])
+        + " "
+        + " ".join(f"{p + ' us/tok':>17}" for p in paths)
+    )
     for r in result["rows"]:
         if r["workload"] == "throughput":
-            print(f"{r['streams']:>8} " + " ".join(f"{r['tok_s'][p]:>12,.0f}" for p in paths)
-                  + " " + " ".join(f"{r['ratio_vs_inproc'][p]:>17.2f}x" for p in paths[1:])
-                  + " " + " ".join(f"{r['us_per_token'][p]:>17.2f}" for p in paths))
+            print(
+                f"{r['streams']:>8} "
+                + " ".join(f"{r['tok_s'][p]:>12,.0f}" for p in paths)
+                + " "
+                + " ".join(f"{r['ratio_vs_inproc'][p]:>17.2f}x" for p in paths[1:])
+                + " "
+                + " ".join(f"{r['us_per_token'][p]:>17.2f}" for p in paths)
+            )
     for r in result["rows"]:
         if r["workload"] == "latency":
-            print(f"\nper-token latency, handler yield -> caller, {r['streams']} stream(s) "
-                  f"paced at {r['interval_ms']} ms ({r['tokens_per_stream']} tokens each), us")
-            print(f"{'path':>12} {'p50':>8} {'p99':>8} {'mean':>8} {'added p50':>10} "
-                  f"{'added p99':>10}")
+            print(
+                f"\nper-token latency, handler yield -> caller, {r['streams']} stream(s) "
+                f"paced at {r['interval_ms']} ms ({r['tokens_per_stream']} tokens each), us"
+            )
+            print(
+                f"{'path':>12} {'p50':>8} {'p99':>8} {'mean':>8} {'added p50':>10} "
+                f"{'added p99':>10}"
+            )
             for p in paths:
                 lat, add = r["latency_us"][p], r["added_us"][p]
-                print(f"{p:>12} {lat['p50_us']:>8.1f} {lat['p99_us']:>8.1f} {lat['mean_us']:>8.1f} "
-                      f"{add['p50_us']:>10.1f} {add['p99_us']:>10.1f}")
+                print(
+                    f"{p:>12} {lat['p50_us']:>8.1f} {lat['p99_us']:>8.1f} {lat['mean_us']:>8.1f} "
+                    f"{add['p50_us']:>10.1f} {add['p99_us']:>10.1f}"
+                )
 
 
 def main() -> None:
@@ -211,8 +229,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=50000, help="tokens per throughput run")
     parser.add_argument("--streams", type=int, default=32, help="concurrent streams")
     parser.add_argument("--interval", type=float, default=2.0, help="ms between paced tokens")
-    parser.add_argument("--latency-seconds", type=float, default=1.0,
-                        help="duration of each paced latency run")
+    parser.add_argument(
+        "--latency-seconds", type=float, default=1.0, help="duration of each paced latency run"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="results/request_plane.json")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)

@@ -41,6 +41,7 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         "--engine", args.engine,
         "--mock-speedup", str(args.mock_speedup),
+        "--kv-export-ttl", str(args.kv_export_ttl),
         "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching",
     ]  # fmt: skip
     optional = {

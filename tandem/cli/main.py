@@ -253,6 +253,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=True,
         help="reuse the KV blocks of prompt prefixes seen before (default: on)",
     )
+    eng.add_argument(
+        "--kv-export-ttl",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="prefill workers: how long a prompt's KV waits for its decode worker before it is"
+        " freed (%(default)s)",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -346,6 +354,7 @@ def engine_config(args: argparse.Namespace, model_path: Path, device: str):
         max_model_len=args.max_model_len,
         num_gpu_blocks=args.num_gpu_blocks,
         enable_prefix_caching=args.enable_prefix_caching,
+        kv_export_ttl=args.kv_export_ttl,
         seed=args.seed,
         engine=args.engine,
         perf_model=args.perf_model,
