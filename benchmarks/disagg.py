@@ -54,7 +54,6 @@ import gc
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -66,14 +65,14 @@ import msgspec
 import torch
 import xxhash
 
-from tandem.bench.records import ERROR_STREAM, RequestRecord, RequestSpec
+from tandem.bench.engine_client import engine_sender
 from tandem.bench.runner import Arrival, Bounds, RunResult, run_load
 from tandem.bench.stats import ITL_STATS, Slo, goodput, itl_stat, percentile, summarize
 from tandem.bench.tokens import TokenSpace
 from tandem.bench.workloads import LengthDist, SyntheticWorkload
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
-from tandem.protocol import GenerateRequest, KvLayout, KvTransferParams, SamplingParams
+from tandem.protocol import KvLayout, KvTransferParams
 from tandem.protocol.transfer import CudaIpcCache
 from tandem.runtime import MemoryDiscovery, MemoryEventPlane, TcpRequestClient, TcpRequestServer
 from tandem.transfer.blocks import DTYPES, HostBlocks
@@ -508,31 +507,6 @@ class Fleet:
         for engine in self.engines:
             engine.shutdown()
 
-    async def send(self, spec: RequestSpec, rec: RequestRecord) -> None:
-        tokens = [t for _, segment in spec.segments for t in segment]
-        request = GenerateRequest(
-            request_id=f"r{rec.index}-{random.getrandbits(32)}",
-            prompt_token_ids=tokens,
-            sampling=SamplingParams(max_tokens=spec.max_tokens, ignore_eos=True),
-        )
-        rec.input_tokens = len(tokens)
-        start = last = time.perf_counter()
-        count = 0
-        try:
-            async for out in self.remote.generate(request):
-                now = time.perf_counter()
-                if rec.ttft_s is None:
-                    rec.ttft_s = now - start
-                elif out.token_ids:
-                    rec.itl_s.append(now - last)
-                last = now
-                count += len(out.token_ids)
-                rec.finish_reason = out.finish_reason or rec.finish_reason
-        except Exception as exc:
-            rec.error, rec.error_detail = ERROR_STREAM, f"{type(exc).__name__}: {exc}"[:500]
-        rec.e2e_s = time.perf_counter() - start
-        rec.output_tokens = count
-
     def counters(self) -> dict:
         stats = [e.stats() for e in self.engines]
         return {
@@ -566,7 +540,7 @@ async def run_point(
     bounds = Bounds(duration_s=args.max_seconds, num_requests=args.requests)
     async with Fleet(model, mode, args) as fleet:
         before = fleet.counters()
-        result = await run_load(load, fleet.send, arrival, bounds)
+        result = await run_load(load, engine_sender(fleet.remote.generate), arrival, bounds)
         after = fleet.counters()
     row = {"workload": workload.name, "mode": mode, "rate": rate}
     row.update(measured(result, args))

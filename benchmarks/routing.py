@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from tandem.bench.records import ERROR_STREAM, RequestRecord, RequestSpec
+from tandem.bench.engine_client import engine_sender
 from tandem.bench.runner import Arrival, Bounds, run_load
 from tandem.bench.stats import Slo, percentile, summarize
 from tandem.bench.tokens import TokenSpace
@@ -54,7 +54,7 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.testing import make_tiny_model
 from tandem.frontend.remote_engine import RemoteEngine
-from tandem.protocol import GenerateRequest, KvBlock, KvStored, SamplingParams
+from tandem.protocol import KvBlock, KvStored
 from tandem.protocol.hashing import block_hashes
 from tandem.router import Router
 from tandem.runtime import LocalRequestPlane, MemoryDiscovery, MemoryEventPlane
@@ -124,34 +124,6 @@ class Fleet:
     def busy_s(self) -> float:
         return sum(e.core.runner.busy_s for e in self.engines)
 
-    async def send(self, spec: RequestSpec, rec: RequestRecord) -> None:
-        tokens = [t for _, segment in spec.segments for t in segment]
-        request = GenerateRequest(
-            request_id=f"r{rec.index}-{random.getrandbits(32)}",
-            prompt_token_ids=tokens,
-            sampling=SamplingParams(max_tokens=spec.max_tokens, ignore_eos=True),
-        )
-        rec.input_tokens = len(tokens)
-        start = time.perf_counter()
-        last = start
-        ids: list[int] = []
-        try:
-            async for out in self.remote.generate(request):
-                now = time.perf_counter()
-                if rec.ttft_s is None:
-                    rec.ttft_s = now - start
-                    rec.cached_tokens = out.num_cached_tokens
-                elif out.token_ids:
-                    rec.itl_s.append(now - last)
-                last = now
-                ids += out.token_ids
-                rec.finish_reason = out.finish_reason or rec.finish_reason
-        except Exception as exc:
-            rec.error, rec.error_detail = ERROR_STREAM, f"{type(exc).__name__}: {exc}"[:500]
-        rec.e2e_s = time.perf_counter() - start
-        rec.output_tokens = len(ids)
-        rec.output_token_ids = ids
-
 
 class Variant(NamedTuple):
     label: str
@@ -183,7 +155,7 @@ async def run_policy(
     fleet = Fleet(model, args.workers, args.blocks, variant.policy, variant.options)
     async with fleet:
         busy0 = fleet.busy_s()
-        result = await run_load(workload, fleet.send, arrival, bounds)
+        result = await run_load(workload, engine_sender(fleet.remote.generate), arrival, bounds)
         busy = (fleet.busy_s() - busy0) / (result.elapsed_s * args.workers)
         per_worker = sorted(w["requests"] for w in fleet.remote.describe())
     summary = summarize(result.records, result.elapsed_s, Slo())

@@ -8,10 +8,12 @@ import time
 
 import pytest
 
-from tandem.bench.records import RequestRecord, RequestSpec
+from tandem.bench.engine_client import engine_sender
+from tandem.bench.records import ERROR_STREAM, RequestRecord, RequestSpec
 from tandem.bench.runner import Arrival, Bounds, RunResult, run_load
 from tandem.bench.tokens import TokenSpace
 from tandem.bench.workloads import LengthDist, SyntheticWorkload, Workload
+from tandem.protocol import GenerateOutput, GenerateRequest
 
 
 def workload() -> SyntheticWorkload:
@@ -142,3 +144,35 @@ def test_bounds_and_arrival_validate() -> None:
         Arrival("poisson", rate=0)
     with pytest.raises(ValueError):
         Arrival("bursty")
+
+
+def test_engine_sender_records_an_in_process_stream() -> None:
+    """`engine_sender` sends the spec's token ids and times every output that carries tokens."""
+    seen: list[GenerateRequest] = []
+
+    async def generate(request: GenerateRequest):
+        seen.append(request)
+        yield GenerateOutput(request_id=request.request_id, token_ids=[7], num_cached_tokens=2)
+        for token in (8, 9):
+            await asyncio.sleep(0.01)
+            yield GenerateOutput(request_id=request.request_id, token_ids=[token])
+        if request.sampling.max_tokens == 4:
+            raise ConnectionError("worker lost")
+        yield GenerateOutput(request_id=request.request_id, finish_reason="length")
+
+    wl = SyntheticWorkload(LengthDist.fixed(5), LengthDist.fixed(3), TokenSpace.for_vocab(500))
+    result = run(wl, engine_sender(generate), Arrival("concurrency", 1), Bounds(10.0, 1))
+    [rec] = result.records
+    [request] = seen
+    assert len(request.prompt_token_ids) == 5
+    assert request.sampling.max_tokens == 3 and request.sampling.ignore_eos
+    assert (rec.input_tokens, rec.output_tokens, rec.cached_tokens) == (5, 3, 2)
+    assert rec.output_token_ids == [7, 8, 9] and rec.finish_reason == "length"
+    assert rec.error is None and len(rec.itl_s) == 2 and min(rec.itl_s) >= 0.009
+    assert rec.e2e_s >= rec.ttft_s + sum(rec.itl_s) - 1e-6
+
+    failing = SyntheticWorkload(LengthDist.fixed(5), LengthDist.fixed(4), TokenSpace.for_vocab(500))
+    result = run(failing, engine_sender(generate), Arrival("concurrency", 1), Bounds(10.0, 1))
+    [rec] = result.records
+    assert rec.error == ERROR_STREAM and "worker lost" in rec.error_detail
+    assert rec.output_tokens == 3
