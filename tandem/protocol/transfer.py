@@ -102,14 +102,14 @@ class KvPullRequest(msgspec.Struct, kw_only=True):
 
 class KvChunk(msgspec.Struct, kw_only=True, array_like=True):
     """K and V of blocks `indices[first : first + count]` of a pull, in one layer, as raw bytes
-    in the layout's dtype ([count, block_size, kv_heads, head_dim] each). Decoded as
-    bytearray so that the receiver can view them as tensors without another copy."""
+    in the layout's dtype ([count, block_size, kv_heads, head_dim] each). Decoded as views into
+    the received frame, so that the receiver copies them once, into their place."""
 
     layer: int
     first: int
     count: int
-    k: bytearray
-    v: bytearray
+    k: memoryview
+    v: memoryview
 
 
 class KvReleaseRequest(msgspec.Struct, kw_only=True):

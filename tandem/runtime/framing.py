@@ -7,10 +7,10 @@ with an 8-byte preface from the client (`PREFACE`), so something that is not a T
 Frames longer than `max_frame` are not buffered: their bytes are skipped as they arrive and the
 frame is reported to `frame_rejected` with its first bytes (from which the receiver can tell the
 stream it belonged to and fail just that stream), so the connection stays in sync and keeps
-serving. This is
-a Protocol (callbacks on received data) rather than StreamReader coroutines because many small
-frames (one per streamed token) arrive per read, and parsing them in one synchronous loop costs
-far less than two awaits per frame.
+serving. This is a BufferedProtocol (callbacks on received data) rather than StreamReader
+coroutines because many small frames (one per streamed token) arrive per read, and parsing them
+in one synchronous loop costs far less than two awaits per frame; buffered, so that the megabytes
+of a KV transfer are received straight into the buffer that is handed on.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ HEADER_SIZE = 4
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 REJECT_HEAD = 16
 FLUSH_BYTES = 256 * 1024
+RECV_BYTES = 256 * 1024
+LARGE_FRAME = RECV_BYTES // 4  # smaller frames always fit the receive buffer beside a tail
 
 
 def encode_frame(encoder: Any, message: Any) -> bytearray:
@@ -53,19 +55,28 @@ def set_keepalive(
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
-class FrameProtocol(asyncio.Protocol):
+class FrameProtocol(asyncio.BufferedProtocol):
     """Splits the byte stream into frames and handles write flow control.
 
     Subclasses implement `frame_received` (and may override `frame_rejected`,
     `preface_received`, `connection_closed`). `send` queues bytes; `drain` waits while the
     transport's write buffer is above its high-water mark (TCP backpressure).
+
+    Bytes are received into a buffer this protocol owns (`get_buffer`): small frames are parsed
+    out of a fixed receive buffer, and a frame of `LARGE_FRAME` bytes or more (a KV chunk) gets
+    a buffer of its own that the socket fills directly, handed on without another copy.
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, expect_preface: bool = False) -> None:
         self.max_frame = max_frame
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self._buf = bytearray()
+        self._rbuf = bytearray(RECV_BYTES)
+        self._rview = memoryview(self._rbuf)
+        self._start = 0  # received bytes not yet parsed: self._rbuf[self._start : self._end]
+        self._end = 0
+        self._large: bytearray | None = None  # a large frame being received into its own buffer
+        self._filled = 0  # bytes of it received so far
         self._skip = 0  # bytes of an oversized frame still to discard
         self._head: bytearray | None = None  # the start of that frame, for frame_rejected
         self._reason = ""
@@ -77,7 +88,7 @@ class FrameProtocol(asyncio.Protocol):
         self._closed = False
         self.close_exc: BaseException | None = None
 
-    # ---- asyncio.Protocol --------------------------------------------------------------------
+    # ---- asyncio.BufferedProtocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -87,22 +98,43 @@ class FrameProtocol(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         set_keepalive(transport.get_extra_info("socket"))
 
-    def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        pos = 0
-        end = len(buf)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._large is not None:
+            return memoryview(self._large)[self._filled :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == RECV_BYTES:  # move the unparsed tail (less than one frame) to the front
+            n = self._end - self._start
+            self._rbuf[:n] = self._rbuf[self._start : self._end]
+            self._start, self._end = 0, n
+        return self._rview[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._large is not None:
+            self._filled += nbytes
+            if self._filled == len(self._large):
+                frame, self._large = self._large, None
+                self.frame_received(frame)
+            return
+        self._end += nbytes
         if self._need_preface:
-            if end < len(PREFACE):
+            if self._end - self._start < len(PREFACE):
                 return
-            if bytes(buf[: len(PREFACE)]) != PREFACE:
+            got = self._rbuf[self._start : self._start + len(PREFACE)]
+            if got != PREFACE:
                 log.error("request plane: %s sent no Tandem preface; closing", self.peer)
-                self._buf = bytearray()
+                self._start = self._end
                 self.close()
                 return
             self._need_preface = False
-            pos = len(PREFACE)
+            self._start += len(PREFACE)
             self.preface_received()
+        self._parse()
+
+    def _parse(self) -> None:
+        """Hand on every whole frame in the receive buffer; start receiving a large one."""
+        buf, view = self._rbuf, self._rview
+        pos, end = self._start, self._end
         while not self._closed:
             if self._skip:
                 n = min(self._skip, end - pos)
@@ -125,13 +157,20 @@ class FrameProtocol(asyncio.Protocol):
                 self._head = bytearray()
                 self._reason = f"frame of {size} bytes exceeds the limit of {self.max_frame}"
                 continue
-            if end - pos - HEADER_SIZE < size:
-                break
             start = pos + HEADER_SIZE
-            pos = start + size
-            self.frame_received(bytes(buf[start:pos]))
-        if pos:
-            del buf[:pos]
+            have = end - start
+            if have >= size:
+                pos = start + size
+                self.frame_received(bytes(view[start:pos]))
+            elif size >= LARGE_FRAME:
+                self._large = bytearray(size)
+                self._large[:have] = view[start:end]
+                self._filled = have
+                pos = end
+                break
+            else:
+                break
+        self._start = pos
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -148,7 +187,8 @@ class FrameProtocol(asyncio.Protocol):
 
     # ---- for subclasses ----------------------------------------------------------------------
 
-    def frame_received(self, frame: bytes) -> None:
+    def frame_received(self, frame: bytes | bytearray) -> None:
+        """One whole frame; a large one arrives as the bytearray it was received into."""
         raise NotImplementedError
 
     def frame_rejected(self, reason: str, head: bytes) -> None:

@@ -95,8 +95,8 @@ class TcpKvSource:
         async with stream:
             async for chunk in stream:
                 rows = slice(chunk.first, chunk.first + chunk.count)
-                k[chunk.layer, rows] = _tensor(chunk.k, dtype, k.shape[2:], chunk.count)
-                v[chunk.layer, rows] = _tensor(chunk.v, dtype, v.shape[2:], chunk.count)
+                _copy_into(k[chunk.layer, rows], chunk.k)
+                _copy_into(v[chunk.layer, rows], chunk.v)
                 received += chunk.count
         if received == 0 and indices:
             return None  # a mock engine: no data behind its blocks
@@ -110,6 +110,10 @@ class TcpKvSource:
         await release_kv(self.client, params)
 
 
-def _tensor(raw: Any, dtype: torch.dtype, shape: tuple[int, ...], count: int) -> torch.Tensor:
-    data = torch.frombuffer(raw, dtype=torch.uint8)
-    return data.view(dtype).view(count, *shape)
+def _copy_into(dst: torch.Tensor, raw: Any) -> None:
+    """Copy `raw` bytes over the contiguous tensor `dst`; a chunk of the wrong size is refused."""
+    out = memoryview(dst.view(torch.uint8).numpy()).cast("B")  # no copy: dst is contiguous
+    data = memoryview(raw).cast("B")
+    if len(data) != len(out):
+        raise ValueError(f"KV chunk of {len(data)} bytes for {len(out)} bytes of blocks")
+    out[:] = data
