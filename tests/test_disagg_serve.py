@@ -91,7 +91,12 @@ def test_openai_against_prefill_and_decode_workers(tmp_path, device):
                 temperature=0,
             )
             assert chat.usage.completion_tokens == 8 or chat.choices[0].finish_reason == "stop"
+            # The workers' counters reach the frontend with their periodic load reports.
+            deadline = time.monotonic() + 10
             metrics = httpx.get(f"{base}/metrics").text
+            while metric(metrics, "tandem_kv_imports_total") < 3 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                metrics = httpx.get(f"{base}/metrics").text
             assert metric(metrics, 'tandem_disagg_requests_total{path="remote"}') == 3
             assert metric(metrics, 'tandem_disagg_requests_total{path="local_short"}') == 2
             assert metric(metrics, "tandem_kv_imports_total") == 3
