@@ -150,7 +150,7 @@ class _ServerConnection(FrameProtocol):
             if stream.task is not None:
                 stream.task.cancel()
 
-    def frame_received(self, frame: bytes) -> None:
+    def frame_received(self, frame: bytes | bytearray) -> None:
         try:
             msg = _frame_decoder.decode(frame)
         except msgspec.DecodeError as exc:
@@ -345,7 +345,7 @@ class _ClientConnection(FrameProtocol):
         self._next_id += 1
         return sid
 
-    def frame_received(self, frame: bytes) -> None:
+    def frame_received(self, frame: bytes | bytearray) -> None:
         try:
             msg = _frame_decoder.decode(frame)
         except msgspec.DecodeError as exc:
