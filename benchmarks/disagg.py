@@ -355,7 +355,7 @@ async def pull_over_ipc(ready: Ready, layout: KvLayout, device: str, reps: int) 
         if source.ipc_fetches == 0:
             for row in rows:
                 row["error"] = "every fetch fell back to host/TCP"
-        source._mapped.clear()  # unmap before the child frees its caches
+        source.unmap()  # before the child frees its caches
         gc.collect()
         torch.cuda.synchronize()
         return rows

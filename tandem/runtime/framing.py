@@ -159,17 +159,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 continue
             start = pos + HEADER_SIZE
             have = end - start
-            if have >= size:
-                pos = start + size
-                self.frame_received(bytes(view[start:pos]))
-            elif size >= LARGE_FRAME:
-                self._large = bytearray(size)
-                self._large[:have] = view[start:end]
-                self._filled = have
-                pos = end
+            if have < size:
+                if size >= LARGE_FRAME:
+                    self._large = bytearray(size)
+                    self._large[:have] = view[start:end]
+                    self._filled = have
+                    pos = end
                 break
-            else:
-                break
+            pos = start + size
+            self.frame_received(bytes(view[start:pos]))
         self._start = pos
 
     def pause_writing(self) -> None:

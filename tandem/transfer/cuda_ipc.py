@@ -119,3 +119,7 @@ class CudaIpcKvSource:
 
     async def release(self, params: KvTransferParams) -> None:
         await self.fallback.release(params)
+
+    def unmap(self) -> None:
+        """Drop every mapped cache, so that the processes that own them can free them."""
+        self._mapped.clear()

@@ -30,7 +30,8 @@ CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def _raw(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+    """The bytes of a contiguous CPU tensor, without a copy (cast refuses a strided one)."""
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
 class KvExportServer:
@@ -112,7 +113,7 @@ class TcpKvSource:
 
 def _copy_into(dst: torch.Tensor, raw: Any) -> None:
     """Copy `raw` bytes over the contiguous tensor `dst`; a chunk of the wrong size is refused."""
-    out = memoryview(dst.view(torch.uint8).numpy()).cast("B")  # no copy: dst is contiguous
+    out = _raw(dst)
     data = memoryview(raw).cast("B")
     if len(data) != len(out):
         raise ValueError(f"KV chunk of {len(data)} bytes for {len(out)} bytes of blocks")
