@@ -11,7 +11,9 @@ class EngineConfig:
 
     `model` is a Hugging Face model folder (config.json, safetensors, tokenizer files);
     `.gguf` files are converted into such a folder before the engine sees them.
-    KV capacity is `num_gpu_blocks` when given, else what `kv_cache_memory_gb` holds.
+    KV capacity is `num_gpu_blocks` when given, else what `kv_cache_memory_gb` holds, else
+    (on a GPU) `gpu_memory_utilization` of the device's memory less what the model and a
+    profiling pass at the largest batch take; 1 GiB on a CPU.
     """
 
     model: str
@@ -22,11 +24,17 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     num_gpu_blocks: int | None = None
-    kv_cache_memory_gb: float = 1.0
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     # Disaggregation: seconds a prefill worker holds exported KV for a decode worker to pull.
     kv_export_ttl: float = 30.0
     seed: int = 0
+    # GPU execution: attention kernels (auto: triton on CUDA, torch on CPU) and CUDA graphs
+    # for decode steps (enforce_eager turns them off).
+    attention_backend: str = "auto"  # auto | triton | flashinfer | fa3 | torch
+    enforce_eager: bool = False
+    load_format: str = "auto"  # auto: the folder's safetensors; dummy: random weights
     max_logprobs: int = 20
     # The mock engine: no weights, step times from a performance model (tandem.engine.mock).
     engine: str = "real"  # real | mock

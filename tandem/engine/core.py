@@ -54,7 +54,7 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids(config.model, hf)
         dtype = resolve_dtype(config.dtype, hf, config.device)
         num_blocks = config.num_gpu_blocks or int(
-            config.kv_cache_memory_gb * 2**30 // kv_bytes_per_block(hf, config.block_size, dtype)
+            (config.kv_cache_memory_gb or 1.0) * 2**30 // kv_bytes_per_block(hf, config.block_size, dtype)
         )
         if num_blocks < 1:
             raise ValueError(
