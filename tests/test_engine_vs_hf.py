@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tandem.engine.attention import AttentionMetadata
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
+from tandem.engine.scheduler import ScheduledBatch
 from tandem.engine.sequence import Sequence
 from tandem.protocol import GenerateRequest, SamplingParams
 
@@ -68,14 +68,8 @@ def test_logits_close(model_pair):
     prompt = prompts([37])[0]
     seq = Sequence("x", 0, prompt, SamplingParams())
     assert engine.block_manager.allocate(seq, len(prompt))
-    runner = engine.runner
-    span = runner._prefill_span(seq, row=0, start=0, n=len(prompt))
-    slots = torch.arange(len(prompt)) + seq.block_table[0] * 16
-    assert seq.block_table == list(range(seq.block_table[0], seq.block_table[0] + 3))
-    meta = AttentionMetadata(slots, [span], None, None, 0, None)
+    ours = engine.runner.all_logits(ScheduledBatch([seq], [len(prompt)]))
     with torch.inference_mode():
-        hidden = runner.model(torch.tensor(prompt), torch.arange(len(prompt)), meta)
-        ours = runner.model.compute_logits(hidden)
         ref = hf(torch.tensor([prompt])).logits[0].float()
     torch.testing.assert_close(ours, ref, atol=LOGIT_ATOL, rtol=1e-4)
 

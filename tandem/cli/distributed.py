@@ -204,7 +204,9 @@ def run_worker(args: argparse.Namespace) -> int:
 
     device = args.device or cli._default_device()
     try:
-        model_path = resolve_model(args.model, need_weights=args.engine == "real")
+        model_path = resolve_model(
+            args.model, need_weights=args.engine == "real" and args.load_format == "auto"
+        )
     except ModelSourceError as exc:
         print(f"tandem worker: error: {exc}", file=sys.stderr)
         return 2

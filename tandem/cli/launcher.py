@@ -42,8 +42,13 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         "--engine", args.engine,
         "--mock-speedup", str(args.mock_speedup),
         "--kv-export-ttl", str(args.kv_export_ttl),
+        "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+        "--attention-backend", args.attention_backend,
+        "--load-format", args.load_format,
         "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching",
     ]  # fmt: skip
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
     optional = {
         "--device": args.device,
         "--max-model-len": args.max_model_len,

@@ -21,6 +21,8 @@ from typing import Any
 
 import uvicorn
 
+from tandem.engine.config import ATTENTION_BACKENDS
+
 log = logging.getLogger("tandem")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -62,6 +64,13 @@ def _positive_float(text: str) -> float:
     value = _float(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
     return value
 
 
@@ -245,7 +254,34 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--kv-cache-memory",
         type=_positive_float,
         metavar="GIB",
-        help="KV cache size in GiB (default: 1)",
+        help="KV cache size in GiB (default: 1 on CPU; on a GPU what"
+        " --gpu-memory-utilization leaves)",
+    )
+    eng.add_argument(
+        "--gpu-memory-utilization",
+        type=_fraction,
+        default=0.9,
+        help="share of the GPU's memory the engine may use: weights, activations at the"
+        " largest step, then the KV cache fills the rest (%(default)s)",
+    )
+    eng.add_argument(
+        "--attention-backend",
+        choices=ATTENTION_BACKENDS,
+        default="auto",
+        help="attention kernels: triton (paged Triton kernels, GPU) or torch (the CPU"
+        " reference); auto picks triton on CUDA (%(default)s)",
+    )
+    eng.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="GPU: run every step eagerly instead of replaying decode steps from CUDA graphs",
+    )
+    eng.add_argument(
+        "--load-format",
+        choices=("auto", "dummy"),
+        default="auto",
+        help="auto: the model folder's safetensors; dummy: random weights of the model's shape"
+        " (throughput tests without the weights) (%(default)s)",
     )
     eng.add_argument(
         "--enable-prefix-caching",
@@ -299,7 +335,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     with sock:
         try:
-            model_path = resolve_model(args.model, need_weights=args.engine == "real")
+            model_path = resolve_model(
+            args.model, need_weights=args.engine == "real" and args.load_format == "auto"
+        )
         except ModelSourceError as exc:
             print(f"tandem serve: error: {exc}", file=sys.stderr)
             return 2
@@ -356,6 +394,10 @@ def engine_config(args: argparse.Namespace, model_path: Path, device: str):
         enable_prefix_caching=args.enable_prefix_caching,
         kv_export_ttl=args.kv_export_ttl,
         seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+        load_format=args.load_format,
         engine=args.engine,
         perf_model=args.perf_model,
         mock_speedup=args.mock_speedup,

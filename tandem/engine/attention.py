@@ -2,19 +2,21 @@
 
 The cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]`; slot
 `block * block_size + offset` holds one token's keys (or values) for every KV head. A step's
-tokens from many sequences are packed into one flat batch; `AttentionMetadata` says where
-each token's K/V goes (`slot_mapping`) and which blocks each sequence attends over. Backends
-share this metadata, so a GPU backend (a later issue) slots in behind the same
-`AttentionBackend.forward`.
+tokens from many sequences are packed into one flat batch (`StepInputs`). Each backend turns
+that step into metadata of its own in `prepare` (once per step, shared by every layer) and
+reads it in `forward`: `TorchAttention` here (CPU, and the reference), `TritonAttention` on
+GPUs (`attention_triton`), which also owns the static buffers that CUDA graphs replay.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from tandem.engine.step_inputs import DeviceStep, StepInputs
 
 
 @dataclass
@@ -39,13 +41,18 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    k_cache: torch.Tensor  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+
+    def prepare(self, step: StepInputs, dev: DeviceStep) -> Any: ...
+
     def forward(
         self,
         layer: int,
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: Any,
     ) -> torch.Tensor: ...  # [num_tokens, num_heads, head_dim]
 
 
@@ -59,10 +66,36 @@ class TorchAttention:
     """
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> None:
-        # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
         self.k_cache = k_cache
         self.v_cache = v_cache
         self.scale = scale
+
+    def prepare(self, step: StepInputs, dev: DeviceStep) -> AttentionMetadata:
+        device = self.k_cache.device
+        block_size = self.k_cache.shape[2]
+        meta = AttentionMetadata(dev.slot_mapping.long(), [], None, None, 0, None)
+        decodes = []
+        qsl, lens = step.query_start_loc.tolist(), step.seq_lens.tolist()
+        for i, context in enumerate(lens):
+            start, n = qsl[i], qsl[i + 1] - qsl[i]
+            if n == 1:
+                decodes.append(i)
+                continue
+            mask = None
+            if context > n:
+                q_pos = torch.arange(context - n, context, device=device).unsqueeze(1)
+                mask = torch.arange(context, device=device).unsqueeze(0) <= q_pos
+            blocks = dev.block_tables[i, : -(-context // block_size)]
+            meta.prefills.append(PrefillSpan(start, n, context, blocks, mask))
+        if decodes:
+            rows = torch.tensor([qsl[i] for i in decodes], device=device)
+            contexts = torch.tensor([lens[i] for i in decodes], device=device)
+            meta.decode_context = max(lens[i] for i in decodes)
+            meta.decode_rows = rows
+            meta.decode_blocks = dev.block_tables[decodes, : -(-meta.decode_context // block_size)]
+            positions = torch.arange(meta.decode_context, device=device).unsqueeze(0)
+            meta.decode_mask = (positions < contexts.unsqueeze(1))[:, None, None, :]
+        return meta
 
     def forward(
         self,
@@ -96,7 +129,7 @@ class TorchAttention:
         if meta.decode_rows is not None:
             n = meta.decode_rows.shape[0]
             shape = (n, -1, *k_cache.shape[2:])
-            blocks = meta.decode_blocks.flatten()
+            blocks = meta.decode_blocks.flatten().long()
             ctx = meta.decode_context
             kd = k_cache.index_select(0, blocks).view(shape)[:, :ctx].transpose(1, 2)
             vd = v_cache.index_select(0, blocks).view(shape)[:, :ctx].transpose(1, 2)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
+
 
 @dataclass
 class EngineConfig:

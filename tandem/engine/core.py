@@ -16,7 +16,7 @@ import torch
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig
 from tandem.engine.loader import load_config, resolve_dtype
-from tandem.engine.model_runner import ModelRunner, kv_bytes_per_block
+from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models.llama import head_dim_of
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.sequence import Sequence, Status
@@ -53,13 +53,8 @@ class EngineCore:
         self.hf_config = hf
         self.eos_token_ids = eos_token_ids(config.model, hf)
         dtype = resolve_dtype(config.dtype, hf, config.device)
-        num_blocks = config.num_gpu_blocks or int(
-            (config.kv_cache_memory_gb or 1.0) * 2**30 // kv_bytes_per_block(hf, config.block_size, dtype)
-        )
-        if num_blocks < 1:
-            raise ValueError(
-                "the KV cache holds no block: raise --kv-cache-memory or --num-gpu-blocks"
-            )
+        self.runner = self._make_runner()
+        num_blocks = self.runner.num_blocks
         self.max_model_len = self._max_model_len(hf, num_blocks * config.block_size)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
@@ -67,7 +62,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = self._make_runner(num_blocks)
+        self.runner.start(self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.kv_layout = KvLayout(
             num_layers=hf.num_hidden_layers,
@@ -96,20 +91,18 @@ class EngineCore:
             config.device,
         )
 
-    def _make_runner(self, num_blocks: int):
+    def _make_runner(self):
         if self.config.engine == "real":
-            return ModelRunner(
-                self.config, self.hf_config, num_blocks, self.max_model_len, self.eos_token_ids
-            )
+            return ModelRunner(self.config, self.hf_config, self.eos_token_ids)
         if self.config.engine == "mock":
             from tandem.engine.mock import MockRunner, load_perf_model
 
             return MockRunner(
                 self.config,
-                self.hf_config.vocab_size,
+                self.hf_config,
                 self.eos_token_ids,
                 load_perf_model(self.config.perf_model),
-                kv_usage=lambda: self.block_manager.num_active_blocks / num_blocks,
+                kv_usage=lambda: self.block_manager.num_active_blocks / self.runner.num_blocks,
             )
         raise ValueError(f"unknown engine {self.config.engine!r}: choose real or mock")
 

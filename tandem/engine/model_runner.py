@@ -1,4 +1,8 @@
-"""Runs one scheduled batch through the model: pack inputs, build attention metadata, sample."""
+"""Runs one scheduled batch through the model: pack inputs, prepare attention, sample.
+
+On a GPU the runner also sizes the KV cache from the memory left after a profiling pass
+(`gpu_memory_utilization`, vLLM's knob) and replays decode steps from CUDA graphs.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,19 @@ import logging
 import torch
 from transformers import PretrainedConfig
 
-from tandem.engine.attention import AttentionMetadata, PrefillSpan, TorchAttention
-from tandem.engine.config import EngineConfig
+from tandem.engine.attention import AttentionBackend, TorchAttention
+from tandem.engine.config import ATTENTION_BACKENDS, EngineConfig
 from tandem.engine.loader import iter_safetensors, resolve_dtype
 from tandem.engine.models import LlamaForCausalLM
 from tandem.engine.models.llama import head_dim_of
 from tandem.engine.sampler import Sampler, SampleResult
 from tandem.engine.scheduler import ScheduledBatch
 from tandem.engine.sequence import Sequence
+from tandem.engine.step_inputs import StepInputs, StepUploader, build_step
 
 log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_GB = 1.0
 
 
 def kv_bytes_per_block(hf: PretrainedConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -24,96 +31,152 @@ def kv_bytes_per_block(hf: PretrainedConfig, block_size: int, dtype: torch.dtype
     return per_token * block_size * dtype.itemsize
 
 
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name not in ATTENTION_BACKENDS:
+        choices = ", ".join(ATTENTION_BACKENDS)
+        raise ValueError(f"unknown attention backend {name!r}; choose {choices}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return name
+
+
 class ModelRunner:
-    def __init__(
-        self,
-        config: EngineConfig,
-        hf: PretrainedConfig,
-        num_blocks: int,
-        max_model_len: int,
-        eos_token_ids: set[int],
-    ) -> None:
+    def __init__(self, config: EngineConfig, hf: PretrainedConfig, eos_token_ids: set[int]):
+        self.config = config
+        self.hf = hf
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)  # the noise of requests that bring no seed of their own
         self.dtype = resolve_dtype(config.dtype, hf, config.device)
         self.block_size = config.block_size
+        self.backend_name = resolve_backend(config.attention_backend, self.device)
+        max_positions = config.max_model_len or hf.max_position_embeddings
+        with torch.device("meta"):
+            model = LlamaForCausalLM(hf, None, max_positions)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.init_rope()
+        if config.load_format == "dummy":
+            model.init_dummy_weights(config.seed)
+        elif config.load_format == "auto":
+            model.load_weights(iter_safetensors(config.model))
+        else:
+            raise ValueError(f"unknown load format {config.load_format!r}; choose auto, dummy")
+        self.model = model.eval()
+        self.sampler = Sampler(eos_token_ids)
+        self.uploader = StepUploader(self.device)
+        self.num_blocks = config.num_gpu_blocks or self._kv_blocks_for_memory()
+        if self.num_blocks < 1:
+            raise ValueError(
+                "the KV cache holds no block: raise --kv-cache-memory, --num-gpu-blocks or "
+                "--gpu-memory-utilization"
+            )
+        self.attention = self._make_backend(self.num_blocks)
+        self.graphs = None
+
+    def start(self, max_model_len: int) -> None:
+        """Once the engine knows its context limit: capture the decode graphs."""
+        use_graphs = (
+            self.device.type == "cuda" and not self.config.enforce_eager
+            and self.backend_name == "triton"
+        )
+        if use_graphs:
+            from tandem.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(
+                self.model, self.attention, self.config.max_num_seqs, max_model_len
+            )
+
+    def _make_backend(self, num_blocks: int) -> AttentionBackend:
         shape = (
-            hf.num_hidden_layers,
+            self.hf.num_hidden_layers,
             num_blocks,
-            config.block_size,
-            hf.num_key_value_heads,
-            head_dim_of(hf),
+            self.block_size,
+            self.hf.num_key_value_heads,
+            head_dim_of(self.hf),
         )
         k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.attention = TorchAttention(k_cache, v_cache, scale=head_dim_of(hf) ** -0.5)
-        with torch.device("meta"):
-            model = LlamaForCausalLM(hf, self.attention, max_model_len)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        model.init_rope()
-        model.load_weights(iter_safetensors(config.model))
-        self.model = model.eval()
-        self.sampler = Sampler(eos_token_ids)
+        scale = head_dim_of(self.hf) ** -0.5
+        if self.backend_name == "triton":
+            from tandem.engine.attention_triton import TritonAttention
+
+            backend = TritonAttention(k_cache, v_cache, scale)
+        else:
+            backend = TorchAttention(k_cache, v_cache, scale)
+        self.model.set_attention(backend)
+        return backend
+
+    def _kv_blocks_for_memory(self) -> int:
+        per_block = kv_bytes_per_block(self.hf, self.block_size, self.dtype)
+        if self.config.kv_cache_memory_gb is not None:
+            return int(self.config.kv_cache_memory_gb * 2**30 // per_block)
+        if self.device.type != "cuda":
+            return int(CPU_KV_CACHE_GB * 2**30 // per_block)
+        return self._profile_kv_blocks(per_block)
+
+    def _profile_kv_blocks(self, per_block: int) -> int:
+        """Run the largest prefill step the scheduler can make, then give the KV cache what
+        `gpu_memory_utilization` of the device leaves beside the peak and other processes."""
+        tokens = self.config.max_num_batched_tokens
+        self.attention = self._make_backend(-(-tokens // self.block_size))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        seq = Sequence("profile", 0, [0] * tokens, _greedy())
+        seq.block_table = list(range(-(-tokens // self.block_size)))
+        batch = ScheduledBatch([seq], [tokens])
+        step = build_step(batch, self.block_size)
+        with torch.inference_mode():
+            hidden = self._forward(step)
+            rows = min(self.config.max_num_seqs, tokens)
+            logits = self.model.compute_logits(hidden[-1:].expand(rows, -1))
+            torch.softmax(logits, dim=-1).argmax(dim=-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del hidden, logits
+        self.attention = None
+        self.model.set_attention(None)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.gpu_memory_utilization - others - peak
+        log.info(
+            "GPU memory: %.1f GiB total, peak %.1f GiB in a %d-token step (weights included), "
+            "%.1f GiB used elsewhere: %.1f GiB for the KV cache",
+            total / 2**30, peak / 2**30, tokens, others / 2**30, max(budget, 0) / 2**30,
+        )
+        return int(max(budget, 0) // per_block)
+
+    def _forward(self, step: StepInputs) -> torch.Tensor:
+        """Hidden states of the step's sampled rows."""
+        dev = self.uploader.upload(step)
+        if self.graphs is not None and self.graphs.fits(step):
+            hidden = self.graphs.run(dev)
+            return hidden if len(step.sample_rows) == step.num_tokens else hidden[dev.sample_rows]
+        meta = self.attention.prepare(step, dev)
+        hidden = self.model(dev.input_ids, dev.positions, meta)
+        return hidden[dev.sample_rows]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
         """Compute the batch's tokens; sample for the sequences whose last token was computed."""
-        input_ids, positions, slots = [], [], []
-        prefills: list[PrefillSpan] = []
-        decode_rows, decode_seqs = [], []
-        sample_rows, sample_seqs = [], []
-        b = self.block_size
-        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
-            start = seq.num_computed_tokens
-            row = len(input_ids)
-            input_ids += seq.token_ids[start : start + n]
-            pos = range(start, start + n)
-            positions += pos
-            table = seq.block_table
-            slots += [table[p // b] * b + p % b for p in pos]
-            if n == 1:
-                decode_rows.append(row)
-                decode_seqs.append(seq)
-            else:
-                prefills.append(self._prefill_span(seq, row, start, n))
-            if start + n == seq.num_tokens:
-                sample_rows.append(row + n - 1)
-                sample_seqs.append(seq)
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            prefills=prefills,
-            decode_rows=None,
-            decode_blocks=None,
-            decode_context=0,
-            decode_mask=None,
-        )
-        if decode_seqs:
-            self._add_decodes(meta, decode_rows, decode_seqs)
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta)
-        if not sample_seqs:
+        step = build_step(batch, self.block_size)
+        hidden = self._forward(step)
+        if not step.sample_seqs:
             return [], None
-        logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
-        return sample_seqs, self.sampler(logits, sample_seqs)
+        logits = self.model.compute_logits(hidden)
+        return step.sample_seqs, self.sampler(logits, step.sample_seqs)
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    @torch.inference_mode()
+    def all_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits of every token the batch computes (tests compare them with transformers)."""
+        step = build_step(batch, self.block_size)
+        step.sample_rows = list(range(step.num_tokens))
+        dev = self.uploader.upload(step)
+        hidden = self.model(dev.input_ids, dev.positions, self.attention.prepare(step, dev))
+        return self.model.compute_logits(hidden)
 
-    def _prefill_span(self, seq: Sequence, row: int, start: int, n: int) -> PrefillSpan:
-        context = start + n
-        mask = None
-        if start:
-            q_pos = torch.arange(start, context, device=self.device).unsqueeze(1)
-            mask = torch.arange(context, device=self.device).unsqueeze(0) <= q_pos
-        block_ids = self._tensor(seq.block_table[: -(-context // self.block_size)])
-        return PrefillSpan(row, n, context, block_ids, mask)
 
-    def _add_decodes(self, meta: AttentionMetadata, rows: list[int], seqs: list[Sequence]) -> None:
-        contexts = [s.num_computed_tokens + 1 for s in seqs]
-        max_ctx = max(contexts)
-        max_blocks = -(-max_ctx // self.block_size)
-        tables = [s.block_table[:max_blocks] for s in seqs]
-        meta.decode_rows = self._tensor(rows)
-        meta.decode_blocks = self._tensor([t + [0] * (max_blocks - len(t)) for t in tables])
-        meta.decode_context = max_ctx
-        positions = torch.arange(max_ctx, device=self.device).unsqueeze(0)
-        meta.decode_mask = (positions < self._tensor(contexts).unsqueeze(1))[:, None, None, :]
+def _greedy():
+    from tandem.protocol import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0.0)

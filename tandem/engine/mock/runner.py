@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 
+from transformers import PretrainedConfig
+
 from tandem.engine.config import EngineConfig
+from tandem.engine.loader import resolve_dtype
 from tandem.engine.mock.perf_model import PerfModel
+from tandem.engine.model_runner import CPU_KV_CACHE_GB, kv_bytes_per_block
 from tandem.engine.sampler import SampleResult
 from tandem.engine.scheduler import ScheduledBatch
 from tandem.engine.sequence import Sequence
@@ -17,18 +21,25 @@ class MockRunner:
     def __init__(
         self,
         config: EngineConfig,
-        vocab_size: int,
+        hf: PretrainedConfig,
         eos_token_ids: set[int],
         perf_model: PerfModel,
         kv_usage,
     ) -> None:
         self.perf_model = perf_model
         self.speedup = config.mock_speedup
-        self.vocab_size = vocab_size
+        self.vocab_size = hf.vocab_size
+        dtype = resolve_dtype(config.dtype, hf, config.device)
+        kv_bytes = (config.kv_cache_memory_gb or CPU_KV_CACHE_GB) * 2**30
+        block_bytes = kv_bytes_per_block(hf, config.block_size, dtype)
+        self.num_blocks = config.num_gpu_blocks or int(kv_bytes // block_bytes)
         self.eos_token_ids = eos_token_ids
         self.kv_usage = kv_usage  # callable: the block manager's current usage
         self.busy_s = 0.0
         self.transfer_gbps = config.mock_transfer_gbps
+
+    def start(self, max_model_len: int) -> None:
+        pass
 
     def transfer_ms(self, nbytes: int) -> float:
         """A KV transfer between two workers: a fixed 1 ms plus the bytes at the link's rate."""

@@ -7,19 +7,20 @@ frequencies match bit for bit) and tied embeddings. Q/K/V and gate/up projection
 into one matmul each: fewer kernel launches per layer matter a lot for small models.
 
 Tokens arrive flattened across sequences: `input_ids[T]`, `positions[T]`; the attention
-backend reads the paged KV cache through `AttentionMetadata`.
+backend reads the paged KV cache through the metadata it prepared for the step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from tandem.engine.attention import AttentionBackend, AttentionMetadata
+from tandem.engine.attention import AttentionBackend
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -61,7 +62,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: PretrainedConfig, layer: int, backend: AttentionBackend | None
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.backend = backend
@@ -79,7 +82,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: Any
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -105,7 +108,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: PretrainedConfig, layer: int, backend: AttentionBackend | None
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer, backend)
@@ -122,7 +127,9 @@ def head_dim_of(config: PretrainedConfig) -> int:
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, max_positions: int):
+    def __init__(
+        self, config: PretrainedConfig, backend: AttentionBackend | None, max_positions: int
+    ):
         super().__init__()
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -141,12 +148,27 @@ class LlamaForCausalLM(nn.Module):
         # Filled by `init_rope()` once the module has real storage (it may be built on "meta").
         self.register_buffer("rope", torch.empty(max_positions, head_dim_of(config)))
 
+    def set_attention(self, backend: AttentionBackend | None) -> None:
+        for layer in self.layers:
+            layer.self_attn.backend = backend
+
+    def init_dummy_weights(self, seed: int) -> None:
+        """Random weights of the right shapes (vLLM's `--load-format dummy`): throughput
+        runs of a real model's shape without its files."""
+        generator = torch.Generator(self.rope.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if "norm" in name:
+                    param.fill_(1.0)
+                else:
+                    param.uniform_(-0.02, 0.02, generator=generator)
+
     def init_rope(self) -> None:
         table = rope_cos_sin(self.config, head_dim_of(self.config), self.rope.shape[0])
         self.rope = table.to(self.rope.device)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
         x = self.embed_tokens(input_ids)

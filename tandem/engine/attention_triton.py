@@ -1,0 +1,122 @@
+"""The GPU attention backend: Tandem's Triton kernels reading the paged KV cache in place.
+
+One kernel launch per layer serves a whole step, decodes and prefill chunks alike, each
+query attending through its sequence's block table; a small batch of long decodes splits
+every context over several programs (split-K) so the GPU is not left mostly idle. The
+backend also owns the static metadata that CUDA graphs capture (`graph_metadata`) and the
+copies that refill it before a replay (`load_graph_step`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.kernels.attention import choose_num_splits, paged_attention, store_kv
+from tandem.engine.step_inputs import DeviceStep, StepInputs
+
+
+@dataclass
+class TritonMetadata:
+    slot_mapping: torch.Tensor  # [T] int32
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, W] int32
+    max_query_len: int
+    num_splits: int
+
+
+class TritonAttention:
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> None:
+        self.k_cache = k_cache
+        self.v_cache = v_cache
+        self.scale = scale
+        self.num_kv_heads = k_cache.shape[3]
+        device = k_cache.device
+        self.num_sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda"
+            else 1
+        )
+        self._graph: TritonMetadata | None = None
+
+    def prepare(self, step: StepInputs, dev: DeviceStep) -> TritonMetadata:
+        splits = 1
+        if step.max_query_len == 1:
+            splits = choose_num_splits(
+                step.num_seqs, self.num_kv_heads, step.max_seq_len, self.num_sms
+            )
+        return TritonMetadata(
+            dev.slot_mapping,
+            dev.query_start_loc,
+            dev.seq_lens,
+            dev.block_tables,
+            step.max_query_len,
+            splits,
+        )
+
+    def forward(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: TritonMetadata,
+    ) -> torch.Tensor:
+        k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            out,
+            query_start_loc=meta.query_start_loc,
+            seq_lens=meta.seq_lens,
+            block_tables=meta.block_tables,
+            scale=self.scale,
+            max_query_len=meta.max_query_len,
+            num_splits=meta.num_splits,
+        )
+
+    # -- CUDA graphs: decode steps of up to `max_seqs` sequences --------------------------
+
+    def init_graphs(self, max_seqs: int, max_blocks_per_seq: int) -> None:
+        """Static buffers every captured decode graph reads; refilled before each replay."""
+        device = self.k_cache.device
+        self._graph = TritonMetadata(
+            slot_mapping=torch.full((max_seqs,), -1, dtype=torch.int32, device=device),
+            query_start_loc=torch.arange(max_seqs + 1, dtype=torch.int32, device=device),
+            seq_lens=torch.zeros(max_seqs, dtype=torch.int32, device=device),
+            block_tables=torch.zeros(
+                (max_seqs, max_blocks_per_seq), dtype=torch.int32, device=device
+            ),
+            max_query_len=1,
+            num_splits=1,
+        )
+
+    def graph_metadata(self, batch_size: int, max_seq_len: int) -> TritonMetadata:
+        """The metadata a graph of `batch_size` decodes is captured with (views of the
+        static buffers); split-K sized for the longest context it may meet."""
+        g = self._graph
+        return TritonMetadata(
+            g.slot_mapping[:batch_size],
+            g.query_start_loc[: batch_size + 1],
+            g.seq_lens[:batch_size],
+            g.block_tables[:batch_size],
+            1,
+            choose_num_splits(batch_size, self.num_kv_heads, max_seq_len, self.num_sms),
+        )
+
+    def load_graph_step(self, dev: DeviceStep, batch_size: int) -> None:
+        """Copy a decode step into the static buffers; rows past the step are padding
+        (slot -1: nothing stored; context 0: nothing read)."""
+        g = self._graph
+        n = dev.seq_lens.shape[0]
+        g.slot_mapping[:n].copy_(dev.slot_mapping)
+        g.slot_mapping[n:batch_size].fill_(-1)
+        g.seq_lens[:n].copy_(dev.seq_lens)
+        g.seq_lens[n:batch_size].fill_(0)
+        width = dev.block_tables.shape[1]
+        g.block_tables[:n, :width].copy_(dev.block_tables)

@@ -1,0 +1,359 @@
+"""Paged attention over the KV cache, and the KV store, in Triton.
+
+One layer's cache is `[num_blocks, block_size, num_kv_heads, head_dim]` for K and for V; a
+step's query tokens from many sequences are packed into one flat batch and
+`query_start_loc` says where each sequence's rows start. One kernel serves both phases:
+
+- prefill / mixed batches: a program owns `BLOCK_Q` query tokens of one sequence times the
+  `group` query heads that share one KV head (`BLOCK_M = BLOCK_Q * group` rows, so each KV
+  tile gathered through the block table feeds every head of the group). It walks KV tiles
+  of `BLOCK_N` tokens up to its causal frontier: tiles every row sees run without masks, only
+  the diagonal tiles are masked. The grid is `T // BLOCK_Q + B` programs per KV head, a bound
+  on the number of query tiles, and each program finds its sequence by a binary search
+  over `query_start_loc`: the launch depends on shapes only, so it can be CUDA-graph captured.
+- decode (`max_query_len == 1`): one program per (sequence, KV head, split). With
+  `num_splits > 1` each one covers a slice of the context and writes a partial output and
+  its log-sum-exp; a second kernel combines them (split-K, for long contexts at small batch).
+
+Softmax runs online in float32 with exp2; float32 inputs use exact ("ieee") dots so that the
+GPU path matches a float32 reference, half inputs use the tensor cores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
+    s_cb, s_co, s_ch, s_cd,
+    NUM_HEADS: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # a padding row (CUDA graph): nothing to store
+        return
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < NUM_HEADS) & (d < HEAD_D)
+    dst = (slot // BLOCK_SIZE) * s_cb + (slot % BLOCK_SIZE) * s_co + h * s_ch + d * s_cd
+    k = tl.load(k_ptr + t * s_kt + h * s_kh + d * s_kd, mask=mask)
+    v = tl.load(v_ptr + t * s_vt + h * s_vh + d * s_vd, mask=mask)
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write this step's K/V rows `[T, kv_heads, head_dim]` into their slots; slot < 0 skips."""
+    num_tokens, num_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    assert k_cache.stride() == v_cache.stride() and k_cache.shape[2:] == k.shape[1:]
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        *k.stride(), *v.stride(), *k_cache.stride(),
+        NUM_HEADS=num_heads, HEAD_D=head_dim, BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1],
+        num_warps=4 if num_heads * head_dim >= 1024 else 1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _attend(
+    acc, l_i, m_i, q, row_pos, kc_ptr, vc_ptr, bt_ptr, seq_len, t_lo, t_hi, qk_scale,
+    kv_off, s_cb, s_co,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over KV tiles [t_lo, t_hi); MASKED applies causal and length masks."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = (tl.arange(0, BLOCK_D) < HEAD_D)[None, :]
+    for t in range(t_lo, t_hi):
+        pos = t * BLOCK_N + offs_n
+        if MASKED:
+            n_ok = pos < seq_len
+            blk = tl.load(bt_ptr + pos // BLOCK_SIZE, mask=n_ok, other=0)
+            kv_mask = n_ok[:, None] & d_ok
+        else:
+            blk = tl.load(bt_ptr + pos // BLOCK_SIZE)
+            kv_mask = d_ok
+        ptrs = (blk.to(tl.int64) * s_cb + (pos % BLOCK_SIZE) * s_co)[:, None] + kv_off[None, :]
+        if MASKED or BLOCK_D != HEAD_D:
+            k = tl.load(kc_ptr + ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(vc_ptr + ptrs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(kc_ptr + ptrs)
+            v = tl.load(vc_ptr + ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where(pos[None, :] <= row_pos[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # row sees nothing yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _paged_attn_kernel(
+    q_ptr, kc_ptr, vc_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, part_ptr, lse_ptr,
+    num_seqs, num_heads, qk_scale,
+    s_qt, s_qh, s_qd, s_ot, s_oh, s_od, s_cb, s_co, s_ch, s_cd, s_bt,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    kv_head = tl.program_id(1)
+    if DECODE:
+        seq = tl.program_id(0)
+        q_tile = 0
+    else:
+        # Sequence i's query tiles are numbered from qsl[i] // BLOCK_Q + i: find the last
+        # sequence whose first tile is at or before this program's.
+        pid = tl.program_id(0)
+        lo = pid * 0
+        hi = pid * 0 + num_seqs - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid:
+                lo = mid
+            else:
+                hi = mid - 1
+        seq = lo
+        q_tile = pid - (tl.load(qsl_ptr + seq) // BLOCK_Q + seq)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    q0 = q_tile * BLOCK_Q
+    if q0 >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx = seq_len - q_len  # tokens cached before this step's
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tok = q0 + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    row_ok = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)
+    row_pos = ctx + tok
+    row_mask = row_ok[:, None] & (offs_d < HEAD_D)[None, :]
+    q_rows = (q_start + tok) * s_qt + head * s_qh
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * s_qd, mask=row_mask, other=0.0)
+
+    # Keys [0, n_full * BLOCK_N) are visible to every row: no masks there.
+    last_tok = tl.minimum(q0 + BLOCK_Q, q_len) - 1
+    kv_end = tl.minimum(tl.maximum(ctx + last_tok + 1, 0), seq_len)
+    n_tiles = tl.cdiv(kv_end, BLOCK_N)
+    n_full = tl.minimum(tl.maximum(ctx + q0 + 1, 0) // BLOCK_N, n_tiles)
+    t_lo = 0
+    t_hi = n_tiles
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+        t_lo = tl.program_id(2) * per_split
+        t_hi = tl.minimum(t_lo + per_split, n_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * s_bt
+    kv_off = kv_head * s_ch + offs_d * s_cd
+    acc, l_i, m_i = _attend(
+        acc, l_i, m_i, q, row_pos, kc_ptr, vc_ptr, bt_row, seq_len, t_lo,
+        tl.minimum(t_hi, n_full), qk_scale, kv_off, s_cb, s_co,
+        False, BLOCK_N, BLOCK_D, HEAD_D, BLOCK_SIZE, PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _attend(
+        acc, l_i, m_i, q, row_pos, kc_ptr, vc_ptr, bt_row, seq_len, tl.maximum(t_lo, n_full),
+        t_hi, qk_scale, kv_off, s_cb, s_co,
+        True, BLOCK_N, BLOCK_D, HEAD_D, BLOCK_SIZE, PRECISION,
+    )  # fmt: skip
+
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row with no keys gives zeros
+    if NUM_SPLITS > 1:
+        part = ((q_start + tok) * num_heads + head) * NUM_SPLITS + tl.program_id(2)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_i))
+        tl.store(lse_ptr + part, lse, mask=row_ok)
+        tl.store(part_ptr + part[:, None] * HEAD_D + offs_d[None, :], o, mask=row_mask)
+    else:
+        o_rows = (q_start + tok) * s_ot + head * s_oh
+        dst = out_ptr + o_rows[:, None] + offs_d[None, :] * s_od
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    out_ptr, part_ptr, lse_ptr, qsl_ptr, num_heads, s_ot, s_oh, s_od,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = tl.load(qsl_ptr + seq)
+    if tl.load(qsl_ptr + seq + 1) <= row:
+        return
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    part = (row * num_heads + head) * NUM_SPLITS + offs_s
+    lse = tl.load(lse_ptr + part, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    mask = s_ok[:, None] & (offs_d < HEAD_D)[None, :]
+    parts = tl.load(part_ptr + part[:, None] * HEAD_D + offs_d[None, :], mask=mask, other=0.0)
+    total = tl.sum(w, 0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    dst = out_ptr + row * s_ot + head * s_oh + offs_d * s_od
+    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_D)
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for query tiles; shared memory bounds it."""
+    if dtype == torch.float32:  # tests and exact-match runs: twice the bytes per tile
+        return (64, 32, 4, 2) if head_dim > 64 else (64, 64, 4, 2)
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    if head_dim <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 4, 2
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for decode: memory-bound, so deep KV pipelines."""
+    if head_dim > 128 or (dtype == torch.float32 and head_dim > 64):
+        return 32, 4, 2
+    return 64, 4, 3
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    num_splits: int = 1,
+) -> torch.Tensor:
+    """Causal attention of packed queries over their sequences' paged K/V; writes `out`.
+
+    The grid depends on shapes and the Python ints only (CUDA-graph safe). `num_splits` is
+    used for decode-only batches (`max_query_len == 1`) and ignored otherwise. Rows past
+    `query_start_loc[-1]` are left untouched; a sequence with `seq_len == 0` gives zeros.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    assert num_heads % num_kv_heads == 0 and k_cache.stride() == v_cache.stride()
+    assert block_tables.stride(1) == 1 and block_size & (block_size - 1) == 0
+    group = num_heads // num_kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    decode = max_query_len <= 1
+    splits = max(1, num_splits) if decode else 1
+    if decode:
+        block_q, block_m = 1, max(16, triton.next_power_of_2(group))
+        block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype)
+        grid = (num_seqs, num_kv_heads, splits)
+    else:
+        block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype)
+        # Short queries (speculative or tiny chunks) need fewer rows per tile.
+        want = max(16, triton.next_power_of_2(max_query_len * group))
+        block_m = max(min(block_m, want), triton.next_power_of_2(group))
+        block_q = block_m // group
+        grid = (num_tokens // block_q + num_seqs, num_kv_heads, 1)
+    if splits > 1:
+        part = torch.empty((num_tokens, num_heads, splits, head_dim), dtype=torch.float32,
+                           device=q.device)  # fmt: skip
+        lse = torch.empty((num_tokens, num_heads, splits), dtype=torch.float32, device=q.device)
+    else:
+        part = lse = out  # unused
+    _paged_attn_kernel[grid](
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, part, lse,
+        num_seqs, num_heads, scale * _LOG2E,
+        *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0),
+        GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
+        HEAD_D=head_dim, BLOCK_SIZE=block_size, DECODE=decode, NUM_SPLITS=splits,
+        PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _combine_splits_kernel[(num_seqs, num_heads)](
+            out, part, lse, query_start_loc, num_heads, *out.stride(),
+            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_D=head_dim,
+            BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1 if head_dim <= 64 else 2,
+        )  # fmt: skip
+    return out
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Split-K factor for a decode batch: enough programs to fill the GPU twice over.
+
+    Splitting only pays when (sequence, KV head) pairs are well short of the SMs and each
+    split still gets a few hundred tokens; beyond 16 splits the combine step starts to cost.
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    if programs >= num_sms or max_seq_len < 1024:
+        return 1
+    splits = min(math.ceil(2 * num_sms / programs), max_seq_len // 512, 16)
+    return max(1, splits)
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    num_splits: int = 1,
+) -> torch.Tensor:
+    """`paged_attention` in plain torch, float32, one sequence at a time: the tests' oracle."""
+    del max_query_len, num_splits  # shape hints for the kernel only
+    starts = query_start_loc.tolist()
+    group = q.shape[1] // k_cache.shape[2]
+    block_size = k_cache.shape[1]
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        a, b = starts[i], starts[i + 1]
+        if b == a:
+            continue
+        if seq_len == 0:
+            out[a:b] = 0
+            continue
+        blocks = block_tables[i, : -(-seq_len // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, 1)
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, 1)
+        s = torch.einsum("qhd,khd->hqk", q[a:b].float(), k) * scale
+        pos = torch.arange(seq_len - (b - a), seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= pos[:, None]
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+        p = torch.where(mask.any(-1, keepdim=True), p, 0.0)  # rows with no keys: zeros
+        out[a:b] = torch.einsum("hqk,khd->qhd", p, v).to(out.dtype)
+    return out

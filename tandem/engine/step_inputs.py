@@ -1,0 +1,146 @@
+"""One engine step's inputs as flat int32 arrays, built on the host and moved in one copy.
+
+Every backend reads the same description of a step: the tokens, their positions and KV
+slots, and per sequence where its queries start, how long its context is and which blocks
+hold it. On a GPU the arrays are packed into one pinned buffer and copied with a single
+non-blocking transfer; the device tensors are views into one device buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tandem.engine.scheduler import ScheduledBatch
+from tandem.engine.sequence import Sequence
+
+
+@dataclass
+class StepInputs:
+    input_ids: np.ndarray  # [T] int32
+    positions: np.ndarray  # [T]
+    slot_mapping: np.ndarray  # [T] KV slot of each new token; -1: write nothing (padding)
+    query_start_loc: np.ndarray  # [B + 1] rows of sequence i are [qsl[i], qsl[i + 1])
+    seq_lens: np.ndarray  # [B] context length after this step (cached + new tokens)
+    block_tables: np.ndarray  # [B, W] each sequence's blocks, padded with 0
+    sample_rows: list[int]  # rows whose logits are sampled
+    sample_seqs: list[Sequence]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+@dataclass
+class DeviceStep:
+    """The same step on the model's device (int32 tensors, views of one buffer)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    sample_rows: torch.Tensor
+
+
+def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
+    """Flatten a scheduled batch. Decodes (one token) take a pure-Python path: at a few
+    hundred sequences per step, numpy's per-call cost would dominate."""
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    qsl = [0]
+    seq_lens: list[int] = []
+    sample_rows: list[int] = []
+    sample_seqs: list[Sequence] = []
+    max_q = 0
+    width = 0
+    for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+        start = seq.num_computed_tokens
+        table = seq.block_table
+        row = len(ids)
+        if n == 1:
+            ids.append(seq.token_ids[start])
+            positions.append(start)
+            slots.append(table[start // block_size] * block_size + start % block_size)
+        else:
+            ids += seq.token_ids[start : start + n]
+            pos = np.arange(start, start + n, dtype=np.int64)
+            positions += pos.tolist()
+            blocks = np.asarray(table, dtype=np.int64)[pos // block_size]
+            slots += (blocks * block_size + pos % block_size).tolist()
+        context = start + n
+        qsl.append(row + n)
+        seq_lens.append(context)
+        max_q = max(max_q, n)
+        width = max(width, -(-context // block_size))
+        if context == seq.num_tokens:
+            sample_rows.append(row + n - 1)
+            sample_seqs.append(seq)
+    tables = np.zeros((len(seq_lens), width), dtype=np.int32)
+    for i, seq in enumerate(batch.seqs):
+        used = -(-seq_lens[i] // block_size)
+        tables[i, :used] = seq.block_table[:used]
+    return StepInputs(
+        input_ids=np.asarray(ids, dtype=np.int32),
+        positions=np.asarray(positions, dtype=np.int32),
+        slot_mapping=np.asarray(slots, dtype=np.int32),
+        query_start_loc=np.asarray(qsl, dtype=np.int32),
+        seq_lens=np.asarray(seq_lens, dtype=np.int32),
+        block_tables=tables,
+        sample_rows=sample_rows,
+        sample_seqs=sample_seqs,
+        max_query_len=max_q,
+        max_seq_len=max(seq_lens, default=0),
+    )
+
+
+class StepUploader:
+    """Packs a step into one pinned host buffer and copies it to the device in one go.
+
+    The buffer is reused: safe because every step ends by reading its sampled tokens back,
+    which waits for the copy. On a CPU the arrays are used in place.
+    """
+
+    def __init__(self, device: torch.device, capacity: int = 1 << 16) -> None:
+        self.device = device
+        self._host: torch.Tensor | None = None
+        self._dev: torch.Tensor | None = None
+        if device.type == "cuda":
+            self._grow(capacity)
+
+    def _grow(self, size: int) -> None:
+        self._host = torch.empty(size, dtype=torch.int32, pin_memory=True)
+        self._dev = torch.empty(size, dtype=torch.int32, device=self.device)
+
+    def upload(self, step: StepInputs) -> DeviceStep:
+        parts = [
+            step.input_ids,
+            step.positions,
+            step.slot_mapping,
+            step.query_start_loc,
+            step.seq_lens,
+            step.block_tables.reshape(-1),
+            np.asarray(step.sample_rows, dtype=np.int32),
+        ]
+        if self.device.type != "cuda":
+            flat = torch.from_numpy(np.concatenate(parts))
+        else:
+            total = sum(len(p) for p in parts)
+            if total > self._host.numel():
+                self._grow(max(total, 2 * self._host.numel()))
+            np.concatenate(parts, out=self._host.numpy()[:total])
+            flat = self._dev[:total]
+            flat.copy_(self._host[:total], non_blocking=True)
+        views = list(flat.split([len(p) for p in parts]))
+        views[5] = views[5].view(step.block_tables.shape)
+        return DeviceStep(*views)
