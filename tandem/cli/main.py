@@ -336,8 +336,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     with sock:
         try:
             model_path = resolve_model(
-            args.model, need_weights=args.engine == "real" and args.load_format == "auto"
-        )
+                args.model, need_weights=args.engine == "real" and args.load_format == "auto"
+            )
         except ModelSourceError as exc:
             print(f"tandem serve: error: {exc}", file=sys.stderr)
             return 2
