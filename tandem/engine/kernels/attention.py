@@ -22,6 +22,7 @@ GPU path matches a float32 reference, half inputs use the tensor cores.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -79,6 +80,7 @@ def _attend(
     kv_off, s_cb, s_co,
     MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over KV tiles [t_lo, t_hi); MASKED applies causal and length masks."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -99,6 +101,9 @@ def _attend(
         else:
             k = tl.load(kc_ptr + ptrs)
             v = tl.load(vc_ptr + ptrs)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             s = tl.where(pos[None, :] <= row_pos[:, None], s, float("-inf"))
@@ -123,6 +128,7 @@ def _paged_attn_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     kv_head = tl.program_id(1)
     if DECODE:
@@ -159,6 +165,8 @@ def _paged_attn_kernel(
     row_mask = row_ok[:, None] & (offs_d < HEAD_D)[None, :]
     q_rows = (q_start + tok) * s_qt + head * s_qh
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * s_qd, mask=row_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
 
     # Keys [0, n_full * BLOCK_N) are visible to every row: no masks there.
     last_tok = tl.minimum(q0 + BLOCK_Q, q_len) - 1
@@ -180,18 +188,18 @@ def _paged_attn_kernel(
     acc, l_i, m_i = _attend(
         acc, l_i, m_i, q, row_pos, kc_ptr, vc_ptr, bt_row, seq_len, t_lo,
         tl.minimum(t_hi, n_full), qk_scale, kv_off, s_cb, s_co,
-        False, BLOCK_N, BLOCK_D, HEAD_D, BLOCK_SIZE, PRECISION,
+        False, BLOCK_N, BLOCK_D, HEAD_D, BLOCK_SIZE, PRECISION, UPCAST,
     )  # fmt: skip
     acc, l_i, m_i = _attend(
         acc, l_i, m_i, q, row_pos, kc_ptr, vc_ptr, bt_row, seq_len, tl.maximum(t_lo, n_full),
         t_hi, qk_scale, kv_off, s_cb, s_co,
-        True, BLOCK_N, BLOCK_D, HEAD_D, BLOCK_SIZE, PRECISION,
+        True, BLOCK_N, BLOCK_D, HEAD_D, BLOCK_SIZE, PRECISION, UPCAST,
     )  # fmt: skip
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row with no keys gives zeros
     if NUM_SPLITS > 1:
         part = ((q_start + tok) * num_heads + head) * NUM_SPLITS + tl.program_id(2)
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_i))
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.maximum(l_i, 1e-30)))
         tl.store(lse_ptr + part, lse, mask=row_ok)
         tl.store(part_ptr + part[:, None] * HEAD_D + offs_d[None, :], o, mask=row_mask)
     else:
@@ -272,7 +280,9 @@ def paged_attention(
     assert block_tables.stride(1) == 1 and block_size & (block_size - 1) == 0
     group = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # Triton's interpreter multiplies bfloat16 as raw bits: there, dot in float32 instead.
+    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     decode = max_query_len <= 1
     splits = max(1, num_splits) if decode else 1
     if decode:
@@ -298,7 +308,7 @@ def paged_attention(
         *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         HEAD_D=head_dim, BLOCK_SIZE=block_size, DECODE=decode, NUM_SPLITS=splits,
-        PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
         _combine_splits_kernel[(num_seqs, num_heads)](
