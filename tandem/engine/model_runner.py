@@ -7,6 +7,7 @@ On a GPU the runner also sizes the KV cache from the memory left after a profili
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from transformers import PretrainedConfig
@@ -37,6 +38,11 @@ def resolve_backend(name: str, device: torch.device) -> str:
         raise ValueError(f"unknown attention backend {name!r}; choose {choices}")
     if name == "auto":
         return "triton" if device.type == "cuda" else "torch"
+    if name == "triton" and device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+        raise ValueError(
+            "the triton attention backend runs on CUDA GPUs (on a CPU only under"
+            " TRITON_INTERPRET=1, for tests); use --attention-backend torch"
+        )
     return name
 
 

@@ -62,8 +62,8 @@ def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
     seq_lens: list[int] = []
     sample_rows: list[int] = []
     sample_seqs: list[Sequence] = []
+    tables: list[list[int]] = []
     max_q = 0
-    width = 0
     for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
         start = seq.num_computed_tokens
         table = seq.block_table
@@ -78,28 +78,26 @@ def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
             positions += pos.tolist()
             blocks = np.asarray(table, dtype=np.int64)[pos // block_size]
             slots += (blocks * block_size + pos % block_size).tolist()
+            max_q = max(max_q, n)
         context = start + n
         qsl.append(row + n)
         seq_lens.append(context)
-        max_q = max(max_q, n)
-        width = max(width, -(-context // block_size))
+        tables.append(table[: -(-context // block_size)])
         if context == seq.num_tokens:
             sample_rows.append(row + n - 1)
             sample_seqs.append(seq)
-    tables = np.zeros((len(seq_lens), width), dtype=np.int32)
-    for i, seq in enumerate(batch.seqs):
-        used = -(-seq_lens[i] // block_size)
-        tables[i, :used] = seq.block_table[:used]
+    width = max(map(len, tables), default=0)
+    padded = [t + [0] * (width - len(t)) if len(t) < width else t for t in tables]
     return StepInputs(
         input_ids=np.asarray(ids, dtype=np.int32),
         positions=np.asarray(positions, dtype=np.int32),
         slot_mapping=np.asarray(slots, dtype=np.int32),
         query_start_loc=np.asarray(qsl, dtype=np.int32),
         seq_lens=np.asarray(seq_lens, dtype=np.int32),
-        block_tables=tables,
+        block_tables=np.array(padded, dtype=np.int32).reshape(len(tables), width),
         sample_rows=sample_rows,
         sample_seqs=sample_seqs,
-        max_query_len=max_q,
+        max_query_len=max(max_q, 1) if seq_lens else 0,
         max_seq_len=max(seq_lens, default=0),
     )
 
