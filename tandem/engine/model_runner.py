@@ -66,6 +66,7 @@ class ModelRunner:
             model.load_weights(iter_safetensors(config.model))
         else:
             raise ValueError(f"unknown load format {config.load_format!r}; choose auto, dummy")
+        model.set_fused_kernels(self.backend_name == "triton")
         self.model = model.eval()
         self.sampler = Sampler(eos_token_ids)
         self.uploader = StepUploader(self.device)

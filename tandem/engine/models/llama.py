@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from tandem.engine.attention import AttentionBackend
+from tandem.engine.kernels import fused
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -48,17 +49,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
+    """Hugging Face's RMSNorm; with `residual`, the skip connection's add fused in front."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 then scale in the model dtype, exactly as Hugging Face does.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        norm = fused.rms_norm if self.fused else fused.rms_norm_torch
+        return norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -77,20 +78,24 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.qk_norm = config.model_type == "qwen3"
+        self.fused = False
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: Any
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: Any):
+        """`rope`: (cos, sin) rows of the tokens, or with fused kernels (positions, table)."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.fused:
+            fused.rotary_embedding(q, k, *rope)  # in place, on the strided views
+        else:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = self.backend.forward(self.layer, q, k, v, meta)
         return self.o_proj(o.reshape(-1, self.q_size))
 
@@ -101,10 +106,11 @@ class MLP(nn.Module):
         self.inter = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = nn.Linear(self.inter, config.hidden_size, bias=False)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        act = fused.silu_and_mul if self.fused else fused.silu_and_mul_torch
+        return self.down_proj(act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -117,9 +123,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, meta):
+        """Returns (output, residual): the next layer's norm adds them (vLLM's pattern), the
+        same IEEE sums as `x + f(x)`."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rope, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -145,8 +158,15 @@ class LlamaForCausalLM(nn.Module):
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tied:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.fused = False
         # Filled by `init_rope()` once the module has real storage (it may be built on "meta").
         self.register_buffer("rope", torch.empty(max_positions, head_dim_of(config)))
+
+    def set_fused_kernels(self, on: bool) -> None:
+        """Triton kernels for norms, RoPE and SiLU (GPU path); torch otherwise."""
+        for module in self.modules():
+            if hasattr(module, "fused"):
+                module.fused = on
 
     def set_attention(self, backend: AttentionBackend | None) -> None:
         for layer in self.layers:
@@ -172,10 +192,14 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope[positions].to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
+        if self.fused:
+            rope = (positions, self.rope)
+        else:
+            rope = self.rope[positions].to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.tied else self.lm_head.weight
