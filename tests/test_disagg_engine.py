@@ -103,7 +103,7 @@ def test_seeded_sampling_is_reproducible_across_the_split(engines):
         sampling = {"temperature": 1.0, "seed": 1234, "top_p": 0.9}
         want = await tokens(agg.generate(request("a", prompt, **sampling)))
         got, params = await disaggregated(prefill, decode, source, request("d", prompt, **sampling))
-        assert params.rng_state is not None
+        assert params.rng_state is None  # unused: the noise follows from the token count
         assert got == want
 
     asyncio.run(main())

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from test_engine_vs_hf import hf_greedy, prompts, run
 from transformers import AutoModelForCausalLM
 
 from tandem.engine.config import EngineConfig
@@ -18,7 +19,6 @@ from tandem.engine.core import EngineCore
 from tandem.engine.scheduler import ScheduledBatch
 from tandem.engine.sequence import Sequence
 from tandem.protocol import SamplingParams
-from test_engine_vs_hf import hf_greedy, prompts, run
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -56,9 +56,7 @@ _TINY: dict[str, Any] = {
 SHAPES: dict[str, dict[str, Any]] = {"llama-3.1-8b": _LLAMA_31_8B, "tiny": _TINY}
 """Model shapes by name: Llama-3.1-8B, and a few-MB one for smoke tests on a CPU."""
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['content'] + ' ' }}{% endfor %}"
-)
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] + ' ' }}{% endfor %}"
 """The messages' contents, one after the other: the tokens are synthetic anyway."""
 
 NUM_SPECIAL = 256  # Llama 3: ids 128000..128255 are special (128256 - 256)

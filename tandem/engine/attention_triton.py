@@ -25,6 +25,7 @@ class TritonMetadata:
     block_tables: torch.Tensor  # [B, W] int32
     max_query_len: int
     num_splits: int
+    num_decodes: int = 0  # leading one-token sequences, given decode tiles of their own
 
 
 class TritonAttention:
@@ -54,6 +55,7 @@ class TritonAttention:
             dev.block_tables,
             step.max_query_len,
             splits,
+            step.num_decodes,
         )
 
     def forward(
@@ -78,6 +80,7 @@ class TritonAttention:
             scale=self.scale,
             max_query_len=meta.max_query_len,
             num_splits=meta.num_splits,
+            num_decodes=meta.num_decodes,
         )
 
     # -- CUDA graphs: decode steps of up to `max_seqs` sequences --------------------------

@@ -261,7 +261,7 @@ class EngineCore:
             num_tokens=seq.num_computed_tokens,
             layout=self.kv_layout,
             token_ids=seq.output_ids,
-            rng_state=bytes(seq.generator.get_state().numpy()) if seq.generator else None,
+            rng_state=None,  # unused: seeded noise follows from the tokens (sampling_noise)
             expires_in=self.kv_export_ttl,
         )
 
@@ -305,11 +305,9 @@ class EngineCore:
         return transfer_ms(num_blocks * self.kv_layout.block_bytes) / 1000.0
 
     def _prepare_import(self, seq: Sequence, params: KvTransferParams) -> None:
-        """Continue from the sampled tokens, with the seeded sampler where it stopped."""
+        """Continue from the sampled tokens; seeded noise continues with them, as its position
+        is the number of output tokens (`params.rng_state` is ignored)."""
         seq.token_ids += params.token_ids
-        if seq.generator is not None and params.rng_state is not None:
-            state = torch.frombuffer(bytearray(params.rng_state), dtype=torch.uint8)
-            seq.generator.set_state(state)
         self.importing[seq.request_id] = seq
 
     def reserve_import(self, request_id: str) -> tuple[list[int], list[int]] | None:

@@ -70,6 +70,7 @@ class ModelRunner:
         self.model = model.eval()
         self.sampler = Sampler(eos_token_ids)
         self.uploader = StepUploader(self.device)
+        self.graphs = None
         self.num_blocks = config.num_gpu_blocks or self._kv_blocks_for_memory()
         if self.num_blocks < 1:
             raise ValueError(
@@ -77,7 +78,6 @@ class ModelRunner:
                 "--gpu-memory-utilization"
             )
         self.attention = self._make_backend(self.num_blocks)
-        self.graphs = None
 
     def start(self, max_model_len: int) -> None:
         """Once the engine knows its context limit: capture the decode graphs."""

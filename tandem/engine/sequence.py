@@ -1,11 +1,12 @@
-"""A sequence: one of a request's `n` generations, as the scheduler and block manager see it."""
+"""A sequence: one of a request's `n` generations, as the scheduler and block manager see it.
+
+It holds no sampler state: seeded noise is a function of (seed, `index`, number of output
+tokens), so a sequence rebuilt from its tokens (preemption, a decode worker) continues it."""
 
 from __future__ import annotations
 
 import itertools
 from enum import Enum
-
-import torch
 
 from tandem.protocol import SamplingParams, TokenLogprob
 
@@ -45,10 +46,6 @@ class Sequence:
         self.pending_logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
         self.stop_token_id: int | None = None
-        self.generator: torch.Generator | None = None
-        if sampling.seed is not None:
-            # Each of the n sequences gets its own stream, reproducible from the request seed.
-            self.generator = torch.Generator().manual_seed(sampling.seed + index)
 
     @property
     def num_tokens(self) -> int:

@@ -29,6 +29,7 @@ class StepInputs:
     sample_seqs: list[Sequence]
     max_query_len: int
     max_seq_len: int
+    num_decodes: int  # the first sequences compute one token each
 
     @property
     def num_tokens(self) -> int:
@@ -53,8 +54,9 @@ class DeviceStep:
 
 
 def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
-    """Flatten a scheduled batch. Decodes (one token) take a pure-Python path: at a few
-    hundred sequences per step, numpy's per-call cost would dominate."""
+    """Flatten a scheduled batch, decodes (one token) first so that attention can give them
+    tiles of their own. Decodes take a pure-Python path: at a few hundred sequences per step,
+    numpy's per-call cost would dominate."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -64,7 +66,11 @@ def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
     sample_seqs: list[Sequence] = []
     tables: list[list[int]] = []
     max_q = 0
-    for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+    pairs = list(zip(batch.seqs, batch.num_tokens, strict=True))
+    num_decodes = sum(n == 1 for n in batch.num_tokens)
+    if 0 < num_decodes < len(pairs):
+        pairs = [p for p in pairs if p[1] == 1] + [p for p in pairs if p[1] != 1]
+    for seq, n in pairs:
         start = seq.num_computed_tokens
         table = seq.block_table
         row = len(ids)
@@ -99,6 +105,7 @@ def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
         sample_seqs=sample_seqs,
         max_query_len=max(max_q, 1) if seq_lens else 0,
         max_seq_len=max(seq_lens, default=0),
+        num_decodes=num_decodes,
     )
 
 
