@@ -81,6 +81,16 @@ class BlockManager:
         """Give `seq` the blocks for its next `num_new_tokens` tokens, after taking the cached
         prefix `hits` (only on its first allocation). False, changing nothing, if they do not fit.
         """
+        if not hits:  # the common case, a running sequence: often no new block at all
+            fresh = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
+            fresh -= len(seq.block_table)
+            if fresh <= 0:
+                return True
+            if fresh > len(self.free):
+                return False
+            for _ in range(fresh):
+                seq.block_table.append(self._take_fresh())
+            return True
         hits = list(hits)
         total = seq.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
         fresh = self.blocks_needed(total) - len(seq.block_table) - len(hits)
@@ -98,9 +108,9 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Cache the blocks that the last step filled, and publish them."""
-        if not self.enable_prefix_caching:
-            return
         full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or full == seq.num_committed_blocks:
+            return
         self.update_hashes(seq, full)
         new: list[KvBlock] = []
         parent: int | None = None

@@ -88,7 +88,8 @@ def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
         context = start + n
         qsl.append(row + n)
         seq_lens.append(context)
-        tables.append(table[: -(-context // block_size)])
+        used = -(-context // block_size)
+        tables.append(table if len(table) == used else table[:used])
         if context == seq.num_tokens:
             sample_rows.append(row + n - 1)
             sample_seqs.append(seq)
