@@ -55,44 +55,45 @@ class DeviceStep:
 
 def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
     """Flatten a scheduled batch, decodes (one token) first so that attention can give them
-    tiles of their own. Decodes take a pure-Python path: at a few hundred sequences per step,
-    numpy's per-call cost would dominate."""
-    ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    qsl = [0]
-    seq_lens: list[int] = []
-    sample_rows: list[int] = []
-    sample_seqs: list[Sequence] = []
-    tables: list[list[int]] = []
+    tiles of their own. Decodes are built with list comprehensions: at a few hundred
+    sequences a step, per-sequence numpy calls or appends would dominate the host's time."""
+    decodes = [s for s, n in zip(batch.seqs, batch.num_tokens, strict=True) if n == 1]
+    starts = [s.num_computed_tokens for s in decodes]
+    b = block_size
+    ids = [s.token_ids[p] for s, p in zip(decodes, starts, strict=True)]
+    positions = list(starts)
+    slots = [s.block_table[p // b] * b + p % b for s, p in zip(decodes, starts, strict=True)]
+    seq_lens = [p + 1 for p in starts]
+    qsl = list(range(len(decodes) + 1))
+    tables = [
+        s.block_table if len(s.block_table) == p // b + 1 else s.block_table[: p // b + 1]
+        for s, p in zip(decodes, starts, strict=True)
+    ]
+    sample_rows = [
+        i for i, (s, p) in enumerate(zip(decodes, starts, strict=True)) if p + 1 == s.num_tokens
+    ]
+    sample_seqs = [decodes[i] for i in sample_rows]
     max_q = 0
-    pairs = list(zip(batch.seqs, batch.num_tokens, strict=True))
-    num_decodes = sum(n == 1 for n in batch.num_tokens)
-    if 0 < num_decodes < len(pairs):
-        pairs = [p for p in pairs if p[1] == 1] + [p for p in pairs if p[1] != 1]
-    for seq, n in pairs:
+    for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+        if n == 1:
+            continue
         start = seq.num_computed_tokens
         table = seq.block_table
         row = len(ids)
-        if n == 1:
-            ids.append(seq.token_ids[start])
-            positions.append(start)
-            slots.append(table[start // block_size] * block_size + start % block_size)
-        else:
-            ids += seq.token_ids[start : start + n]
-            pos = np.arange(start, start + n, dtype=np.int64)
-            positions += pos.tolist()
-            blocks = np.asarray(table, dtype=np.int64)[pos // block_size]
-            slots += (blocks * block_size + pos % block_size).tolist()
-            max_q = max(max_q, n)
+        ids += seq.token_ids[start : start + n]
+        pos = np.arange(start, start + n, dtype=np.int64)
+        positions += pos.tolist()
+        blocks = np.asarray(table, dtype=np.int64)[pos // b]
+        slots += (blocks * b + pos % b).tolist()
+        max_q = max(max_q, n)
         context = start + n
         qsl.append(row + n)
         seq_lens.append(context)
-        used = -(-context // block_size)
-        tables.append(table if len(table) == used else table[:used])
+        tables.append(table[: -(-context // b)])
         if context == seq.num_tokens:
             sample_rows.append(row + n - 1)
             sample_seqs.append(seq)
+    num_decodes = len(decodes)
     width = max(map(len, tables), default=0)
     padded = [t + [0] * (width - len(t)) if len(t) < width else t for t in tables]
     return StepInputs(
