@@ -27,3 +27,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model_pair(request, tiny_models):
+    """A tiny model folder of each family, with transformers' float32 model of it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_models[request.param]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, hf

@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 from test_engine_vs_hf import hf_greedy, prompts, run
-from transformers import AutoModelForCausalLM
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
@@ -39,13 +38,6 @@ def engine(path, **overrides) -> EngineCore:
     )
     config.update(overrides)
     return EngineCore(EngineConfig(**config))
-
-
-@pytest.fixture(scope="module", params=("llama", "qwen2", "qwen3"))
-def model_pair(request, tiny_models):
-    path = tiny_models[request.param]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return path, hf
 
 
 def test_logits_close(model_pair):

@@ -6,9 +6,7 @@ mixed prefill/decode batches, chunked prefill, prefix-cache hits, preemption.
 
 from __future__ import annotations
 
-import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
@@ -16,7 +14,6 @@ from tandem.engine.scheduler import ScheduledBatch
 from tandem.engine.sequence import Sequence
 from tandem.protocol import GenerateRequest, SamplingParams
 
-ARCHS = ("llama", "qwen2", "qwen3")
 LOGIT_ATOL = 1e-4  # float32 on CPU; differences come from summation order only
 
 
@@ -53,13 +50,6 @@ def run(engine, batch, max_new):
                 finished[out.request_id] = out
     assert all(f.finish_reason == "length" for f in finished.values())
     return [got[str(i)] for i in range(len(batch))], finished
-
-
-@pytest.fixture(scope="module", params=ARCHS)
-def model_pair(request, tiny_models):
-    path = tiny_models[request.param]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return path, hf
 
 
 def test_logits_close(model_pair):
