@@ -144,14 +144,17 @@ class ModelRunner:
         self.model.set_attention(None)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * self.config.gpu_memory_utilization - others - peak
+        activations = peak - torch.cuda.memory_allocated(self.device)
+        # This engine's share of the device, but never more than is free beside its own
+        # activations: other engines on the GPU (a prefill and a decode worker) keep theirs.
+        share = total * self.config.gpu_memory_utilization - peak
+        budget = max(0.0, min(share, free - activations))
         log.info(
-            "GPU memory: %.1f GiB total, peak %.1f GiB in a %d-token step (weights included), "
-            "%.1f GiB used elsewhere: %.1f GiB for the KV cache",
-            total / 2**30, peak / 2**30, tokens, others / 2**30, max(budget, 0) / 2**30,
+            "GPU memory: %.1f GiB total, %.1f GiB free; peak %.1f GiB in a %d-token step"
+            " (weights included): %.1f GiB for the KV cache",
+            total / 2**30, free / 2**30, peak / 2**30, tokens, budget / 2**30,
         )
-        return int(max(budget, 0) // per_block)
+        return int(budget // per_block)
 
     def _forward(self, step: StepInputs) -> torch.Tensor:
         """Hidden states of the step's sampled rows."""
