@@ -71,3 +71,4 @@ def test_cuda_graphs_equal_eager(tiny_llama):
     graphs, _ = run(engine(tiny_llama, max_num_batched_tokens=256), batch, 12)
     eager, _ = run(engine(tiny_llama, max_num_batched_tokens=256, enforce_eager=True), batch, 12)
     assert graphs == eager
+

@@ -32,6 +32,14 @@ def kv_bytes_per_block(hf: PretrainedConfig, block_size: int, dtype: torch.dtype
     return per_token * block_size * dtype.itemsize
 
 
+def kv_budget_bytes(total: int, free: int, peak: int, allocated: int, utilization: float) -> float:
+    """Bytes for the KV cache: this engine's share of the device less its peak (weights and
+    the largest step's activations), but never more than is free beside the activations it
+    will need again, so other engines on the GPU (a prefill and a decode worker) keep theirs."""
+    share = total * utilization - peak
+    return max(0.0, min(share, free - (peak - allocated)))
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     if name not in ATTENTION_BACKENDS:
         choices = ", ".join(ATTENTION_BACKENDS)
@@ -144,11 +152,8 @@ class ModelRunner:
         self.model.set_attention(None)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        activations = peak - torch.cuda.memory_allocated(self.device)
-        # This engine's share of the device, but never more than is free beside its own
-        # activations: other engines on the GPU (a prefill and a decode worker) keep theirs.
-        share = total * self.config.gpu_memory_utilization - peak
-        budget = max(0.0, min(share, free - activations))
+        allocated = torch.cuda.memory_allocated(self.device)
+        budget = kv_budget_bytes(total, free, peak, allocated, self.config.gpu_memory_utilization)
         log.info(
             "GPU memory: %.1f GiB total, %.1f GiB free; peak %.1f GiB in a %d-token step"
             " (weights included): %.1f GiB for the KV cache",
