@@ -9,6 +9,7 @@ a thread-safe queue; outputs come back to each request's asyncio.Queue through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -235,10 +236,20 @@ class AsyncEngine:
             if kind == "call":
                 self._call(*arg)
             elif kind == "add":
+                # One request's failure is that request's, never the loop's: whatever
+                # add_request raises goes to its stream, and what it half-added is taken out.
+                rid = getattr(arg, "request_id", None)
+                before = self.core.requests.get(rid)
                 try:
                     self.core.add_request(arg)
-                except ValueError as exc:
-                    self._deliver_to(arg.request_id, exc)
+                except Exception as exc:
+                    if not isinstance(exc, ValueError):
+                        log.exception("request %s could not be added", rid)
+                    if rid is not None and self.core.requests.get(rid) is not before:
+                        with contextlib.suppress(Exception):
+                            self.core.abort(rid)
+                        self.core.requests.pop(rid, None)
+                    self._deliver_to(rid, exc)
             else:
                 self._deliver(self.core.abort(*arg))
 

@@ -129,8 +129,8 @@ class ModelRunner:
         return self._profile_kv_blocks(per_block)
 
     def _profile_kv_blocks(self, per_block: int) -> int:
-        """Run the largest prefill step the scheduler can make, then give the KV cache what
-        `gpu_memory_utilization` of the device leaves beside the peak and other processes."""
+        """Run the largest prefill step the scheduler can make (its temporary KV blocks count
+        as activations: a little conservative), then size the cache by `kv_budget_bytes`."""
         tokens = self.config.max_num_batched_tokens
         self.attention = self._make_backend(-(-tokens // self.block_size))
         torch.cuda.synchronize(self.device)

@@ -10,6 +10,29 @@ from tandem.protocol.transfer import KvTransferParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Seeds are used modulo 2**64 (`sampling_noise`); this range is what msgpack can carry.
+SEED_MIN, SEED_END = -(2**63), 2**64
+MAX_N = 16
+MAX_STOP_TOKEN_IDS = 1024
+_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "n")
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Sampling knobs with OpenAI/vLLM semantics. Validation happens in `validate()`.
@@ -34,8 +57,28 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
 
-    def validate(self, max_logprobs: int = 20) -> None:
-        """Raise ValueError naming the first bad field."""
+    def validate(self, max_logprobs: int = 20, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first bad field (the message starts with its name).
+
+        Every field is checked for type and range, not only the ones the sampler reads
+        first: a value that passes here must not fail later inside an engine step or on
+        the wire (msgpack carries 64-bit integers only). `vocab_size`, where known, bounds
+        `top_k` and `stop_token_ids`.
+        """
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value) or not INT64_MIN <= value <= INT64_MAX:
+                raise ValueError(f"{name} must be an integer of at most 64 bits, got {value!r}")
+        for name in _FLOAT_FIELDS:
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+        if self.seed is not None and not (_is_int(self.seed) and SEED_MIN <= self.seed < SEED_END):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        if self.logprobs is not None and not _is_int(self.logprobs):
+            raise ValueError(f"logprobs must be an integer, got {self.logprobs!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        top_k_max = INT64_MAX if vocab_size is None else vocab_size
         checks = [
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
             (self.min_tokens >= 0, "min_tokens must be non-negative"),
@@ -43,6 +86,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             (0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.top_k >= -1, "top_k must be -1, 0 (disabled) or positive"),
+            (
+                self.top_k <= top_k_max,
+                f"top_k must not exceed the vocabulary size ({top_k_max}), got {self.top_k}",
+            ),
             (0.0 <= self.min_p <= 1.0, "min_p must be between 0 and 1"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
@@ -51,11 +98,25 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
                 self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
                 f"logprobs must be between 0 and {max_logprobs}",
             ),
-            (1 <= self.n <= 16, "n must be between 1 and 16"),
+            (1 <= self.n <= MAX_N, f"n must be between 1 and {MAX_N}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._validate_stop_token_ids(vocab_size)
+
+    def _validate_stop_token_ids(self, vocab_size: int | None) -> None:
+        ids = self.stop_token_ids
+        if not isinstance(ids, list):
+            raise ValueError(f"stop_token_ids must be a list, got {type(ids).__name__}")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(
+                f"stop_token_ids must have at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}"
+            )
+        end = INT64_MAX + 1 if vocab_size is None else vocab_size
+        for t in ids:
+            if not _is_int(t) or not 0 <= t < end:
+                raise ValueError(f"stop_token_ids must lie in [0, {end}), got {t!r}")
 
     @property
     def greedy(self) -> bool:
