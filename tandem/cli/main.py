@@ -277,6 +277,12 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="GPU: run every step eagerly instead of replaying decode steps from CUDA graphs",
     )
     eng.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="queue each engine step on the GPU before reading the previous step's tokens, so"
+        " the host's work overlaps the GPU's (batches without penalties or logprobs)",
+    )
+    eng.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
         default="auto",
@@ -397,6 +403,7 @@ def engine_config(args: argparse.Namespace, model_path: Path, device: str):
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         load_format=args.load_format,
         engine=args.engine,
         perf_model=args.perf_model,

@@ -19,8 +19,9 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.loader import load_config, resolve_dtype
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models.llama import head_dim_of
-from tandem.engine.scheduler import Scheduler
-from tandem.engine.sequence import Sequence, Status
+from tandem.engine.sampler import penalised
+from tandem.engine.scheduler import ScheduledBatch, Scheduler
+from tandem.engine.sequence import PENDING, Sequence, Status
 from tandem.protocol import (
     GenerateOutput,
     GenerateRequest,
@@ -76,6 +77,11 @@ class EngineCore:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.runner.start(self.max_model_len)
+        # Overlapped steps (`async_scheduling`, vLLM's name): the step queued on the device
+        # whose tokens the next step reads. The mock has no device to overlap with.
+        self.async_scheduling = config.async_scheduling and config.engine == "real"
+        self._in_flight = None
+        self.num_overlapped_steps = 0
         self.requests: dict[str, list[Sequence]] = {}
         self.kv_layout = KvLayout(
             num_layers=hf.num_hidden_layers,
@@ -188,9 +194,7 @@ class EngineCore:
                 f"kv_import.token_ids has {sampled} tokens: no room left to generate "
                 f"(max_tokens {sampling.max_tokens}, max_model_len {self.max_model_len})"
             )
-        if not isinstance(params.block_ids, list) or not _all_ids_below(
-            params.block_ids, 2**31
-        ):
+        if not isinstance(params.block_ids, list) or not _all_ids_below(params.block_ids, 2**31):
             raise ValueError("kv_import.block_ids must be a list of block ids in [0, 2**31)")
         if -(-n // self.config.block_size) != len(params.block_ids):
             raise ValueError(f"kv_import lists {len(params.block_ids)} blocks for {n} tokens")
@@ -241,21 +245,81 @@ class EngineCore:
         return outputs
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def step(self) -> list[GenerateOutput]:
+        """Run one batch; return the tokens that became known. With `async_scheduling` a
+        step queues its batch on the device before reading the previous step's tokens, so
+        the host's bookkeeping overlaps the GPU's work (outputs then lag one step)."""
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        seqs, sampled = self.runner.execute(batch)
+        if not self._overlappable(batch):
+            outputs = self._resolve()
+            batch = _without_finished(batch)
+            return outputs + (self._run(batch) if batch else [])
+        launched = self.runner.launch(batch, self._in_flight) if batch else None
+        outputs = self._resolve()
+        if launched is not None:
+            self.num_overlapped_steps += 1
+            self._advance(batch)
+            self._hold_pending(launched)
+        self._in_flight = launched
+        return outputs
+
+    def _run(self, batch: ScheduledBatch) -> list[GenerateOutput]:
+        launched = self.runner.launch(batch)
+        self._advance(batch)
+        return self._process(launched.seqs, launched.result(), replace=False)
+
+    def _advance(self, batch: ScheduledBatch) -> None:
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
-            seq.num_computed_tokens += n
-            self.block_manager.commit(seq)
+            if not seq.is_finished:
+                seq.num_computed_tokens += n
+                self.block_manager.commit(seq)
+
+    def _overlappable(self, batch: ScheduledBatch) -> bool:
+        """Whether the batch may be queued before the previous step's tokens are read: not
+        when a sequence needs its tokens on the host (penalties, logprobs, a KV export)."""
+        return self.async_scheduling and all(
+            not penalised(s.sampling)
+            and s.sampling.logprobs is None
+            and s.request_id not in self.exporting
+            for s in batch.seqs
+        )
+
+    def _hold_pending(self, launched) -> None:
+        """Give each sequence of an overlapped step a PENDING token, so the next schedule
+        sees the token coming; one that token ends by length is not scheduled again."""
+        for i, seq in enumerate(launched.seqs):
+            if seq.is_finished:
+                continue
+            seq.token_ids.append(PENDING)
+            seq.pending_index = i
+            p = seq.sampling
+            seq.final = (
+                seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len
+            )
+
+    def _resolve(self) -> list[GenerateOutput]:
+        launched, self._in_flight = self._in_flight, None
+        if launched is None:
+            return []
+        return self._process(launched.seqs, launched.result(), replace=True)
+
+    def _process(self, seqs: list[Sequence], sampled, replace: bool) -> list[GenerateOutput]:
+        """Hand out a step's sampled tokens: a PENDING one is replaced (`replace`), else the
+        token is appended; then stop checks and outputs. Sequences that finished or were
+        aborted while their step was in flight drop its token."""
         outputs = []
         if sampled is None:
             return outputs
         for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
-            seq.token_ids.append(token)
+            if seq.is_finished:
+                continue
+            if replace:
+                seq.token_ids[-1] = token
+                seq.final = False
+            else:
+                seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
             delta = [token]
             export = reason is None and seq.request_id in self.exporting
@@ -420,3 +484,9 @@ class EngineCore:
     @property
     def running_sequences(self) -> list[Sequence]:
         return [s for seqs in self.requests.values() for s in seqs if s.status is Status.RUNNING]
+
+
+def _without_finished(batch: ScheduledBatch) -> ScheduledBatch:
+    """The batch less the sequences that finished since it was scheduled."""
+    kept = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens, strict=True) if not s.is_finished]
+    return ScheduledBatch([s for s, _ in kept], [n for _, n in kept])

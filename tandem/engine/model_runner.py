@@ -161,9 +161,13 @@ class ModelRunner:
         )
         return int(budget // per_block)
 
-    def _forward(self, step: StepInputs) -> torch.Tensor:
-        """Hidden states of the step's sampled rows."""
+    def _forward(self, step: StepInputs, previous: Launched | None = None) -> torch.Tensor:
+        """Hidden states of the step's sampled rows. Input tokens the previous step is still
+        sampling are taken from its ids on the device."""
         dev = self.uploader.upload(step)
+        if step.pending_rows:
+            sampled = previous.token_ids.to(dev.input_ids.dtype)
+            dev.input_ids[dev.pending_rows.long()] = sampled[dev.pending_src.long()]
         if self.graphs is not None and self.graphs.fits(step):
             hidden = self.graphs.run(dev)
             return hidden if len(step.sample_rows) == step.num_tokens else hidden[dev.sample_rows]
@@ -171,15 +175,24 @@ class ModelRunner:
         hidden = self.model(dev.input_ids, dev.positions, meta)
         return hidden[dev.sample_rows]
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
         """Compute the batch's tokens; sample for the sequences whose last token was computed."""
+        launched = self.launch(batch)
+        return launched.seqs, launched.result()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, previous: Launched | None = None) -> Launched:
+        """Queue the batch on the device and start copying its sampled ids back; `result()`
+        waits for them. Logprobs need the host and are computed at once."""
         step = build_step(batch, self.block_size)
-        hidden = self._forward(step)
-        if not step.sample_seqs:
-            return [], None
+        hidden = self._forward(step, previous)
+        seqs = step.sample_seqs
+        if not seqs:
+            return Launched([], None, None)
         logits = self.model.compute_logits(hidden)
-        return step.sample_seqs, self.sampler(logits, step.sample_seqs)
+        if any(s.sampling.logprobs is not None for s in seqs):
+            return Launched(seqs, None, self.sampler(logits, seqs))
+        return Launched(seqs, self.sampler.choose(logits, seqs), None)
 
     @torch.inference_mode()
     def all_logits(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -189,6 +202,34 @@ class ModelRunner:
         dev = self.uploader.upload(step)
         hidden = self.model(dev.input_ids, dev.positions, self.attention.prepare(step, dev))
         return self.model.compute_logits(hidden)
+
+
+class Launched:
+    """A step on its way: the sequences it samples for and their ids, still on the device."""
+
+    def __init__(
+        self, seqs: list[Sequence], token_ids: torch.Tensor | None, done: SampleResult | None
+    ) -> None:
+        self.seqs = seqs
+        self.token_ids = token_ids
+        self._done = done
+        self._host = None
+        self._copied = None
+        if token_ids is not None and token_ids.is_cuda:
+            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._host.copy_(token_ids, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def result(self) -> SampleResult | None:
+        if self._done is None and self.token_ids is not None:
+            if self._copied is not None:
+                self._copied.synchronize()  # waits with the GIL released
+                ids = self._host.tolist()
+            else:
+                ids = self.token_ids.tolist()
+            self._done = SampleResult(ids, [None] * len(ids))
+        return self._done
 
 
 def _greedy():

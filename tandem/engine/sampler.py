@@ -98,6 +98,7 @@ class _Staged:
     def __init__(self) -> None:
         self.arrays: list[np.ndarray] = []
         self.dev: list[torch.Tensor] = []
+        self.lp: int | None = None  # slot of the logprob rows' index
 
     def add(self, a: np.ndarray | None) -> int | None:
         if a is None:
@@ -125,29 +126,39 @@ class Sampler:
         tensor is not modified."""
         n = logits.shape[0]
         params = [s.sampling for s in seqs]
-        samp_rows = [i for i, p in enumerate(params) if not p.greedy]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         staged = _Staged()
-        adjust = self._plan_adjust(seqs, logits.shape[1], staged)
-        if not (adjust or samp_rows or lp_rows):  # the common greedy batch: nothing to send
-            return SampleResult(logits.argmax(dim=-1).tolist(), [None] * n)
-        samp = _SamplePlan.build(seqs, samp_rows, staged) if samp_rows else None
-        lp_index = staged.add(_index(lp_rows, n))
-        staged.send(self._upload(logits.device))
-
-        work = self._adjust(logits, adjust, staged)
-        if samp is None:
-            chosen = work.argmax(dim=-1)
-        else:
-            sampled = samp.sample(_take(work, staged.get(samp.index)), staged)
-            if samp.index is None:
-                chosen = sampled
-            else:
-                chosen = work.argmax(dim=-1).index_copy_(0, staged[samp.index], sampled)
+        chosen = self.choose(logits, seqs, staged, lp_rows)
         if not lp_rows:
             return SampleResult(chosen.tolist(), [None] * n)
         lp_params = [params[i] for i in lp_rows]
-        return self._with_logprobs(logits, chosen, lp_params, lp_rows, staged.get(lp_index))
+        return self._with_logprobs(logits, chosen, lp_params, lp_rows, staged.get(staged.lp))
+
+    def choose(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        staged: _Staged | None = None,
+        lp_rows: list[int] = (),
+    ) -> torch.Tensor:
+        """The chosen token ids, left on the logits' device (no copy back): an engine that
+        overlaps steps feeds them to the next step before reading them."""
+        staged = staged or _Staged()
+        n = logits.shape[0]
+        samp_rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
+        adjust = self._plan_adjust(seqs, logits.shape[1], staged)
+        if not (adjust or samp_rows or lp_rows):  # the common greedy batch: nothing to send
+            return logits.argmax(dim=-1)
+        samp = _SamplePlan.build(seqs, samp_rows, staged) if samp_rows else None
+        staged.lp = staged.add(_index(list(lp_rows), n))
+        staged.send(self._upload(logits.device))
+        work = self._adjust(logits, adjust, staged)
+        if samp is None:
+            return work.argmax(dim=-1)
+        sampled = samp.sample(_take(work, staged.get(samp.index)), staged)
+        if samp.index is None:
+            return sampled
+        return work.argmax(dim=-1).index_copy_(0, staged[samp.index], sampled)
 
     def adjusted_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The logits after penalties and min_tokens blocking: what greedy rows take the
@@ -161,7 +172,7 @@ class Sampler:
         self, seqs: list[Sequence], vocab: int, staged: _Staged
     ) -> tuple[_PenaltyPlan | None, int | None] | None:
         """Stage the penalties and min_tokens blocks; None when no row has either."""
-        pen_rows = [i for i, s in enumerate(seqs) if _penalised(s.sampling)]
+        pen_rows = [i for i, s in enumerate(seqs) if penalised(s.sampling)]
         block_rows = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.sampling.min_tokens]
         if not (pen_rows or block_rows):
             return None
@@ -237,7 +248,8 @@ class Sampler:
         return SampleResult(token_ids, out)
 
 
-def _penalised(p: SamplingParams) -> bool:
+def penalised(p: SamplingParams) -> bool:
+    """Whether sampling reads the sequence's past tokens (so they must be on the host)."""
     return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
 
 

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tandem.engine.block_manager import BlockManager
-from tandem.engine.sequence import Sequence, Status
+from tandem.engine.sequence import PENDING, Sequence, Status
 
 
 @dataclass
@@ -61,6 +61,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.final:  # its token in flight ends it: nothing more to compute
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.bm.allocate(seq, n):
                 victim = self.running[-1]
@@ -77,6 +80,8 @@ class Scheduler:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.token_ids[-1] == PENDING:  # preempted while its token was in flight
+                break
             hits = [] if seq.block_table else self.bm.match_prefix(seq)  # imported: has its KV
             done = seq.num_computed_tokens + len(hits) * self.bm.block_size
             n = min(seq.num_tokens - done, budget)

@@ -12,6 +12,9 @@ from tandem.protocol import SamplingParams, TokenLogprob
 
 _ids = itertools.count()
 
+#: The token an overlapped step is still sampling; replaced when the step's ids are read.
+PENDING = -1
+
 
 class Status(Enum):
     WAITING = "waiting"
@@ -38,6 +41,8 @@ class Sequence:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.pending_index = 0  # overlapped steps: row of its PENDING token in the sampled ids
+        self.final = False  # overlapped steps: the PENDING token ends it (length): not rescheduled
         self.num_cached_tokens = 0  # prefix-cache hit when first scheduled
         self.block_hashes: list[int] = []  # sequence hashes of full blocks, in order
         self.local_hashes: list[int] = []

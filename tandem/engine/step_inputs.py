@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tandem.engine.scheduler import ScheduledBatch
-from tandem.engine.sequence import Sequence
+from tandem.engine.sequence import PENDING, Sequence
 
 
 @dataclass
@@ -30,6 +30,10 @@ class StepInputs:
     max_query_len: int
     max_seq_len: int
     num_decodes: int  # the first sequences compute one token each
+    # Overlapped steps: decode rows whose input token the previous step is still sampling,
+    # and where it lies in that step's sampled ids (filled in on the device).
+    pending_rows: list[int]
+    pending_src: list[int]
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +55,8 @@ class DeviceStep:
     seq_lens: torch.Tensor
     block_tables: torch.Tensor
     sample_rows: torch.Tensor
+    pending_rows: torch.Tensor
+    pending_src: torch.Tensor
 
 
 def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
@@ -73,6 +79,8 @@ def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
         i for i, (s, p) in enumerate(zip(decodes, starts, strict=True)) if p + 1 == s.num_tokens
     ]
     sample_seqs = [decodes[i] for i in sample_rows]
+    pending_rows = [i for i, t in enumerate(ids) if t == PENDING]
+    pending_src = [decodes[i].pending_index for i in pending_rows]
     max_q = 0
     for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
         if n == 1:
@@ -108,26 +116,35 @@ def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
         max_query_len=max(max_q, 1) if seq_lens else 0,
         max_seq_len=max(seq_lens, default=0),
         num_decodes=num_decodes,
+        pending_rows=pending_rows,
+        pending_src=pending_src,
     )
 
 
 class StepUploader:
-    """Packs a step into one pinned host buffer and copies it to the device in one go.
+    """Packs a step into a pinned host buffer and copies it to the device in one go.
 
-    The buffer is reused: safe because every step ends by reading its sampled tokens back,
-    which waits for the copy. On a CPU the arrays are used in place.
+    Two buffers take turns, each refilled only once the copy out of it has run (an event),
+    so a step can be packed while the previous one is still queued on the GPU. On a CPU the
+    arrays are used in place.
     """
 
     def __init__(self, device: torch.device, capacity: int = 1 << 16) -> None:
         self.device = device
-        self._host: torch.Tensor | None = None
-        self._dev: torch.Tensor | None = None
+        self._turn = 0
+        self._host: list[torch.Tensor] = []
+        self._copied: list[torch.cuda.Event | None] = []
+        self._dev: list[torch.Tensor] = []
         if device.type == "cuda":
             self._grow(capacity)
 
     def _grow(self, size: int) -> None:
-        self._host = torch.empty(size, dtype=torch.int32, pin_memory=True)
-        self._dev = torch.empty(size, dtype=torch.int32, device=self.device)
+        for event in self._copied:
+            if event is not None:
+                event.synchronize()
+        self._host = [torch.empty(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self._dev = [torch.empty(size, dtype=torch.int32, device=self.device) for _ in range(2)]
+        self._copied = [None, None]
 
     def upload(self, step: StepInputs) -> DeviceStep:
         parts = [
@@ -138,16 +155,23 @@ class StepUploader:
             step.seq_lens,
             step.block_tables.reshape(-1),
             np.asarray(step.sample_rows, dtype=np.int32),
+            np.asarray(step.pending_rows, dtype=np.int32),
+            np.asarray(step.pending_src, dtype=np.int32),
         ]
         if self.device.type != "cuda":
             flat = torch.from_numpy(np.concatenate(parts))
         else:
             total = sum(len(p) for p in parts)
-            if total > self._host.numel():
-                self._grow(max(total, 2 * self._host.numel()))
-            np.concatenate(parts, out=self._host.numpy()[:total])
-            flat = self._dev[:total]
-            flat.copy_(self._host[:total], non_blocking=True)
+            if total > self._host[0].numel():
+                self._grow(max(total, 2 * self._host[0].numel()))
+            turn = self._turn = 1 - self._turn
+            if self._copied[turn] is not None:
+                self._copied[turn].synchronize()
+            np.concatenate(parts, out=self._host[turn].numpy()[:total])
+            flat = self._dev[turn][:total]
+            flat.copy_(self._host[turn][:total], non_blocking=True)
+            self._copied[turn] = torch.cuda.Event()
+            self._copied[turn].record()
         views = list(flat.split([len(p) for p in parts]))
         views[5] = views[5].view(step.block_tables.shape)
         return DeviceStep(*views)

@@ -9,7 +9,7 @@ from transformers import PretrainedConfig
 from tandem.engine.config import EngineConfig
 from tandem.engine.loader import resolve_dtype
 from tandem.engine.mock.perf_model import PerfModel
-from tandem.engine.model_runner import CPU_KV_CACHE_GB, kv_bytes_per_block
+from tandem.engine.model_runner import CPU_KV_CACHE_GB, Launched, kv_bytes_per_block
 from tandem.engine.sampler import SampleResult
 from tandem.engine.scheduler import ScheduledBatch
 from tandem.engine.sequence import Sequence
@@ -59,6 +59,10 @@ class MockRunner:
         if decodes:
             ms += self.perf_model.decode_ms(decodes, context, self.kv_usage())
         return ms / self.speedup
+
+    def launch(self, batch: ScheduledBatch, previous: Launched | None = None) -> Launched:
+        seqs, result = self.execute(batch)
+        return Launched(seqs, None, result)
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
         delay = self.step_ms(batch) / 1000.0
