@@ -377,7 +377,7 @@ def profile_decode(bench: EngineBench, prompts: list[list[int]], steps: int) -> 
     return {"step_wall_s": wall, "step_gpu_s": gpu, "top_kernels_ms": kernels}
 
 
-def engine_config(args: argparse.Namespace, folder: Path):
+def engine_config(args: argparse.Namespace, folder: Path, overlap: bool = False):
     from tandem.engine.config import EngineConfig
 
     return EngineConfig(
@@ -391,6 +391,7 @@ def engine_config(args: argparse.Namespace, folder: Path):
         max_model_len=args.max_model_len,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        async_scheduling=overlap,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_gb=args.kv_cache_gb,
     )
@@ -402,9 +403,10 @@ def run_engine(
     vocab: int,
     device: torch.device,
     results: dict[str, Any],
+    overlap: bool = False,
 ) -> None:
     """Build the engine, then warm up and time each workload; fills `results` as it goes."""
-    bench = EngineBench(engine_config(args, folder), device)
+    bench = EngineBench(engine_config(args, folder, overlap), device)
     log(f"engine: built in {bench.build_s:.1f} s")
     (b1_in, b1_out), (c_n, c_in, c_out), (h_n, h_in, h_out) = (
         args.batch1,
@@ -557,6 +559,8 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
     ]
     if args.enforce_eager:
         flags.append("--enforce-eager")
+    if args.async_scheduling != "off":
+        flags.append("--async-scheduling")
     if args.kv_cache_gb is not None:
         flags += ["--kv-cache-memory", str(args.kv_cache_gb)]
     return flags
@@ -720,6 +724,16 @@ def summary_table(res: dict[str, Any]) -> Table:
             ttft <= TARGET_8K_TTFT_S,
         )
         t.add("  its matmul lower bound", f"{bound:.3f} s = {bound / ttft:.0%} of TTFT")
+    overlapped = res.get("engine_async") or {}
+    for name, figure, label in (
+        ("batch1", "decode_tok_s", "batch 1 decode"),
+        ("concurrent", "output_tok_s", f"{work['concurrent'][0]} concurrent output"),
+        ("high_concurrent", "decode_tok_s", f"{work['high_concurrent'][0]} concurrent decode"),
+        ("long_prompt", "ttft_s", "long prompt TTFT (s)"),
+    ):
+        if name in overlapped and name in eng:
+            on, off = overlapped[name]["median"][figure], eng[name]["median"][figure]
+            t.add(f"  --async-scheduling: {label}", f"{on:,.3g}", f"{on / off:.2f}x without")
     hf = res.get("hf") or {}
     for name, label in (("batch1", "batch 1"), ("concurrent", f"batch {work['concurrent'][0]}")):
         if name in hf and f"{name}_vs_hf" in ratio:
@@ -828,6 +842,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e = p.add_argument_group("engine")
     e.add_argument("--attention-backend", default="auto")
     e.add_argument("--enforce-eager", action="store_true")
+    e.add_argument(
+        "--async-scheduling",
+        choices=("off", "on", "both"),
+        default="both",
+        help="engine steps overlapped with the host's work; both: the engine figures without,"
+        " then with, side by side (serve runs with it unless off) (%(default)s)",
+    )
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     e.add_argument("--kv-cache-gb", type=float, help="KV cache GiB (default: the engine sizes it)")
     e.add_argument("--max-num-seqs", type=int, help="default: the largest concurrency")
@@ -1005,8 +1026,13 @@ def measure(
             },
         )
         phase_done("hf")
-    run_engine(args, folder, vocab, device, res.setdefault("engine", {}))
-    phase_done("engine")
+    if args.async_scheduling in ("off", "both"):
+        run_engine(args, folder, vocab, device, res.setdefault("engine", {}))
+        phase_done("engine")
+    if args.async_scheduling in ("on", "both"):
+        key = "engine" if args.async_scheduling == "on" else "engine_async"
+        run_engine(args, folder, vocab, device, res.setdefault(key, {}), overlap=True)
+        phase_done(key)
     built = res["engine"].get("weight_bytes")
     if built and built != weight_bytes:
         log(f"warning: the engine's parameters hold {built} bytes, the config says {weight_bytes}")
