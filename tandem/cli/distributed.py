@@ -215,7 +215,7 @@ def run_worker(args: argparse.Namespace) -> int:
     engine = AsyncEngine(cli.engine_config(args, model_path, device))
     try:
         card = model_card(engine, served, role=args.role)
-        asyncio.run(
+        status = asyncio.run(
             serve_worker(
                 engine,
                 card,
@@ -230,7 +230,7 @@ def run_worker(args: argparse.Namespace) -> int:
         )
     finally:
         engine.shutdown()
-    return 0
+    return status  # 1: the engine died (the worker left discovery); the launcher restarts it
 
 
 # -- tandem frontend ----------------------------------------------------------------------

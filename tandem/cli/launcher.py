@@ -3,10 +3,13 @@ mode on one machine.
 
 Starts a local nats-server (unless `--nats` names one), N `tandem worker` processes (or P with
 `--role prefill` and D with `--role decode`) and a `tandem frontend` process, and supervises
-them: a worker that exits on its own is restarted (a few times; a worker that keeps dying
-stops everything, rather than serving on with fewer workers than asked for); the frontend
-exiting stops everything. SIGTERM or Ctrl-C stops the
-children with SIGTERM (workers drain), waits, then SIGKILLs what is left.
+them: a worker that exits on its own (a crash, or its engine died: it exits non-zero after
+leaving discovery) is restarted after a backoff of 1, 2, 4, ... seconds (capped); a worker
+that keeps dying (MAX_RESTARTS restarts without HEALTHY_SECONDS of uptime in between) stops
+everything, rather than serving on with fewer workers than asked for; a worker that stayed up
+HEALTHY_SECONDS has its restart budget reset. The frontend exiting stops everything.
+SIGTERM or Ctrl-C stops the children with SIGTERM (workers drain), waits, then SIGKILLs what
+is left.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -27,6 +31,12 @@ from tandem.runtime.testing import die_with_parent
 log = logging.getLogger("tandem.launcher")
 
 MAX_RESTARTS = 3
+#: Delay before a worker's k-th restart in a row: RESTART_BACKOFF * 2**(k-1), at most
+#: MAX_BACKOFF seconds.
+RESTART_BACKOFF = 1.0
+MAX_BACKOFF = 30.0
+#: A worker up this long is healthy again: its restart budget starts over.
+HEALTHY_SECONDS = 60.0
 #: Seconds given to children after SIGTERM beyond the workers' drain timeout.
 STOP_SLACK = 5.0
 
@@ -49,6 +59,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
     if args.enforce_eager:
         argv.append("--enforce-eager")
+    if args.async_scheduling:
+        argv.append("--async-scheduling")
     optional = {
         "--device": args.device,
         "--max-model-len": args.max_model_len,
@@ -65,8 +77,17 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
 class Cluster:
     """The child processes of one `tandem serve --workers N` (or P prefill + D decode)."""
 
-    def __init__(self, args: argparse.Namespace, model_path: Path, served: str, nats_url: str):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model_path: Path,
+        served: str,
+        nats_url: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.args = args
+        self._clock = clock
         self.nats_url = nats_url
         if args.prefill_workers:
             self.roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
@@ -103,10 +124,18 @@ class Cluster:
             self.env["TANDEM_API_KEY"] = args.api_key
         self.workers: list[subprocess.Popen[bytes]] = []
         self.restarts = [0] * len(self.roles)
+        self.started = [0.0] * len(self.roles)  # when each worker was (re)started
+        self.restart_at: dict[int, float] = {}  # exited workers waiting out their backoff
         self.frontend: subprocess.Popen[bytes] | None = None
 
     def _spawn_worker(self, i: int) -> subprocess.Popen[bytes]:
+        self.started[i] = self._clock()
         return self._spawn([*self.worker_cmd, "--role", self.roles[i]])
+
+    @staticmethod
+    def backoff(restart: int) -> float:
+        """Seconds to wait before the `restart`-th restart in a row (1-based)."""
+        return min(MAX_BACKOFF, RESTART_BACKOFF * 2 ** (restart - 1))
 
     def start(self) -> None:
         self.workers = [self._spawn_worker(i) for i in range(len(self.roles))]
@@ -128,10 +157,20 @@ class Cluster:
         if (code := self.frontend.poll()) is not None:
             log.error("the frontend exited with status %s; stopping", code)
             return 1
+        now = self._clock()
         for i, proc in enumerate(self.workers):
+            if i in self.restart_at:
+                if now >= self.restart_at[i]:
+                    del self.restart_at[i]
+                    self.workers[i] = self._spawn_worker(i)
+                continue
             code = proc.poll()
             if code is None:
+                if self.restarts[i] and now - self.started[i] >= HEALTHY_SECONDS:
+                    self.restarts[i] = 0  # healthy again: a later crash starts a fresh budget
                 continue
+            if now - self.started[i] >= HEALTHY_SECONDS:
+                self.restarts[i] = 0
             if self.restarts[i] >= MAX_RESTARTS:
                 log.error(
                     "worker %d (%s) exited with status %s after %d restarts; stopping",
@@ -142,15 +181,17 @@ class Cluster:
                 )
                 return 1
             self.restarts[i] += 1
+            delay = self.backoff(self.restarts[i])
             log.warning(
-                "worker %d (%s) exited with status %s; restarting it (%d/%d)",
+                "worker %d (%s) exited with status %s; restarting it in %.0f s (%d/%d)",
                 i,
                 self.roles[i],
                 code,
+                delay,
                 self.restarts[i],
                 MAX_RESTARTS,
             )
-            self.workers[i] = self._spawn_worker(i)
+            self.restart_at[i] = now + delay
         return None
 
     def stop(self) -> None:

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -32,6 +33,13 @@ log = logging.getLogger(__name__)
 
 #: How long an imported request waits for free blocks before computing its prompt here.
 IMPORT_ROOM_WAIT = 2.0
+#: How long a call into the engine thread (snapshot, export touch/release, import steps) may
+#: wait for its answer: it runs between two steps, so this only passes if the loop is wedged.
+CALL_TIMEOUT = 30.0
+#: KV events kept for `take_kv_events`. With nobody taking them (embedded mode, or a publisher
+#: that fell behind) the oldest are dropped: a consumer then sees a gap in the event ids and
+#: fetches a snapshot, as DESIGN.md specifies.
+KV_EVENT_BUFFER = 10_000
 
 
 class KvPayload(Protocol):
@@ -65,13 +73,21 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.core.stats()
-        self._kv_events: list[KvEvent] = []
+        self._kv_events: deque[KvEvent] = deque(maxlen=KV_EVENT_BUFFER)
+        self.kv_events_dropped = 0
         self._events_lock = threading.Lock()
         self._stopped = threading.Event()
         self.error: BaseException | None = None
         self.kv_layout = self.core.kv_layout
         self.kv_transfer_timeout = 10.0
+        self.call_timeout = CALL_TIMEOUT
         self._tasks: set[asyncio.Task] = set()
+        # Futures of `_in_engine` calls not answered yet, failed if the loop ends; and who
+        # wants to hear of the loop's death. Both guarded by `_state_lock` against the loop.
+        self._pending: set[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = set()
+        self._death_callbacks: list[Callable[[BaseException], None]] = []
+        self._state_lock = threading.Lock()
+        self._ended = False  # the loop returned (died or shut down)
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
 
@@ -88,8 +104,8 @@ class AsyncEngine:
         A `kv_import` request pulls its blocks from `kv_source` first; if that fails, its
         prompt is computed here (logged, and counted in the stats' `kv_import_fallbacks`).
         """
-        if self.error is not None:
-            raise EngineDeadError(f"engine loop died: {self.error}")
+        if self._ended:
+            raise self._dead_error()
         self.core.validate(request)
         if request.kv_import is not None and kv_source is None:
             raise ValueError("this worker cannot import KV caches (it has no transfer source)")
@@ -97,6 +113,9 @@ class AsyncEngine:
             raise ValueError(f"request id {request.request_id!r} is already running")
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = (asyncio.get_running_loop(), outputs)
+        if self._ended:  # the loop ended after the check above: nobody would answer
+            self._streams.pop(request.request_id, None)
+            raise self._dead_error()
         self._commands.put(("add", request))
         remaining = request.sampling.n
         try:
@@ -146,8 +165,8 @@ class AsyncEngine:
             if modelled > 0:  # the mock engine: the transfer takes the time its model says
                 await asyncio.sleep(max(0.0, modelled - (time.perf_counter() - started)))
             await self._in_engine(self.core.finish_import, rid, payload, dst)
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, EngineDeadError):
+            raise  # the dead loop fails the stream too; nothing to fall back on
         except Exception as exc:
             log.warning(
                 "request %s: KV transfer from worker %s failed (%s: %s); computing the prompt"
@@ -164,13 +183,52 @@ class AsyncEngine:
             task.add_done_callback(self._tasks.discard)
 
     async def _in_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(*args)` in the engine thread between steps; its result or its exception."""
-        if self.error is not None:
-            raise EngineDeadError(f"engine loop died: {self.error}")
+        """Run `fn(*args)` in the engine thread between steps; its result or its exception.
+        EngineDeadError if the loop is dead or dies first; TimeoutError after `call_timeout`
+        seconds (a wedged loop)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._commands.put(("call", (fn, args, loop, future)))
-        return await future
+        entry = (loop, future)
+        with self._state_lock:
+            if self._ended:
+                raise self._dead_error()
+            self._pending.add(entry)
+        try:
+            self._commands.put(("call", (fn, args, loop, future)))
+            async with asyncio.timeout(self.call_timeout) as scope:
+                return await future
+        except TimeoutError:
+            if not scope.expired():
+                raise  # the call's own TimeoutError
+            raise TimeoutError(
+                f"the engine did not run {getattr(fn, '__name__', fn)} within"
+                f" {self.call_timeout:.0f} s"
+            ) from None
+        finally:
+            with self._state_lock:
+                self._pending.discard(entry)
+
+    @property
+    def alive(self) -> bool:
+        """False once the step loop died (or was shut down)."""
+        return not self._ended
+
+    def on_death(self, callback: Callable[[BaseException], None]) -> None:
+        """Call `callback(error)` once when the step loop dies (at once if it is dead). It
+        runs in the engine thread: hand it to your event loop with `call_soon_threadsafe`.
+        A shutdown is no death: callbacks are not called for it."""
+        with self._state_lock:
+            if not self._ended:
+                self._death_callbacks.append(callback)
+                return
+            error = self.error
+        if error is not None:
+            callback(error)
+
+    def _dead_error(self) -> EngineDeadError:
+        if self.error is None:
+            return EngineDeadError("the engine was shut down")
+        return EngineDeadError(f"engine loop died: {self.error}")
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stop a request (or only its sequence `index`) and free the blocks; harmless if it
@@ -183,7 +241,8 @@ class AsyncEngine:
 
     def take_kv_events(self) -> list[KvEvent]:
         with self._events_lock:
-            events, self._kv_events = self._kv_events, []
+            events = list(self._kv_events)
+            self._kv_events.clear()
         return events
 
     async def kv_snapshot(self) -> KvSnapshot:
@@ -216,8 +275,29 @@ class AsyncEngine:
                 self._deliver(outputs)
         except BaseException as exc:
             log.exception("engine loop died")
+            self._end(exc)
+        else:
+            self._end(None)
+
+    def _end(self, exc: BaseException | None) -> None:
+        """The loop is over: fail every stream and pending call; tell who asked (a death)."""
+        with self._state_lock:
             self.error = exc
-            self._fail_all(EngineDeadError(f"engine loop died: {exc}"))
+            self._ended = True
+            pending, self._pending = self._pending, set()
+            callbacks, self._death_callbacks = self._death_callbacks, []
+        dead = self._dead_error()
+        for loop, future in pending:
+            with contextlib.suppress(RuntimeError):  # that event loop is closed
+                loop.call_soon_threadsafe(_resolve_error, future, dead)
+        self._fail_all(dead)
+        if exc is None:
+            return
+        for callback in callbacks:
+            try:
+                callback(exc)
+            except Exception:
+                log.exception("engine death callback failed")
 
     def _apply_commands(self, block: bool) -> bool:
         """Run queued commands; wait for one when idle (until the next export deadline at
@@ -239,7 +319,8 @@ class AsyncEngine:
                 # One request's failure is that request's, never the loop's: whatever
                 # add_request raises goes to its stream, and what it half-added is taken out.
                 rid = getattr(arg, "request_id", None)
-                before = self.core.requests.get(rid)
+                rid = rid if isinstance(rid, str) else None
+                before = self.core.requests.get(rid) if rid is not None else None
                 try:
                     self.core.add_request(arg)
                 except Exception as exc:
@@ -271,7 +352,13 @@ class AsyncEngine:
         events = self.core.take_kv_events()
         if events:
             with self._events_lock:
+                limit = self._kv_events.maxlen or 0
+                overflow = len(self._kv_events) + len(events) - limit
                 self._kv_events.extend(events)
+            if overflow > 0:
+                if self.kv_events_dropped == 0:
+                    log.info("nobody takes the engine's KV events: keeping the newest %d", limit)
+                self.kv_events_dropped += overflow
 
     def _deliver(self, outputs: list[GenerateOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
@@ -289,7 +376,8 @@ class AsyncEngine:
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in list(self._streams):
-            self._deliver_to(request_id, exc)
+            with contextlib.suppress(RuntimeError):  # that event loop is closed
+                self._deliver_to(request_id, exc)
 
 
 def _resolve(future: asyncio.Future, value: object) -> None:

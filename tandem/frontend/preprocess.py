@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import Environment, TemplateError, meta
 
 from tandem.frontend.errors import APIError, bad_request
 from tandem.frontend.openai_types import ChatCompletionRequest, CompletionRequest, TextPart
@@ -18,6 +18,56 @@ from tandem.protocol import SamplingParams
 
 # Completions default to 16 tokens like OpenAI's; chat defaults to "as many as fit".
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+# Stop strings are matched against every delta of every choice: their number and length
+# bound that work (OpenAI allows 4; vLLM has no bound).
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+
+# `chat_template_kwargs` reach the server's chat template, so a client may set only plain
+# flags: these (harmless where a template ignores them), and variables the template itself
+# reads. Never what replaces the template, adds inputs, or changes what rendering returns.
+CHAT_TEMPLATE_FLAGS = frozenset({"enable_thinking", "thinking", "reasoning_effort"})
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "chat_template",
+        "tools",
+        "documents",
+        "messages",
+        "conversation",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "return_dict",
+        "return_tensors",
+        "return_assistant_tokens_mask",
+        "padding",
+        "truncation",
+        "max_length",
+        "tokenizer_kwargs",
+        "processor_kwargs",
+        "raise_exception",
+        "strftime_now",
+    }
+)
+MAX_TEMPLATE_KWARG_CHARS = 256
+# A template may use a number as a loop bound or a repeat count.
+MAX_TEMPLATE_KWARG_NUMBER = 65536
+
+
+def template_variables(template: Any) -> frozenset[str]:
+    """The variables a chat template reads that a client may set (not special tokens)."""
+    if not isinstance(template, str):
+        return frozenset()
+    try:
+        env = Environment(extensions=["jinja2.ext.loopcontrols"])
+        names = meta.find_undeclared_variables(env.parse(template))
+    except TemplateError:
+        return frozenset()
+    special = ("_token", "_tokens")
+    return frozenset(
+        n for n in names if n not in RESERVED_TEMPLATE_KWARGS and not n.endswith(special)
+    )
 
 
 @dataclass
@@ -37,6 +87,9 @@ class Preprocessor:
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs
         self.vocab_size = len(tokenizer)
+        self.template_kwargs = CHAT_TEMPLATE_FLAGS | template_variables(
+            getattr(tokenizer, "chat_template", None)
+        )
 
     # -- prompts ---------------------------------------------------------------------
 
@@ -62,7 +115,7 @@ class Preprocessor:
                 tokenize=False,
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
-                **(req.chat_template_kwargs or {}),
+                **self._template_kwargs(req.chat_template_kwargs),
             )
         except (TemplateError, ValueError, TypeError) as exc:
             raise bad_request(
@@ -70,6 +123,39 @@ class Preprocessor:
             ) from exc
         # The template already wrote BOS and friends; adding them again would double them.
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _template_kwargs(self, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """Only allowed keys with JSON scalar values: a client must not bring its own template
+        (unbounded Jinja on the event loop), tools, or rendering options."""
+        for key, value in (kwargs or {}).items():
+            where = f"chat_template_kwargs.{key}"
+            if key not in self.template_kwargs:
+                hint = (
+                    f" Use the top-level '{key}' field instead."
+                    if key in ("add_generation_prompt", "continue_final_message", "tools")
+                    else ""
+                )
+                raise bad_request(
+                    f"Unsupported key '{key}' in 'chat_template_kwargs'; allowed keys are: "
+                    f"{', '.join(sorted(self.template_kwargs))}.{hint}",
+                    param=where,
+                )
+            if isinstance(value, str):
+                ok = len(value) <= MAX_TEMPLATE_KWARG_CHARS
+            elif isinstance(value, bool) or value is None:
+                ok = True
+            elif isinstance(value, (int, float)):
+                ok = abs(value) <= MAX_TEMPLATE_KWARG_NUMBER
+            else:
+                ok = False
+            if not ok:
+                raise bad_request(
+                    f"Invalid value for '{where}': it must be a boolean, null, a number of at "
+                    f"most {MAX_TEMPLATE_KWARG_NUMBER} in magnitude or a string of at most "
+                    f"{MAX_TEMPLATE_KWARG_CHARS} characters.",
+                    param=where,
+                )
+        return dict(kwargs or {})
 
     @staticmethod
     def _message(i: int, m: Any) -> dict[str, str]:
@@ -186,7 +272,7 @@ class Preprocessor:
             ignore_eos=req.ignore_eos,
         )
         try:
-            params.validate(self.max_logprobs)
+            params.validate(self.max_logprobs, self.vocab_size)
         except ValueError as exc:
             message = str(exc)
             field = message.split(" ", 1)[0]
@@ -194,12 +280,23 @@ class Preprocessor:
                 "logprobs": "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
             }.get(field, field)
             raise bad_request(f"Invalid value for '{param}': {message}.", param=param) from exc
-        bad_ids = [t for t in params.stop_token_ids if t < 0]
-        if bad_ids:
-            raise bad_request(
-                f"'stop_token_ids' must be non-negative, got {bad_ids[0]}.", param="stop_token_ids"
-            )
+        self._check_stop(stop)
         return params, stop
+
+    @staticmethod
+    def _check_stop(stop: list[str]) -> None:
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad_request(
+                f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}.",
+                param="stop",
+            )
+        for i, s in enumerate(stop):
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise bad_request(
+                    f"Stop strings may have at most {MAX_STOP_STRING_CHARS} characters; "
+                    f"'stop.{i}' has {len(s)}.",
+                    param="stop",
+                )
 
     # -- whole requests --------------------------------------------------------------
 

@@ -11,6 +11,11 @@ Failure handling, and why:
   down) is retried on another worker: nothing was generated, so nothing can be duplicated.
 * A worker that dies mid-stream ends the stream with `WorkerLost`, which the HTTP layer turns
   into an error response or SSE error event; no retry yet (request migration is a later issue).
+* A worker whose engine died refuses new work with `EngineDeadError` until it has left
+  discovery (at once): that refusal is retried elsewhere too, as nothing was generated.
+* Every call has a deadline: a stream's first output must come within `first_output_timeout`
+  seconds (the worker is wedged otherwise: the call is cancelled, the worker avoided for a
+  while, and the request fails with `WorkerLost`), and, with `output_timeout`, each later one.
 
 Disaggregated serving: when prefill workers are live, a request whose uncached prompt is long
 goes first to a prefill worker (chosen by its own KV-aware router) with `kv_export`; its first
@@ -52,6 +57,12 @@ from tandem.transfer.release import release_kv
 
 log = logging.getLogger(__name__)
 
+#: Seconds a worker may take to produce a stream's first output (queueing, prefill, a KV
+#: import) before the frontend gives up on it.
+FIRST_OUTPUT_TIMEOUT = 60.0
+#: How a worker's engine that died refuses new requests (see `AsyncEngine.generate`).
+_ENGINE_DEAD = "EngineDeadError"
+
 __all__ = ["NoWorkers", "RemoteEngine", "WorkerLost"]
 
 
@@ -73,7 +84,13 @@ class RemoteEngine:
         policy: Policy = "round_robin",
         router_options: dict[str, Any] | None = None,
         disagg: DisaggConfig | None = None,
+        first_output_timeout: float | None = FIRST_OUTPUT_TIMEOUT,
+        output_timeout: float | None = None,
     ) -> None:
+        """`first_output_timeout`: seconds a worker may take to start a stream (None: no
+        limit); `output_timeout`: seconds between two outputs of a stream (None: no limit)."""
+        self.first_output_timeout = first_output_timeout
+        self.output_timeout = output_timeout
         common = dict(namespace=namespace, policy=policy, router_options=router_options)
         # Decode (and aggregated) workers; prefill workers, always KV-aware: their prefix
         # caches are what saves prefill work.
@@ -207,13 +224,27 @@ class RemoteEngine:
                 )
                 self._streams[rid] = stream
                 try:
-                    first = await anext(stream)
+                    first = await _next(stream, self.first_output_timeout)
                 except StopAsyncIteration:  # aborted before the first output
                     self._forget(rid, stream)
                     return
+                except _OutputTimeout as exc:
+                    self._forget(rid, stream)  # cancels the call: the worker aborts it
+                    pool.suspect(worker.info.instance_id)
+                    log.error(
+                        "worker %s at %s sent no output for request %s in %.0f s",
+                        worker.info.instance_id,
+                        worker.info.address,
+                        rid,
+                        exc.seconds,
+                    )
+                    raise WorkerLost(
+                        f"the worker chosen for this request ({worker.info.instance_id}) did"
+                        f" not start it within {exc.seconds:.0f} s"
+                    ) from None
                 except (PeerGone, RemoteError) as exc:
                     self._forget(rid, stream)
-                    if isinstance(exc, PeerGone) or exc.code in ("shutdown", "overloaded"):
+                    if isinstance(exc, PeerGone) or _unavailable(exc):
                         # Nothing was generated: safe to try another worker.
                         log.warning(
                             "worker %s at %s unavailable (%s); trying another",
@@ -221,7 +252,7 @@ class RemoteEngine:
                             worker.info.address,
                             exc,
                         )
-                        if isinstance(exc, PeerGone):
+                        if isinstance(exc, PeerGone) or exc.code == "handler_error":
                             pool.suspect(worker.info.instance_id)
                         continue
                     raise _translate(exc) from exc
@@ -233,8 +264,18 @@ class RemoteEngine:
             pool.first_token(rid)
             try:
                 yield first
-                async for out in stream:
+                while True:
+                    try:
+                        out = await _next(stream, self.output_timeout)
+                    except StopAsyncIteration:
+                        break
                     yield out
+            except _OutputTimeout as exc:
+                pool.suspect(worker.info.instance_id)
+                raise WorkerLost(
+                    f"the worker serving this request ({worker.info.instance_id}) sent nothing"
+                    f" for {exc.seconds:.0f} s"
+                ) from None
             except PeerGone as exc:
                 log.error(
                     "worker %s at %s died while streaming request %s: %s",
@@ -296,6 +337,32 @@ class RemoteEngine:
         if self._streams.get(rid) is stream:
             del self._streams[rid]
         stream.cancel()
+
+
+class _OutputTimeout(Exception):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no output within {seconds:.0f} s")
+        self.seconds = seconds
+
+
+async def _next(stream: ResponseStream, timeout: float | None) -> GenerateOutput:
+    """The stream's next output; `_OutputTimeout` after `timeout` seconds (None: wait)."""
+    if timeout is None:
+        return await anext(stream)
+    try:
+        async with asyncio.timeout(timeout) as scope:
+            return await anext(stream)
+    except TimeoutError:
+        if scope.expired():
+            raise _OutputTimeout(timeout) from None
+        raise  # the call's own deadline
+
+
+def _unavailable(exc: RemoteError) -> bool:
+    """The worker refused before doing anything (draining, full, its engine dead)."""
+    return exc.code in ("shutdown", "overloaded") or (
+        exc.code == "handler_error" and str(exc).startswith(_ENGINE_DEAD)
+    )
 
 
 def _translate(exc: RemoteError) -> Exception:

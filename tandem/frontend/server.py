@@ -47,6 +47,9 @@ M = TypeVar("M", bound=BaseModel)
 # Status logged for requests whose client left before the answer (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
 
+#: Largest request body accepted; beyond it a 413 before any parsing or tokenizing.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
 
 class ClientDisconnected(Exception):
     """The HTTP client went away while we were still working for it."""
@@ -103,6 +106,54 @@ class ApiKeyMiddleware:
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Answers 413 to a body over `max_bytes`, judged by Content-Length when sent and by the
+    bytes actually received otherwise, so a huge body never reaches the JSON parser or the
+    tokenizer. The body it read is handed on to the app unchanged."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await self._too_large(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        first: list[Any] = [message]
+
+        async def replay() -> Any:
+            return first.pop() if first else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = APIError(
+            413,
+            f"The request body is larger than this server's limit of {self.max_bytes} bytes.",
+            code="request_too_large",
+        )
+        await error.response()(scope, receive, send)
 
 
 def _parse(model: type[M], body: bytes) -> M:
@@ -244,12 +295,14 @@ def build_app(
     *,
     api_key: str | None = None,
     max_waiting: int = 256,
+    max_request_bytes: int | None = MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """An OpenAI-compatible app in front of `engine`.
 
     `tokenizer_path` is a Hugging Face folder with the tokenizer (and chat template) matching
     the engine's model; `max_waiting` bounds the engine's waiting queue before requests are
-    refused with 503. The caller owns the engine and shuts it down.
+    refused with 503; bodies over `max_request_bytes` (None: no limit) get 413. The caller
+    owns the engine and shuts it down.
     """
     from transformers import AutoTokenizer
 
@@ -258,7 +311,10 @@ def build_app(
     app = FastAPI(title="Tandem", summary="OpenAI-compatible LLM server")
     app.state.frontend = fe
     install_handlers(app)
-    # Order matters: the counter is outermost so it also counts 401s.
+    # Order matters (the last added is outermost): the counter also counts 401s and 413s;
+    # the key is checked before a body is read.
+    if max_request_bytes is not None:
+        app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(RequestCounterMiddleware, metrics=fe.metrics)

@@ -51,8 +51,10 @@ async def serve_worker(
     lease_ttl: float | None = None,
     drain_timeout: float = 30.0,
     stop: asyncio.Event | None = None,
-) -> None:
-    """Serve until `stop` is set or a SIGTERM / SIGINT arrives; then drain and return."""
+) -> int:
+    """Serve until `stop` is set or a SIGTERM / SIGINT arrives, then drain and return 0; or
+    until the engine dies: the worker has left discovery by then, and this returns 1 (the
+    process's exit status, so that a supervisor restarts it)."""
     from tandem.runtime.nats_discovery import NatsDiscovery
     from tandem.runtime.nats_event_plane import NatsEventPlane
 
@@ -80,9 +82,20 @@ async def serve_worker(
         info = await worker.start()
         # One line on stdout that supervisors and tests can wait for.
         print(f"worker {info.instance_id} ready at {info.address}", flush=True)
-        await stop.wait()
+        stopped = asyncio.ensure_future(stop.wait())
+        died = asyncio.ensure_future(worker.dead.wait())
+        try:
+            await asyncio.wait([stopped, died], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            died.cancel()
+        if worker.dead.is_set():
+            log.error("worker %s: exiting, its engine died: %s", info.instance_id, worker.death)
+            await worker.drain(1.0)  # its streams have failed already: let the errors out
+            return 1
         log.info("worker %s: stopping", info.instance_id)
         await worker.drain(drain_timeout)
+        return 0
     finally:
         with contextlib.suppress(Exception):
             await client.close()

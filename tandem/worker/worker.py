@@ -6,10 +6,17 @@ reverse: revoke the lease first, so frontends stop routing here at once; let in-
 requests finish within a grace period (new calls that still arrive are refused with
 `shutdown`, which callers retry elsewhere since nothing was produced yet); then stop.
 The caller owns the engine and shuts it down after `drain()`.
+
+The lease is tied to the engine's health: when the engine's step loop dies, the worker
+revokes its lease at once (routers stop sending work and forget its frozen load), stops
+publishing, and sets `dead`, on which `tandem worker` exits non-zero so that its supervisor
+restarts it. Its in-flight streams end with the engine's error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -92,6 +99,11 @@ class Worker:
             interval=publish_interval,
         )
         self.info: InstanceInfo | None = None
+        #: Set once the engine died and the worker left discovery; `death` says why.
+        self.dead = asyncio.Event()
+        self.death: BaseException | None = None
+        self._leaving: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
 
     @property
     def inflight(self) -> int:
@@ -99,6 +111,8 @@ class Worker:
         return self._server.inflight
 
     async def start(self) -> InstanceInfo:
+        if getattr(self.engine, "error", None) is not None:
+            raise RuntimeError(f"the engine is dead: {self.engine.error}")
         self._server.add_endpoint(GENERATE_ENDPOINT, self._generate, GenerateRequest)
         self._server.add_endpoint(KV_SNAPSHOT_ENDPOINT, self._kv_snapshot, KvSnapshotRequest)
         if self.card.role == "prefill":
@@ -114,6 +128,7 @@ class Worker:
             metadata=self.card.to_metadata(),
         )
         self._lease = await self._discovery.register(self.info, ttl=self.lease_ttl)
+        self._watch_engine()
         log.info(
             "worker %s (%s, %s) registered as %s at %s",
             self.instance_id,
@@ -124,14 +139,60 @@ class Worker:
         )
         return self.info
 
-    async def drain(self, grace: float = 30.0) -> None:
-        """Deregister, finish in-flight requests for up to `grace` seconds, stop serving."""
+    def _watch_engine(self) -> None:
+        """Leave at once when the engine dies: by its death callback where it has one, else by
+        polling its `error` (engines behind the same contract without the callback)."""
+        loop = asyncio.get_running_loop()
+        on_death = getattr(self.engine, "on_death", None)
+        if on_death is not None:
+
+            def died(exc: BaseException) -> None:  # in the engine's thread
+                with contextlib.suppress(RuntimeError):  # our event loop is closed
+                    loop.call_soon_threadsafe(self._engine_died, exc)
+
+            on_death(died)
+        else:
+            self._monitor = loop.create_task(self._poll_engine(), name="engine-health")
+
+    async def _poll_engine(self, interval: float = 0.5) -> None:
+        while (error := getattr(self.engine, "error", None)) is None:
+            await asyncio.sleep(interval)
+        self._engine_died(error)
+
+    def _engine_died(self, exc: BaseException) -> None:
+        if self.death is not None:
+            return
+        self.death = exc
+        log.error(
+            "worker %s: the engine died (%s: %s); leaving discovery",
+            self.instance_id,
+            type(exc).__name__,
+            exc,
+        )
+        self._leaving = asyncio.get_running_loop().create_task(self._leave(), name="leave")
+
+    async def _leave(self) -> None:
+        try:
+            await self._deregister()
+            with contextlib.suppress(Exception):
+                await self._publisher.stop()
+        finally:
+            self.dead.set()
+
+    async def _deregister(self) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:
             try:
                 await lease.revoke()
             except Exception as exc:  # NATS down: the lease lapses by itself within its TTL
                 log.warning("worker %s: deregistering failed (%s)", self.instance_id, exc)
+
+    async def drain(self, grace: float = 30.0) -> None:
+        """Deregister, finish in-flight requests for up to `grace` seconds, stop serving."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.cancel()
+        await self._deregister()
         inflight = self._server.inflight
         if inflight:
             log.info(
