@@ -268,6 +268,12 @@ def add_frontend(subparsers: Any) -> None:
         help="requests that may wait in the workers' queues before 503 (%(default)s)",
     )
     net.add_argument(
+        "--max-request-bytes",
+        type=cli._int_at_least(1),
+        default=8 * 2**20,
+        help="largest request body; a larger one gets 413 before it is parsed (%(default)s)",
+    )
+    net.add_argument(
         "--min-workers",
         type=cli._int_at_least(1),
         default=1,
@@ -304,6 +310,7 @@ def run_frontend(args: argparse.Namespace) -> int:
                 tokenizer=args.tokenizer,
                 api_key=args.api_key,
                 max_waiting=args.max_waiting,
+                max_request_bytes=args.max_request_bytes,
                 namespace=args.namespace,
                 min_workers=args.min_workers,
                 min_prefill_workers=args.min_prefill_workers,

@@ -111,6 +111,7 @@ class Cluster:
             "--served-model-name", served,
             "--tokenizer", str(model_path),
             "--max-waiting", str(args.max_waiting),
+            "--max-request-bytes", str(args.max_request_bytes),
             "--min-workers", str(decode_workers),
             "--min-prefill-workers", str(args.prefill_workers or 0),
             "--log-level", args.log_level,

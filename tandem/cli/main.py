@@ -133,6 +133,12 @@ def _add_serve(subparsers: Any) -> None:
         " Retry-After (%(default)s)",
     )
     net.add_argument(
+        "--max-request-bytes",
+        type=_int_at_least(1),
+        default=8 * 2**20,
+        help="largest request body; a larger one gets 413 before it is parsed (%(default)s)",
+    )
+    net.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
     )
 
@@ -371,7 +377,12 @@ def _serve(args: argparse.Namespace, model_path: Path, device: str, sock: socket
     engine = AsyncEngine(config)
     try:
         app = build_app(
-            engine, str(model_path), served_name, api_key=args.api_key, max_waiting=args.max_waiting
+            engine,
+            str(model_path),
+            served_name,
+            api_key=args.api_key,
+            max_waiting=args.max_waiting,
+            max_request_bytes=args.max_request_bytes,
         )
         url = f"http://{_url_host(args.host)}:{args.port}"
         server = ReadyServer(

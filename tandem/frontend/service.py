@@ -60,6 +60,7 @@ async def serve_frontend(
     tokenizer: str | None = None,
     api_key: str | None = None,
     max_waiting: int = 256,
+    max_request_bytes: int = 8 * 2**20,  # the CLI passes --max-request-bytes
     namespace: str = DEFAULT_NAMESPACE,
     min_workers: int = 1,
     min_prefill_workers: int = 0,
@@ -101,7 +102,12 @@ async def serve_frontend(
         assert card is not None
         served = served_model_name or card.model
         app = build_app(
-            remote, tokenizer or card.tokenizer, served, api_key=api_key, max_waiting=max_waiting
+            remote,
+            tokenizer or card.tokenizer,
+            served,
+            api_key=api_key,
+            max_waiting=max_waiting,
+            max_request_bytes=max_request_bytes,
         )
         server = ReadyServer(
             uvicorn.Config(app, log_level=log_level),
