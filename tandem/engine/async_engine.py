@@ -234,6 +234,8 @@ class AsyncEngine:
         """Stop a request (or only its sequence `index`) and free the blocks; harmless if it
         already finished. A frontend whose stop string ended one of `n` sequences stops just
         that one."""
+        if self._ended:  # nobody would take the command off the queue
+            return
         self._commands.put(("abort", (request_id, index)))
 
     def stats(self) -> LoadStats:
