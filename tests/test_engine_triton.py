@@ -72,3 +72,35 @@ def test_cuda_graphs_equal_eager(tiny_llama):
     eager, _ = run(engine(tiny_llama, max_num_batched_tokens=256, enforce_eager=True), batch, 12)
     assert graphs == eager
 
+
+
+@pytest.mark.skipif(not CUDA, reason="Triton compiles kernels on a GPU only")
+@pytest.mark.parametrize("mode", [{}, {"async_scheduling": True}, {"enforce_eager": True}])
+def test_no_kernel_compiles_once_started(tiny_llama, monkeypatch, mode):
+    """Start-up compiles every Triton variant a step can need: requests of any length that
+    join while others decode, chunked prompts and any batch size then compile nothing (a
+    compile mid-serving stalls every live stream for about a second)."""
+    import triton
+
+    from tandem.protocol import GenerateRequest
+
+    eng = engine(tiny_llama, dtype="bfloat16", max_num_batched_tokens=256, max_num_seqs=32,
+                 num_gpu_blocks=1024, **mode)  # fmt: skip
+    compiled: list[str] = []
+
+    def record(**info) -> None:
+        compiled.append(info["fn"].name)
+
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", record)
+    lengths = [1, 2, 3, 5, 8, 13, 16, 17, 31, 33, 64, 100, 129, 200, 255, 300, 511, 7, 4, 9]
+    waiting = list(enumerate(prompts(lengths)))
+    while waiting or eng.has_work():
+        for _ in range(len(waiting) % 3 + 1):  # one to three new requests every step
+            if waiting:
+                i, prompt = waiting.pop()
+                eng.add_request(GenerateRequest(
+                    request_id=str(i), prompt_token_ids=prompt,
+                    sampling=SamplingParams(max_tokens=5 + i, temperature=0.0, ignore_eos=True),
+                ))  # fmt: skip
+        eng.step()
+    assert compiled == []

@@ -26,9 +26,9 @@ except ImportError:
 from tandem.engine.kernels.attention import (
     choose_num_splits,
     paged_attention,
-    paged_attention_reference,
     store_kv,
 )
+from tandem.engine.kernels.attention_reference import paged_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
@@ -238,6 +238,9 @@ def test_choose_num_splits():
     assert choose_num_splits(1, 8, 200, 132) == 1  # short context
     assert choose_num_splits(1, 8, 32768, 132) == 16
     assert 1 < choose_num_splits(4, 8, 4096, 132) <= 8  # each split keeps >= 512 tokens
+    # Each factor is a kernel variant to compile: only powers of two occur.
+    factors = {choose_num_splits(b, 8, n, 132) for b in range(1, 40) for n in range(1, 40000, 97)}
+    assert factors == {1, 2, 4, 8, 16}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
 
 from tandem.engine.kernels.attention import choose_num_splits, paged_attention, store_kv
 from tandem.engine.step_inputs import DeviceStep, StepInputs
@@ -82,6 +83,27 @@ class TritonAttention:
             num_splits=meta.num_splits,
             num_decodes=meta.num_decodes,
         )
+
+    def warm_up(self, num_heads: int, max_query_len: int) -> None:
+        """Compile every kernel variant a step can need before serving starts, where a first
+        compile costs a second of a live stream: one per prefill tile shape (which follows
+        the longest query) and per split-K factor, on an empty batch."""
+        kv_heads, head_dim = self.num_kv_heads, self.k_cache.shape[-1]
+        dev, rows = self.k_cache.device, 16
+        fused = torch.zeros(rows, (num_heads + 2 * kv_heads) * head_dim, dtype=self.k_cache.dtype,
+                            device=dev)  # fmt: skip
+        q = fused[:, : num_heads * head_dim].view(rows, num_heads, head_dim)  # as qkv's view
+        out = torch.empty(q.shape, dtype=q.dtype, device=dev)
+        zeros = torch.zeros(3, dtype=torch.int32, device=dev)
+        tables = torch.zeros((2, 1), dtype=torch.int32, device=dev)
+        group = num_heads // kv_heads
+        tiles = {triton.next_power_of_2(m * group): m for m in range(max_query_len, 1, -1)}
+        shapes = [(m, 1) for m in sorted(tiles.values())] + [(1, s) for s in (1, 2, 4, 8, 16)]
+        for query_len, splits in shapes:
+            paged_attention(q, self.k_cache[0], self.v_cache[0], out, query_start_loc=zeros,
+                            seq_lens=zeros[:2], block_tables=tables, scale=self.scale,
+                            max_query_len=query_len, num_splits=splits)  # fmt: skip
+        torch.cuda.synchronize(dev)
 
     # -- CUDA graphs: decode steps of up to `max_seqs` sequences --------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 from transformers import PretrainedConfig
@@ -88,12 +89,14 @@ class ModelRunner:
         self.attention = self._make_backend(self.num_blocks)
 
     def start(self, max_model_len: int) -> None:
-        """Once the engine knows its context limit: capture the decode graphs."""
-        use_graphs = (
-            self.device.type == "cuda" and not self.config.enforce_eager
-            and self.backend_name == "triton"
-        )
-        if use_graphs:
+        """Once the engine knows its context limit: compile the attention kernels, capture
+        the decode graphs."""
+        on_gpu = self.device.type == "cuda" and self.backend_name == "triton"
+        if on_gpu:
+            started = time.perf_counter()
+            self.attention.warm_up(self.hf.num_attention_heads, self.config.max_num_batched_tokens)
+            log.info("attention kernels ready in %.1f s", time.perf_counter() - started)
+        if on_gpu and not self.config.enforce_eager:
             from tandem.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(

@@ -121,12 +121,16 @@ def build_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
     )
 
 
+#: int32 elements per 16 bytes.
+ALIGN = 4
+
+
 class StepUploader:
     """Packs a step into a pinned host buffer and copies it to the device in one go.
 
     Two buffers take turns, each refilled only once the copy out of it has run (an event),
     so a step can be packed while the previous one is still queued on the GPU. On a CPU the
-    arrays are used in place.
+    packed buffer is used in place.
     """
 
     def __init__(self, device: torch.device, capacity: int = 1 << 16) -> None:
@@ -158,20 +162,31 @@ class StepUploader:
             np.asarray(step.pending_rows, dtype=np.int32),
             np.asarray(step.pending_src, dtype=np.int32),
         ]
+        sizes = [len(p) for p in parts]
+        # Each array starts on a 16-byte boundary: Triton specialises its kernels on pointer
+        # alignment, and packed views at varying offsets would each compile a new variant.
+        starts = np.cumsum([0] + [-(-n // ALIGN) * ALIGN for n in sizes])
+        total = int(starts[-1])
         if self.device.type != "cuda":
-            flat = torch.from_numpy(np.concatenate(parts))
+            host = np.zeros(total, dtype=np.int32)
+            _pack(host, parts, starts)
+            flat = torch.from_numpy(host)
         else:
-            total = sum(len(p) for p in parts)
             if total > self._host[0].numel():
                 self._grow(max(total, 2 * self._host[0].numel()))
             turn = self._turn = 1 - self._turn
             if self._copied[turn] is not None:
                 self._copied[turn].synchronize()
-            np.concatenate(parts, out=self._host[turn].numpy()[:total])
+            _pack(self._host[turn].numpy(), parts, starts)
             flat = self._dev[turn][:total]
             flat.copy_(self._host[turn][:total], non_blocking=True)
             self._copied[turn] = torch.cuda.Event()
             self._copied[turn].record()
-        views = list(flat.split([len(p) for p in parts]))
+        views = [flat[a : a + n] for a, n in zip(starts[:-1].tolist(), sizes, strict=True)]
         views[5] = views[5].view(step.block_tables.shape)
         return DeviceStep(*views)
+
+
+def _pack(out: np.ndarray, parts: list[np.ndarray], starts: np.ndarray) -> None:
+    for part, start in zip(parts, starts.tolist(), strict=False):
+        out[start : start + len(part)] = part

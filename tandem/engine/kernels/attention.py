@@ -120,10 +120,12 @@ def _attend(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Ints that change from step to step are not specialised on (Triton would compile a variant
+# for 1, for multiples of 16 and for the rest, each a second-long stall mid-serving).
+@triton.jit(do_not_specialize=["first_seq", "num_seqs", "s_bt"])
 def _paged_attn_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, part_ptr, lse_ptr,
-    num_seqs, num_heads, qk_scale,
+    first_seq, num_seqs, num_heads, qk_scale,
     s_qt, s_qh, s_qd, s_ot, s_oh, s_od, s_cb, s_co, s_ch, s_cd, s_bt,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -131,6 +133,11 @@ def _paged_attn_kernel(
     UPCAST: tl.constexpr,
 ):  # fmt: skip
     kv_head = tl.program_id(1)
+    # This launch serves sequences [first_seq, first_seq + num_seqs): offsets taken here, not
+    # by slicing the tensors, keep every pointer as aligned as its buffer.
+    qsl_ptr += first_seq
+    seq_lens_ptr += first_seq
+    bt_ptr += first_seq.to(tl.int64) * s_bt
     if DECODE:
         seq = tl.program_id(0)
         q_tile = 0
@@ -303,21 +310,22 @@ def paged_attention(
     assert k_cache.stride() == v_cache.stride() and block_tables.stride(1) == 1
     if max_query_len > 1 and 0 < num_decodes < num_seqs:
         n = num_decodes
-        _launch(q, k_cache, v_cache, out, query_start_loc[: n + 1], seq_lens[:n],
-                block_tables[:n], scale, n, 1, 1)  # fmt: skip
-        _launch(q, k_cache, v_cache, out, query_start_loc[n:], seq_lens[n:], block_tables[n:],
-                scale, num_tokens - n, max_query_len, 1)  # fmt: skip
+        _launch(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale,
+                0, n, n, 1, 1)  # fmt: skip
+        _launch(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale,
+                n, num_seqs - n, num_tokens - n, max_query_len, 1)  # fmt: skip
     else:
         _launch(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale,
-                num_tokens, max_query_len, num_splits)  # fmt: skip
+                0, num_seqs, num_tokens, max_query_len, num_splits)  # fmt: skip
     return out
 
 
 def _launch(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale: float,
-            num_rows: int, max_query_len: int, num_splits: int) -> None:  # fmt: skip
-    """One kernel launch over all of `seq_lens`, whose queries span at most `num_rows` rows."""
+            first_seq: int, num_seqs: int, num_rows: int, max_query_len: int,
+            num_splits: int) -> None:  # fmt: skip
+    """One kernel launch over sequences [first_seq, first_seq + num_seqs), whose queries span
+    at most `num_rows` rows."""
     num_tokens, num_heads, head_dim = q.shape
-    num_seqs = seq_lens.shape[0]
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0 and block_size & (block_size - 1) == 0
     group = num_heads // num_kv_heads
@@ -347,7 +355,7 @@ def _launch(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, s
         part = lse = out  # unused
     _paged_attn_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, part, lse,
-        num_seqs, num_heads, scale * _LOG2E,
+        first_seq, num_seqs, num_heads, scale * _LOG2E,
         *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         HEAD_D=head_dim, BLOCK_SIZE=block_size, DECODE=decode, NUM_SPLITS=splits,
@@ -366,47 +374,10 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
     Splitting only pays when (sequence, KV head) pairs are well short of the SMs and each
     split still gets a few hundred tokens; beyond 16 splits the combine step starts to cost.
+    Each factor is a kernel variant of its own, so only powers of two are used.
     """
     programs = max(1, num_seqs * num_kv_heads)
     if programs >= num_sms or max_seq_len < 1024:
         return 1
     splits = min(math.ceil(2 * num_sms / programs), max_seq_len // 512, 16)
-    return max(1, splits)
-
-
-def paged_attention_reference(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    scale: float,
-    max_query_len: int,
-    num_splits: int = 1,
-    num_decodes: int = 0,
-) -> torch.Tensor:
-    """`paged_attention` in plain torch, float32, one sequence at a time: the tests' oracle."""
-    del max_query_len, num_splits, num_decodes  # shape hints for the kernel only
-    starts = query_start_loc.tolist()
-    group = q.shape[1] // k_cache.shape[2]
-    block_size = k_cache.shape[1]
-    for i, seq_len in enumerate(seq_lens.tolist()):
-        a, b = starts[i], starts[i + 1]
-        if b == a:
-            continue
-        if seq_len == 0:
-            out[a:b] = 0
-            continue
-        blocks = block_tables[i, : -(-seq_len // block_size)].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, 1)
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, 1)
-        s = torch.einsum("qhd,khd->hqk", q[a:b].float(), k) * scale
-        pos = torch.arange(seq_len - (b - a), seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= pos[:, None]
-        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
-        p = torch.where(mask.any(-1, keepdim=True), p, 0.0)  # rows with no keys: zeros
-        out[a:b] = torch.einsum("hqk,khd->qhd", p, v).to(out.dtype)
-    return out
+    return 1 << (max(1, splits).bit_length() - 1)  # a power of two: five kernel variants
