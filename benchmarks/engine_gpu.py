@@ -369,12 +369,41 @@ def profile_decode(bench: EngineBench, prompts: list[list[int]], steps: int) -> 
         core.step()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     gpu = sum(e.self_device_time_total for e in events) / steps / 1e6
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
+    launches = sum(e.count for e in events) / steps
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
     kernels = {e.key[:80]: e.self_device_time_total / steps / 1e3 for e in top}
-    log(f"profile batch {len(prompts)}: step {wall * 1e3:.2f} ms wall, {gpu * 1e3:.2f} ms GPU")
-    for name, ms in kernels.items():
-        log(f"    {ms:7.3f} ms  {name}")
-    return {"step_wall_s": wall, "step_gpu_s": gpu, "top_kernels_ms": kernels}
+    busy, span = _busy_span([e.time_range for e in prof.events() if e.device_type.name == "CUDA"])
+    log(
+        f"profile batch {len(prompts)}: step {wall * 1e3:.2f} ms wall, {gpu * 1e3:.2f} ms GPU,"
+        f" {launches:.0f} kernels; GPU busy {busy / steps / 1e3:.2f} ms of"
+        f" {span / steps / 1e3:.2f} ms from first to last kernel"
+    )
+    for e in top:
+        ms, per_step = e.self_device_time_total / steps / 1e3, e.count / steps
+        log(f"    {ms:7.3f} ms  x{per_step:5.0f}  {e.key[:80]}")
+    return {
+        "step_wall_s": wall,
+        "step_gpu_s": gpu,
+        "kernels_per_step": launches,
+        "gpu_busy_s": busy / steps / 1e6,
+        "gpu_span_s": span / steps / 1e6,
+        "top_kernels_ms": kernels,
+    }
+
+
+def _busy_span(ranges) -> tuple[float, float]:
+    """Microseconds the GPU ran any kernel, and from the first kernel's start to the last's
+    end: their difference is the time it sat idle between kernels (launch gaps, host waits)."""
+    busy, end, first = 0.0, None, None
+    for r in sorted(ranges, key=lambda r: r.start):
+        first = r.start if first is None else first
+        if end is None or r.start >= end:
+            busy += r.end - r.start
+            end = r.end
+        elif r.end > end:
+            busy += r.end - end
+            end = r.end
+    return busy, (end - first) if first is not None else 0.0
 
 
 def engine_config(args: argparse.Namespace, folder: Path, overlap: bool = False):

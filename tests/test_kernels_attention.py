@@ -23,12 +23,9 @@ except ImportError:
         raise
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from tandem.engine.kernels.attention import (
-    choose_num_splits,
-    paged_attention,
-    store_kv,
-)
+from tandem.engine.kernels.attention import choose_num_splits, paged_attention
 from tandem.engine.kernels.attention_reference import paged_attention_reference
+from tandem.engine.kernels.kv_store import rope_store_kv, store_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
@@ -212,6 +209,42 @@ def test_store_kv_strided_and_skipping_negative_slots(dtype, layout):
     want_v[slots.cpu()[keep].long()] = v.cpu()[keep]
     torch.testing.assert_close(k_cache.cpu().flatten(0, 1), want_k, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(v_cache.cpu().flatten(0, 1), want_v, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_store_kv_is_rope_then_store(dtype):
+    """The fused launch equals RoPE then the plain store: q rotated in place
+    (padding rows too), rotated k and untouched v in their slots, padding slots left alone."""
+    tokens, heads, kv_heads, head_dim, block_size = 6, 8, 2, 64, 8
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q, k, v = (x.view(tokens, -1, head_dim) for x in (q, k, v))
+    positions = torch.tensor([0, 5, 900, 17, 1023, 3], device=DEVICE)
+    freqs = torch.outer(torch.arange(1024.0), 1e4 ** -(torch.arange(0, head_dim, 2) / head_dim))
+    table = torch.cat([freqs.cos(), freqs.sin()], -1).to(DEVICE)
+    slots = torch.tensor([3, 17, -1, 8, 39, -1], dtype=torch.int32, device=DEVICE)
+    shape = (5, block_size, kv_heads, head_dim)
+    caches = [torch.full(shape, float("nan"), dtype=dtype, device=DEVICE) for _ in range(4)]
+    ref_q, ref_k = q.clone(), k.clone()
+    _rope_float32(ref_q, positions, table)
+    _rope_float32(ref_k, positions, table)
+    store_kv(ref_k, v, caches[0], caches[1], slots)
+    k0 = k.clone()
+    rope_store_kv(q, k, v, caches[2], caches[3], slots, positions, table)
+    assert torch.equal(k, k0)  # k itself is not written
+    # One rounding step apart at most: the interpreter's float32 -> bfloat16 cast truncates
+    # where torch rounds, and a GPU may fuse the products into FMAs.
+    rtol = 2**-7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(q, ref_q, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(caches[2], caches[0], rtol=rtol, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(caches[3], caches[1], rtol=0, atol=0, equal_nan=True)
+
+
+def _rope_float32(x, positions, table):
+    """The kernels' numerics: rotate in float32 with float32 cos/sin, round once."""
+    cos, sin = table[positions].unsqueeze(1).chunk(2, dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    x.copy_(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype))
 
 
 def test_store_then_attend_round_trip():

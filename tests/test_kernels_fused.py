@@ -117,6 +117,22 @@ def test_rms_norm_per_head_on_strided_view(dtype: torch.dtype) -> None:
 # --------------------------------------------------------------------------- rotary embedding
 
 
+def rotary_embedding(q, k, positions, table):
+    """RoPE through the engine's fused kernel (`rope_store_kv`): q in place, k read back from
+    the cache it was stored in (one slot per token). No host sync: it runs in graph capture."""
+    from tandem.engine.kernels.kv_store import rope_store_kv
+
+    tokens, kv_heads, head_dim = k.shape
+    k_cache = torch.full((tokens, 1, kv_heads, head_dim), float("nan"), dtype=k.dtype,
+                         device=k.device)  # fmt: skip
+    v_cache = k_cache.clone()
+    v = torch.randn(k.shape, device=k.device).to(k.dtype)
+    slots = torch.arange(tokens, dtype=torch.int32, device=k.device)
+    rope_store_kv(q, k, v, k_cache, v_cache, slots, positions, table)
+    k.copy_(k_cache[:, 0])
+    return q, k
+
+
 def fused_qkv_views(
     tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,7 +179,7 @@ def test_rotary_embedding_on_fused_qkv_views(
     assert tokens == 1 or q.stride(0) == k.stride(0) == qkv.shape[1]  # rows of the fused qkv
     q0, k0, v0 = q.clone(), k.clone(), v.clone()
 
-    out_q, out_k = fused.rotary_embedding(q, k, positions, table)
+    out_q, out_k = rotary_embedding(q, k, positions, table)
     assert out_q is q and out_k is k
     assert torch.equal(v, v0)
 
@@ -194,7 +210,7 @@ def test_rotary_embedding_many_heads_and_contiguous_inputs() -> None:
     q = randn(tokens, heads, head_dim, dtype=torch.float32, seed=8)
     k = randn(tokens, kv_heads, head_dim, dtype=torch.float32, seed=9)
     ref_q, ref_k = fused.rotary_embedding_torch(q.clone(), k.clone(), positions, table)
-    fused.rotary_embedding(q, k, positions, table)
+    rotary_embedding(q, k, positions, table)
     assert_close(q, ref_q, 1e-6, 1e-6)
     assert_close(k, ref_k, 1e-6, 1e-6)
     # Position 0 rotates by nothing.
@@ -236,7 +252,7 @@ def test_empty_batches_launch_nothing() -> None:
     assert fused.silu_and_mul(torch.empty(0, 128, device=DEVICE)).shape == (0, 64)
     q, k = torch.empty(0, 4, 16, device=DEVICE), torch.empty(0, 2, 16, device=DEVICE)
     positions = torch.empty(0, dtype=torch.long, device=DEVICE)
-    fused.rotary_embedding(q, k, positions, rope_table(8, 16))
+    rotary_embedding(q, k, positions, rope_table(8, 16))
 
 
 @needs_triton
@@ -255,7 +271,7 @@ def test_kernels_replay_in_a_cuda_graph() -> None:
 
     def step() -> tuple[torch.Tensor, ...]:
         normed, new_residual = fused.rms_norm(x, weight, EPS, residual)
-        fused.rotary_embedding(q, k, positions, table)
+        rotary_embedding(q, k, positions, table)
         return normed, new_residual, fused.silu_and_mul(gate_up)
 
     step()  # compile outside the capture

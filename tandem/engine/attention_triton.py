@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from tandem.engine.kernels.attention import choose_num_splits, paged_attention, store_kv
+from tandem.engine.kernels.attention import choose_num_splits, paged_attention
+from tandem.engine.kernels.kv_store import rope_store_kv, store_kv
 from tandem.engine.step_inputs import DeviceStep, StepInputs
 
 
@@ -66,9 +67,15 @@ class TritonAttention:
         k: torch.Tensor,
         v: torch.Tensor,
         meta: TritonMetadata,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """With `rope` (positions, cos/sin table), q and k are rotated here, in the launch
+        that stores K and V; without, they come rotated."""
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if rope is None:
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:
+            rope_store_kv(q, k, v, k_cache, v_cache, meta.slot_mapping, *rope)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return paged_attention(
             q,

@@ -2,7 +2,8 @@
 
 One layer's cache is `[num_blocks, block_size, num_kv_heads, head_dim]` for K and for V; a
 step's query tokens from many sequences are packed into one flat batch and
-`query_start_loc` says where each sequence's rows start. One kernel serves both phases:
+`query_start_loc` says where each sequence's rows start (the KV store is `kv_store.py`).
+One kernel serves both phases:
 
 - prefill / mixed batches: a program owns `BLOCK_Q` query tokens of one sequence times the
   `group` query heads that share one KV head (`BLOCK_M = BLOCK_Q * group` rows, so each KV
@@ -29,49 +30,6 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _store_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
-    s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
-    s_cb, s_co, s_ch, s_cd,
-    NUM_HEADS: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-):  # fmt: skip
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:  # a padding row (CUDA graph): nothing to store
-        return
-    h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (h < NUM_HEADS) & (d < HEAD_D)
-    dst = (slot // BLOCK_SIZE) * s_cb + (slot % BLOCK_SIZE) * s_co + h * s_ch + d * s_cd
-    k = tl.load(k_ptr + t * s_kt + h * s_kh + d * s_kd, mask=mask)
-    v = tl.load(v_ptr + t * s_vt + h * s_vh + d * s_vd, mask=mask)
-    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
-
-
-def store_kv(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Write this step's K/V rows `[T, kv_heads, head_dim]` into their slots; slot < 0 skips."""
-    num_tokens, num_heads, head_dim = k.shape
-    if num_tokens == 0:
-        return
-    assert k_cache.stride() == v_cache.stride() and k_cache.shape[2:] == k.shape[1:]
-    _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        *k.stride(), *v.stride(), *k_cache.stride(),
-        NUM_HEADS=num_heads, HEAD_D=head_dim, BLOCK_H=triton.next_power_of_2(num_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1],
-        num_warps=4 if num_heads * head_dim >= 1024 else 1,
-    )  # fmt: skip
 
 
 @triton.jit

@@ -1,5 +1,6 @@
-"""Fused Triton kernels for a Llama layer's element-wise parts: RMSNorm (+ residual add),
-rotary embedding and SiLU-and-mul.
+"""Fused Triton kernels for a Llama layer's element-wise parts: RMSNorm (+ residual add)
+and SiLU-and-mul; the rotary embedding is fused with the KV store (`kv_store.py`), and its
+torch twin is here.
 
 Eager torch spends several kernels (and as many passes over the hidden state) on each of
 these: RMSNorm alone is pow, mean, add, rsqrt, mul, cast, mul. One Triton kernel each reads
@@ -134,64 +135,6 @@ if HAS_TRITON:
         tl.store(out_ptr + row_out * n_cols + cols, y, mask=mask)
 
     @triton.jit
-    def _rope_heads(
-        base_ptr,
-        stride_h,
-        num_heads,
-        half,
-        cos,
-        sin,
-        d,
-        d_mask,
-        BLOCK_H: tl.constexpr,
-    ):
-        """Rotate all heads of one token of q or k, BLOCK_H heads at a time."""
-        h = tl.arange(0, BLOCK_H)
-        for h0 in range(0, num_heads, BLOCK_H):
-            heads = h0 + h
-            mask = (heads < num_heads)[:, None] & d_mask[None, :]
-            p1 = base_ptr + heads.to(tl.int64)[:, None] * stride_h + d[None, :]
-            x1 = tl.load(p1, mask=mask, other=0.0)
-            x2 = tl.load(p1 + half, mask=mask, other=0.0)
-            dtype = x1.dtype
-            x1 = x1.to(tl.float32)
-            x2 = x2.to(tl.float32)
-            tl.store(p1, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-            tl.store(p1 + half, (x2 * cos + x1 * sin).to(dtype), mask=mask)
-
-    @triton.jit
-    def _rope_kernel(
-        q_ptr,
-        k_ptr,
-        pos_ptr,
-        cos_sin_ptr,
-        stride_qt,
-        stride_qh,
-        stride_kt,
-        stride_kh,
-        stride_cs,
-        num_q_heads,
-        num_k_heads,
-        half,
-        BLOCK_H: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        # One program per token: its cos/sin row is read once and used for every q and k head.
-        t = tl.program_id(0).to(tl.int64)
-        pos = tl.load(pos_ptr + t).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        d_mask = d < half
-        row = cos_sin_ptr + pos * stride_cs
-        cos = tl.load(row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        sin = tl.load(row + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        _rope_heads(
-            q_ptr + t * stride_qt, stride_qh, num_q_heads, half, cos, sin, d, d_mask, BLOCK_H
-        )
-        _rope_heads(
-            k_ptr + t * stride_kt, stride_kh, num_k_heads, half, cos, sin, d, d_mask, BLOCK_H
-        )
-
-    @triton.jit
     def _silu_and_mul_kernel(
         x_ptr,
         out_ptr,
@@ -285,52 +228,6 @@ def _rows3(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] > 65535:  # the grid's second axis is limited to 65535
         x = x.reshape(-1, 1, x.shape[-1])
     return x
-
-
-def rotary_embedding(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `rotary_embedding_torch`: rotates q and k in place, returns them.
-
-    q [T, heads, dim] and k [T, kv_heads, dim] may be strided views (of one fused qkv
-    output, say) as long as the last dim is contiguous; they must not overlap. cos_sin is the
-    float32 [max_positions, dim] table of `rope_cos_sin`; positions are int32 or int64 [T].
-    Math in float32 with float32 cos/sin, rounded once to q's dtype.
-    """
-    _require_triton()
-    if q.dim() != 3 or k.dim() != 3:
-        raise ValueError("q and k must be [tokens, heads, head_dim]")
-    t, num_q_heads, head_dim = q.shape
-    if k.shape[0] != t or k.shape[2] != head_dim or positions.shape != (t,):
-        raise ValueError("q, k and positions disagree on tokens or head_dim")
-    if head_dim % 2 or cos_sin.shape[-1] != head_dim:
-        raise ValueError(f"head_dim {head_dim} must be even and match the table's last dim")
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin.stride(-1) != 1:
-        raise ValueError("q, k and cos_sin need a contiguous last dim (they are updated in place)")
-    if t == 0:
-        return q, k
-    half = head_dim // 2
-    block_d = triton.next_power_of_2(half)
-    max_heads = triton.next_power_of_2(max(num_q_heads, k.shape[1]))
-    block_h = max(1, min(max_heads, 2048 // block_d))
-    _rope_kernel[(t,)](
-        q,
-        k,
-        positions,
-        cos_sin,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        cos_sin.stride(0),
-        num_q_heads,
-        k.shape[1],
-        half,
-        BLOCK_H=block_h,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
-    return q, k
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

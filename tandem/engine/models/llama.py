@@ -91,12 +91,12 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused:
-            fused.rotary_embedding(q, k, *rope)  # in place, on the strided views
+        if self.fused:  # the Triton backend rotates q and k in its KV-store launch
+            o = self.backend.forward(self.layer, q, k, v, meta, rope=rope)
         else:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = self.backend.forward(self.layer, q, k, v, meta)
+            o = self.backend.forward(self.layer, q, k, v, meta)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
