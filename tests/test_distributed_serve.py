@@ -2,9 +2,10 @@
 frontend) on a real nats-server, driven by the official `openai` client.
 
 One cluster serves the whole module, in order: answers through both workers; token streams
-survive a NATS restart and discovery recovers; a worker SIGKILLed mid-stream fails only its own
-streams (with an error, not a hang), leaves discovery within the lease TTL and is restarted by
-the launcher; SIGTERM stops everything cleanly.
+survive a NATS restart and discovery recovers; a worker SIGKILLed mid-stream loses no stream
+(they migrate to the other worker, texts unchanged), leaves discovery within the lease TTL and
+is restarted by the launcher; SIGTERM stops everything cleanly. A second cluster, without
+migration, shows the victim's streams ending in an error, not a hang.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ STREAM_TOKENS = 50
 
 
 class Cluster:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *flags: str) -> None:
         self.nats = NatsServer().start()
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -45,7 +46,7 @@ class Cluster:
             sys.executable, "-m", "tandem.cli.main", "serve", str(model),
             "--engine", "mock", "--mock-speedup", SPEEDUP, "--num-gpu-blocks", "256",
             "--workers", "2", "--nats", self.nats.url, "--port", str(self.port),
-            "--drain-timeout", "10", "--router-mode", "round_robin",
+            "--drain-timeout", "10", "--router-mode", "round_robin", *flags,
         ]  # fmt: skip
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
@@ -143,23 +144,35 @@ def test_streams_survive_a_nats_restart(cluster):
         assert cluster.client.completions.create(model="tiny", prompt="x", max_tokens=2)
 
 
-def test_sigkilled_worker_fails_only_its_streams_and_is_replaced(cluster):
-    victim, survivor = cluster.worker_pids()
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        streams = [pool.submit(cluster.stream, f"kill {i}") for i in range(6)]
+def streams_around_a_kill(cluster: Cluster, prompts: list[str]) -> list[str | Exception]:
+    """Stream every prompt at once and SIGKILL one worker a second in; each outcome."""
+    victim = cluster.worker_pids()[0]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        streams = [pool.submit(cluster.stream, p) for p in prompts]
         time.sleep(1.0)
+        assert not any(s.done() for s in streams), "streams should still be running"
         os.kill(victim, signal.SIGKILL)
-        outcomes = []
+        outcomes: list[str | Exception] = []
         for s in streams:
             try:
                 outcomes.append(s.result(timeout=60))  # never a hang
             except openai.APIError as exc:
                 outcomes.append(exc)
-    failed = [o for o in outcomes if isinstance(o, Exception)]
-    # Round robin put three streams on each worker: the victim's fail, the others finish.
-    assert len(failed) == 3, outcomes
-    assert all("died mid-stream" in str(e) for e in failed), failed
-    assert all(isinstance(o, str) and o for o in outcomes if o not in failed)
+    return outcomes
+
+
+def test_sigkilled_worker_loses_no_stream_and_is_replaced(cluster):
+    """Migration (on by default): the victim's streams go on on the other worker with the
+    tokens they had; every text equals the one of a run without the kill."""
+    prompts = [f"kill {i}" for i in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        expected = list(pool.map(cluster.stream, prompts))
+    survivor = cluster.worker_pids()[1]
+    outcomes = streams_around_a_kill(cluster, prompts)
+    assert outcomes == expected
+    metrics = httpx.get(f"{cluster.base}/metrics", timeout=5).text
+    # Round robin put three streams on each worker: the victim's three migrated.
+    assert "tandem_migrations_total 3.0" in metrics, metrics
     # Gone from discovery within the lease TTL (plus the watch's delivery).
     start = time.monotonic()
     cluster.wait_for_workers(1, timeout=LEASE_TTL + 3)
@@ -168,6 +181,19 @@ def test_sigkilled_worker_fails_only_its_streams_and_is_replaced(cluster):
     assert re.search(restarted, cluster.log()), cluster.log()
     cluster.wait_for_workers(2, timeout=120)
     assert survivor in cluster.worker_pids()
+
+
+def test_without_migration_the_lost_streams_end_in_a_clear_error(tmp_path):
+    no_migration = Cluster(tmp_path, "--migration-limit", "0")
+    try:
+        no_migration.wait_for_workers(2, timeout=180)
+        outcomes = streams_around_a_kill(no_migration, [f"lost {i}" for i in range(6)])
+    finally:
+        no_migration.close()
+    failed = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(failed) == 3, outcomes
+    assert all("died mid-stream" in str(e) for e in failed), failed
+    assert all(isinstance(o, str) and o for o in outcomes if o not in failed)
 
 
 def test_sigterm_stops_everything(cluster):

@@ -84,8 +84,18 @@ def add_router_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_disagg_flags(p: argparse.ArgumentParser) -> None:
-    """When a frontend with prefill workers splits a request (names as in NVIDIA Dynamo)."""
+def add_frontend_flags(p: argparse.ArgumentParser) -> None:
+    """A frontend's handling of lost workers and of disaggregated requests (Dynamo's names)."""
+    from tandem.frontend.remote_engine import MIGRATION_LIMIT
+
+    f = p.add_argument_group("worker failures")
+    f.add_argument(
+        "--migration-limit",
+        type=cli._int_at_least(0),
+        default=MIGRATION_LIMIT,
+        help="times a request moves to another worker, with the tokens streamed so far, when"
+        " its worker dies or fails mid-stream; 0: the client gets an error (%(default)s)",
+    )
     d = p.add_argument_group("disaggregated serving (when prefill workers are live)")
     d.add_argument(
         "--max-local-prefill-length",
@@ -112,8 +122,9 @@ def disagg_config(args: argparse.Namespace) -> Any:
     )
 
 
-def disagg_argv(args: argparse.Namespace) -> list[str]:
+def frontend_argv(args: argparse.Namespace) -> list[str]:
     return [
+        "--migration-limit", str(args.migration_limit),
         "--max-local-prefill-length", str(args.max_local_prefill_length),
         "--max-prefill-queue-tokens", str(args.max_prefill_queue_tokens),
     ]  # fmt: skip
@@ -289,7 +300,7 @@ def add_frontend(subparsers: Any) -> None:
         "--log-level", choices=cli.LOG_LEVELS, default="info", help="log verbosity (%(default)s)"
     )
     add_router_flags(p)
-    add_disagg_flags(p)
+    add_frontend_flags(p)
     p.set_defaults(run=run_frontend)
 
 
@@ -318,6 +329,7 @@ def run_frontend(args: argparse.Namespace) -> int:
                 policy=args.router_mode,
                 router_options=router_options(args),
                 disagg=disagg_config(args),
+                migration_limit=args.migration_limit,
             )
         )
     return 0

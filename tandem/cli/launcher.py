@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from tandem.cli.distributed import disagg_argv, router_argv
+from tandem.cli.distributed import frontend_argv, router_argv
 from tandem.runtime.testing import die_with_parent
 
 log = logging.getLogger("tandem.launcher")
@@ -116,7 +116,7 @@ class Cluster:
             "--min-prefill-workers", str(args.prefill_workers or 0),
             "--log-level", args.log_level,
             *router_argv(args),
-            *disagg_argv(args),
+            *frontend_argv(args),
         ]  # fmt: skip
         # The API key travels in the environment, not on a command line others can read.
         self.env = dict(os.environ)

@@ -173,10 +173,10 @@ def _add_serve(subparsers: Any) -> None:
         default=30.0,
         help="on shutdown, seconds a worker may take to finish its requests (%(default)s)",
     )
-    from tandem.cli.distributed import add_disagg_flags, add_router_flags
+    from tandem.cli.distributed import add_frontend_flags, add_router_flags
 
     add_router_flags(p)
-    add_disagg_flags(p)
+    add_frontend_flags(p)
     _add_engine_flags(p)
     _add_mock_flags(p)
 

@@ -173,11 +173,29 @@ class EngineCore:
         request.sampling.validate(self.config.max_logprobs, vocab)
         if (request.kv_export or request.kv_import) and request.sampling.n != 1:
             raise ValueError("disaggregated prefill serves n == 1 only")
+        self._validate_outputs(request, n)
         params = request.kv_import
         if params is not None:
             if request.kv_export:
                 raise ValueError("a request cannot both export and import its KV cache")
             self._validate_kv_import(params, n, request.sampling)
+
+    def _validate_outputs(self, request: GenerateRequest, n: int) -> None:
+        outputs = request.output_token_ids
+        if not isinstance(outputs, list):
+            raise ValueError("output_token_ids must be a list of token ids")
+        if not outputs:
+            return
+        if request.sampling.n != 1 or request.kv_export or request.kv_import is not None:
+            raise ValueError("output_token_ids (migration) needs n == 1 and no KV transfer")
+        vocab = self.hf_config.vocab_size
+        if not _all_ids_below(outputs, vocab):
+            raise ValueError(f"output_token_ids must lie in [0, {vocab})")
+        if len(outputs) >= request.sampling.max_tokens or n + len(outputs) >= self.max_model_len:
+            raise ValueError(
+                f"output_token_ids has {len(outputs)} tokens: no room left to generate "
+                f"(max_tokens {request.sampling.max_tokens}, max_model_len {self.max_model_len})"
+            )
 
     def _validate_kv_import(self, params: KvTransferParams, n: int, sampling) -> None:
         """A `kv_import` comes from another process: check each field it is read for."""
@@ -217,6 +235,7 @@ class EngineCore:
             )
             for i in range(request.sampling.n)
         ]
+        seqs[0].token_ids += request.output_token_ids  # a migrated request goes on after them
         self.requests[request.request_id] = seqs
         if request.kv_export:
             self.exporting.add(request.request_id)

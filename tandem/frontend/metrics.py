@@ -214,3 +214,18 @@ class RequestTimer:
 
     def on_finish(self) -> None:
         self._m.e2e.observe(time.perf_counter() - self.arrival)
+
+
+class MigrationCollector(Collector):
+    """`tandem_migrations_total`, read from the remote engine at scrape time."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "tandem_migrations",
+            "Times a request moved to another worker after its worker was lost mid-stream.",
+        )
+        family.add_metric([], self._engine.migrations)
+        yield family

@@ -9,8 +9,11 @@ Failure handling, and why:
   its in-flight streams continue (a draining worker finishes them).
 * A call that fails before the worker produced anything (connection refused, worker shutting
   down) is retried on another worker: nothing was generated, so nothing can be duplicated.
-* A worker that dies mid-stream ends the stream with `WorkerLost`, which the HTTP layer turns
-  into an error response or SSE error event; no retry yet (request migration is a later issue).
+* A worker that dies or fails mid-stream (or sends nothing for too long) loses no stream:
+  the request migrates, up to `migration_limit` times, to another worker with the tokens
+  streamed so far (`output_token_ids`); that worker recomputes their KV and goes on, so the
+  client sees every token once. Past the limit (or with n > 1, or 0 as the limit) the stream
+  ends with `WorkerLost`, which the HTTP layer turns into an error response or SSE event.
 * A worker whose engine died refuses new work with `EngineDeadError` until it has left
   discovery (at once): that refusal is retried elsewhere too, as nothing was generated.
 * Every call has a deadline: a stream's first output must come within `first_output_timeout`
@@ -60,6 +63,8 @@ log = logging.getLogger(__name__)
 #: Seconds a worker may take to produce a stream's first output (queueing, prefill, a KV
 #: import) before the frontend gives up on it.
 FIRST_OUTPUT_TIMEOUT = 60.0
+#: Times a request may move to another worker when its worker is lost (Dynamo's default).
+MIGRATION_LIMIT = 3
 #: How a worker's engine that died refuses new requests (see `AsyncEngine.generate`).
 _ENGINE_DEAD = "EngineDeadError"
 
@@ -86,9 +91,16 @@ class RemoteEngine:
         disagg: DisaggConfig | None = None,
         first_output_timeout: float | None = FIRST_OUTPUT_TIMEOUT,
         output_timeout: float | None = None,
+        migration_limit: int = MIGRATION_LIMIT,
     ) -> None:
         """`first_output_timeout`: seconds a worker may take to start a stream (None: no
-        limit); `output_timeout`: seconds between two outputs of a stream (None: no limit)."""
+        limit); `output_timeout`: seconds between two outputs of a stream (None: no limit);
+        `migration_limit`: times a request may move to another worker after its worker was
+        lost (0: never)."""
+        if migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {migration_limit}")
+        self.migration_limit = migration_limit
+        self.migrations = 0
         self.first_output_timeout = first_output_timeout
         self.output_timeout = output_timeout
         common = dict(namespace=namespace, policy=policy, router_options=router_options)
@@ -159,6 +171,45 @@ class RemoteEngine:
     # -- EngineClient --------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        streamed: list[int] = []  # tokens the caller has had (n == 1)
+        migrations, lost = 0, ""
+        current = request
+        while True:
+            try:
+                async with contextlib.aclosing(self._generate(current)) as outputs:
+                    async for out in outputs:
+                        streamed += out.token_ids
+                        yield out
+                return
+            except NoWorkers as exc:
+                if migrations == 0:
+                    raise
+                raise WorkerLost(f"{lost}; no other worker can take the request: {exc}") from exc
+            except WorkerLost as exc:
+                if migrations >= self.migration_limit or request.sampling.n != 1:
+                    raise
+                lost = str(exc)
+                migrations += 1
+                self.migrations += 1
+                current = _resumed(request, streamed)
+                log.warning(
+                    "request %s: %s; migrating it with %d streamed tokens (migration %d of %d)",
+                    request.request_id, exc, len(streamed), migrations, self.migration_limit,
+                )  # fmt: skip
+                if current is None:  # every token was streamed: only the end was lost
+                    n = len(request.prompt_token_ids)
+                    yield GenerateOutput(
+                        request_id=request.request_id, finish_reason="length", num_prompt_tokens=n
+                    )
+                    return
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        if request.output_token_ids:  # migrated: recomputed where it goes on
+            outputs = self._stream(self.pool, request)
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    yield out
+            return
         plan = self.planner.plan(request)
         if plan.path == "remote":
             outputs = self._disaggregated(request, plan.hashes)
@@ -325,18 +376,30 @@ class RemoteEngine:
         return self.pool.describe() + self.prefill.describe()
 
     def metrics_collectors(self) -> list[Any]:
+        from tandem.frontend.metrics import MigrationCollector
         from tandem.router.metrics import RouterCollector
 
         return [
             RouterCollector(self.pool),
             RouterCollector(self.prefill, prefix="tandem_prefill_router"),
             DisaggCollector(self.planner, self.fallbacks),
+            MigrationCollector(self),
         ]
 
     def _forget(self, rid: str, stream: ResponseStream) -> None:
         if self._streams.get(rid) is stream:
             del self._streams[rid]
         stream.cancel()
+
+
+def _resumed(request: GenerateRequest, streamed: list[int]) -> GenerateRequest | None:
+    """The request to send a new worker after `streamed` tokens (None: nothing is left)."""
+    outputs = request.output_token_ids + streamed
+    if len(outputs) >= request.sampling.max_tokens:
+        return None
+    return msgspec.structs.replace(
+        request, kv_export=False, kv_import=None, output_token_ids=outputs
+    )
 
 
 class _OutputTimeout(Exception):

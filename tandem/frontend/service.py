@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 
 from tandem.frontend.disagg import DisaggConfig
-from tandem.frontend.remote_engine import RemoteEngine
+from tandem.frontend.remote_engine import MIGRATION_LIMIT, RemoteEngine
 from tandem.protocol.worker import DEFAULT_NAMESPACE
 from tandem.router import Policy
 
@@ -68,6 +68,7 @@ async def serve_frontend(
     policy: Policy = "kv",
     router_options: dict[str, Any] | None = None,
     disagg: DisaggConfig | None = None,
+    migration_limit: int = MIGRATION_LIMIT,
 ) -> None:
     """Wait for `min_workers` decode (or aggregated) workers and `min_prefill_workers` prefill
     workers, then serve HTTP on `sock` until a signal stops it."""
@@ -87,6 +88,7 @@ async def serve_frontend(
         policy=policy,
         router_options=router_options,
         disagg=disagg,
+        migration_limit=migration_limit,
     )
     try:
         await remote.start()

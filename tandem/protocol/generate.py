@@ -127,7 +127,10 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     """`kv_export`: prefill only (disaggregated serving): sample the first token, then hold the
     prompt's KV blocks for a decode worker and describe them in the output's `kv_transfer`.
     `kv_import`: continue a request prefilled elsewhere, pulling its blocks first; outputs
-    then start after the tokens in `kv_import.token_ids`."""
+    then start after the tokens in `kv_import.token_ids`. `output_token_ids`: tokens this
+    request already generated on a worker that was lost (migration): the sequence goes on
+    after them, which count as output (max/min_tokens, penalties, seeded noise) and are not
+    sent again."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -135,6 +138,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     lora_name: str | None = None
     kv_export: bool = False
     kv_import: KvTransferParams | None = None
+    output_token_ids: list[int] = msgspec.field(default_factory=list)
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):

@@ -81,7 +81,11 @@ class MockRunner:
     def _token(self, seq: Sequence) -> int:
         """A deterministic stand-in token that is never EOS (length limits end mock requests)."""
         span = max(self.vocab_size - FIRST_TOKEN, 1)
-        token = FIRST_TOKEN + (seq.seq_id * 7919 + seq.num_tokens * 104729) % span
+        # A function of the tokens so far, as a model's would be: a migrated sequence goes on
+        # with the same tokens on another worker.
+        token = FIRST_TOKEN + (
+            seq.token_ids[-1] * 7919 + seq.num_tokens * 104729 + seq.index * 15485863
+        ) % span
         while token in self.eos_token_ids:
             token = FIRST_TOKEN + (token + 1 - FIRST_TOKEN) % span
         return token
