@@ -20,11 +20,12 @@ import httpx
 import openai
 import pytest
 import torch
+from nats_support import needs_nats
 
 from tandem.engine.testing import make_tiny_model
-from tandem.runtime.testing import NatsServer, free_port, nats_server_binary
+from tandem.runtime.testing import NatsServer, free_port
 
-pytestmark = pytest.mark.skipif(nats_server_binary() is None, reason="nats-server not installed")
+pytestmark = needs_nats
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. " * 6,

@@ -22,11 +22,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from nats_support import needs_nats
 
 from tandem.engine.testing import make_tiny_model
-from tandem.runtime.testing import NatsServer, free_port, nats_server_binary
+from tandem.runtime.testing import NatsServer, free_port
 
-pytestmark = pytest.mark.skipif(nats_server_binary() is None, reason="nats-server not installed")
+pytestmark = needs_nats
 
 LEASE_TTL = 3.0  # the worker's default --lease-ttl
 # Mock decode steps of about 57 ms (the polynomial's 5.7 ms at low load, slowed 10x): a stream of

@@ -14,6 +14,7 @@ import contextlib
 import threading
 
 import pytest
+from nats_support import needs_nats
 
 from tandem.cli import launcher
 from tandem.cli.main import parse_args
@@ -24,7 +25,7 @@ from tandem.frontend.remote_engine import RemoteEngine, WorkerLost
 from tandem.protocol import GenerateRequest, KvStored, SamplingParams
 from tandem.router.index import KvIndex
 from tandem.runtime import MemoryDiscovery, MemoryEventPlane, TcpRequestClient, TcpRequestServer
-from tandem.runtime.testing import NatsServer, nats_server_binary
+from tandem.runtime.testing import NatsServer
 from tandem.worker import Worker, model_card
 
 LIVENESS = 10.0  # seconds: only ever a bound on a hang, never a measurement
@@ -241,7 +242,7 @@ def test_worker_whose_engine_died_leaves_discovery_and_fails_its_streams(tiny_ll
         engine.shutdown()
 
 
-@pytest.mark.skipif(nats_server_binary() is None, reason="nats-server not installed")
+@needs_nats
 def test_serve_worker_exits_non_zero_when_its_engine_dies(tiny_llama):
     from tandem.runtime.nats_discovery import NatsDiscovery
     from tandem.worker.service import serve_worker

@@ -12,7 +12,7 @@ import time
 
 import httpx
 import openai
-import pytest
+from nats_support import needs_nats
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
@@ -20,7 +20,7 @@ from tandem.engine.testing import make_tiny_model
 from tandem.frontend.remote_engine import RemoteEngine
 from tandem.protocol import GenerateRequest, SamplingParams
 from tandem.runtime import MemoryDiscovery, MemoryEventPlane, TcpRequestClient, TcpRequestServer
-from tandem.runtime.testing import NatsServer, free_port, nats_server_binary
+from tandem.runtime.testing import NatsServer, free_port
 from tandem.worker import Worker, model_card
 
 BLOCK = 16
@@ -103,7 +103,7 @@ def test_pool_resyncs_from_a_snapshot_and_routes_to_the_cached_worker(tiny_llama
             e.shutdown()
 
 
-@pytest.mark.skipif(nats_server_binary() is None, reason="nats-server not installed")
+@needs_nats
 def test_openai_sessions_through_kv_router_over_nats(tmp_path):
     """Three users, four turns each, three workers: every later turn finds its history cached
     because the router sends it where the earlier turns ran."""

