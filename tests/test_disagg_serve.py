@@ -69,7 +69,7 @@ def test_openai_against_prefill_and_decode_workers(tmp_path, device):
                 time.sleep(0.2)
             assert "1 worker(s) and 1 prefill worker(s)" in log_path.read_text()
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-            roles = {w["role"] for w in httpx.get(f"{base}/health").json()["workers"]}
+            roles = {w["role"] for w in httpx.get(f"{base}/v1/workers").json()["data"]}
             assert roles == {"prefill", "decode"}
             for prompt in PROMPTS:
                 answers = []

@@ -70,8 +70,8 @@ class Cluster:
         while True:
             assert self.proc.poll() is None, f"tandem serve exited:\n{self.log()}"
             health = self.health()
-            if health is not None and len(health["workers"]) == n:
-                return health["workers"]
+            if health is not None and health["workers"] == n:
+                return httpx.get(f"{self.base}/v1/workers", timeout=2).json()["data"]
             assert time.monotonic() < deadline, f"not {n} workers in {timeout} s:\n{self.log()}"
             time.sleep(0.2)
 
@@ -110,6 +110,10 @@ def cluster(tmp_path_factory):
 
 
 def test_openai_client_through_two_workers(cluster):
+    # /health counts the workers and names no address; /v1/workers has the details.
+    assert cluster.health() == {"status": "ok", "workers": 2}
+    details = cluster.wait_for_workers(2, timeout=5)
+    assert all(w["address"].startswith("127.0.0.1:") for w in details), details
     models = [m.id for m in cluster.client.models.list()]
     assert models == ["tiny"]
     for _ in range(4):

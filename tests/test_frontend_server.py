@@ -492,6 +492,9 @@ def test_api_key_required_on_the_api_but_not_health(engine, model_dir):
         r = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
         assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/v1/workers").status_code == 401  # the detailed list
+        good_key = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(f"{url}/v1/workers", headers=good_key).json()["object"] == "list"
         good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert good.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2).choices
         bad = openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0)

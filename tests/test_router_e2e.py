@@ -158,7 +158,7 @@ def test_openai_sessions_through_kv_router_over_nats(tmp_path):
                 assert time.monotonic() < deadline, log_path.read_text()
                 with contextlib.suppress(httpx.TransportError):
                     health = httpx.get(f"{base}/health", timeout=2)
-                    if health.status_code == 200 and len(health.json()["workers"]) == 3:
+                    if health.status_code == 200 and health.json()["workers"] == 3:
                         break
                 time.sleep(0.3)
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
@@ -174,7 +174,7 @@ def test_openai_sessions_through_kv_router_over_nats(tmp_path):
                         assert cached >= (len(history) - 2 * BLOCK) // BLOCK * BLOCK, (user, turn)
                     history += prefix(100 * user + turn + 10, 1) + [3, 4, 5]
                 time.sleep(0.3)  # let the workers' KV events reach the router
-            workers = httpx.get(f"{base}/health", timeout=2).json()["workers"]
+            workers = httpx.get(f"{base}/v1/workers", timeout=2).json()["data"]
             assert sum(w["indexed_blocks"] for w in workers) >= 3 * 8, workers
             metrics = httpx.get(f"{base}/metrics", timeout=2).text
             assert 'tandem_router_decisions_total{policy="kv"} 12.0' in metrics

@@ -372,6 +372,7 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
+        """Open to load balancers, so it names no address: the workers are only counted."""
         # An engine that exposes `error` (AsyncEngine does) is unhealthy once its loop died.
         # A RemoteEngine's `error` is "no live workers"; its `describe()` lists the workers.
         error = getattr(fe.engine, "error", None)
@@ -380,8 +381,15 @@ def build_app(
         fe.engine.stats()
         body: dict[str, Any] = {"status": "ok"}
         if (describe := getattr(fe.engine, "describe", None)) is not None:
-            body["workers"] = describe()
+            body["workers"] = len(describe())
         return Response(json_bytes(body), media_type="application/json")
+
+    @app.get("/v1/workers")
+    async def workers() -> Response:
+        """The live workers with their addresses and load: behind the API key, as /v1 is."""
+        describe = getattr(fe.engine, "describe", None)
+        data = describe() if describe is not None else []
+        return Response(json_bytes({"object": "list", "data": data}), media_type="application/json")
 
     @app.get("/metrics")
     async def metrics() -> Response:
