@@ -190,6 +190,25 @@ def test_graceful_drain_finishes_inflight_and_takes_no_new_work(engines):
     asyncio.run(main())
 
 
+def test_drain_past_its_grace_migrates_what_is_left(engines):
+    """A worker drained with too short a grace cancels its streams; they go on on the other
+    worker and the caller gets every token once, as from an uninterrupted run."""
+
+    async def main():
+        async with Pool(engines) as pool:
+            a, b = pool.workers
+            want = [t for o in await collect(pool.remote, request("u", 300)) for t in o.token_ids]
+            stream = pool.remote.generate(request("u", 300))
+            got = list((await anext(stream)).token_ids)
+            assert a.inflight + b.inflight == 1
+            await (a if a.inflight else b).drain(grace=0.1)
+            got += [t async for o in stream for t in o.token_ids]
+            assert got == want
+            assert pool.remote.migrations == 1
+
+    asyncio.run(main())
+
+
 def test_no_workers_is_a_clear_error():
     async def main():
         remote = RemoteEngine(MemoryDiscovery(), MemoryEventPlane(), TcpRequestClient())
