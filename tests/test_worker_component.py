@@ -141,6 +141,29 @@ def test_abort_cancels_on_the_worker(engines):
     asyncio.run(main())
 
 
+def test_one_of_n_sequences_is_cancelled_on_the_worker(engines):
+    """A stop string ends one choice of `n`: the frontend cancels that sequence on the
+    worker (a cancel message), the others run to their end."""
+
+    async def main():
+        async with Pool(engines) as pool:
+            sampling = SamplingParams(max_tokens=200, n=3, ignore_eos=True, temperature=0.0)
+            req = GenerateRequest(request_id="n3", prompt_token_ids=list(range(1, 20)),
+                                  sampling=sampling)  # fmt: skip
+            counts, reasons, cancelled = [0, 0, 0], {}, False
+            async for out in pool.remote.generate(req):
+                counts[out.index] += len(out.token_ids)
+                if out.finish_reason:
+                    reasons[out.index] = out.finish_reason
+                if out.index == 1 and counts[1] >= 3 and not cancelled:
+                    pool.remote.abort("n3", 1)
+                    cancelled = True
+            assert reasons == {0: "length", 1: "abort", 2: "length"}, reasons
+            assert counts[0] == counts[2] == 200 and counts[1] < 200, counts
+
+    asyncio.run(main())
+
+
 def test_mismatched_card_is_refused(engines, caplog):
     async def main():
         async with Pool(engines[:1]) as pool:

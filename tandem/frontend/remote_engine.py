@@ -45,7 +45,14 @@ import msgspec
 
 from tandem.frontend.disagg import DisaggCollector, DisaggConfig, DisaggPlanner
 from tandem.protocol import GenerateOutput, GenerateRequest, KvTransferParams, LoadStats
-from tandem.protocol.worker import DEFAULT_NAMESPACE, GENERATE_ENDPOINT, ModelCard
+from tandem.protocol.worker import (
+    CANCEL_ENDPOINT,
+    DEFAULT_NAMESPACE,
+    GENERATE_ENDPOINT,
+    Cancelled,
+    CancelSequence,
+    ModelCard,
+)
 from tandem.router.pool import NoWorkers, WorkerPool
 from tandem.router.router import Policy
 from tandem.runtime import (
@@ -63,6 +70,8 @@ log = logging.getLogger(__name__)
 #: Seconds a worker may take to produce a stream's first output (queueing, prefill, a KV
 #: import) before the frontend gives up on it.
 FIRST_OUTPUT_TIMEOUT = 60.0
+#: Seconds a per-sequence cancel may take.
+CANCEL_TIMEOUT = 10.0
 #: Times a request may move to another worker when its worker is lost (Dynamo's default).
 MIGRATION_LIMIT = 3
 #: How a worker's engine that died refuses new requests (see `AsyncEngine.generate`).
@@ -123,6 +132,7 @@ class RemoteEngine:
         self._client = client
         self.namespace = namespace
         self._streams: dict[str, ResponseStream] = {}
+        self._addresses: dict[str, str] = {}  # where each stream runs (per-sequence cancel)
         self._tasks: set[asyncio.Task[None]] = set()
 
     @staticmethod
@@ -274,6 +284,7 @@ class RemoteEngine:
                     worker.info.address, GENERATE_ENDPOINT, request, response_type=GenerateOutput
                 )
                 self._streams[rid] = stream
+                self._addresses[rid] = worker.info.address
                 try:
                     first = await _next(stream, self.first_output_timeout)
                 except StopAsyncIteration:  # aborted before the first output
@@ -348,17 +359,36 @@ class RemoteEngine:
             pool.finish(rid)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
-        """Cancel the request's stream: the worker's handler is cancelled and aborts it.
-
-        A stream can only be cancelled whole, so aborting one sequence of `n` (`index`) is a
-        no-op here: that sequence runs to its own end on the worker and the frontend, which
-        already ended its choice, drops its outputs.
-        """
-        if index is not None:
+        """Cancel the request's stream: the worker's handler is cancelled and aborts it. One
+        sequence of `n` (`index`: a stop string ended its choice) is stopped by a cancel
+        message to the worker serving it, sent in the background."""
+        if index is None:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.cancel()
             return
-        stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            stream.cancel()
+        address = self._addresses.get(request_id)
+        if address is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._cancel(address, CancelSequence(request_id=request_id, index=index))
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _cancel(self, address: str, message: CancelSequence) -> None:
+        """A failure is only logged: the sequence then runs to its own end and the frontend,
+        which already ended that choice, drops its outputs."""
+        try:
+            async with self._client.call(
+                address, CANCEL_ENDPOINT, message, response_type=Cancelled, timeout=CANCEL_TIMEOUT
+            ) as stream:
+                async for _ in stream:
+                    pass
+        except Exception as exc:
+            log.warning(
+                "request %s: cancelling sequence %d on %s failed (%s)",
+                message.request_id, message.index, address, exc,
+            )  # fmt: skip
 
     def stats(self) -> LoadStats:
         totals = [self.pool.stats(), self.prefill.stats()]
@@ -389,6 +419,7 @@ class RemoteEngine:
     def _forget(self, rid: str, stream: ResponseStream) -> None:
         if self._streams.get(rid) is stream:
             del self._streams[rid]
+            self._addresses.pop(rid, None)
         stream.cancel()
 
 

@@ -27,6 +27,19 @@ class KvSnapshotRequest(msgspec.Struct):
     """Ask a worker for a `KvSnapshot` (no parameters)."""
 
 
+#: Stops one of a request's `n` sequences; a stream can only be cancelled whole.
+CANCEL_ENDPOINT = "cancel"
+
+
+class CancelSequence(msgspec.Struct):
+    request_id: str
+    index: int
+
+
+class Cancelled(msgspec.Struct):
+    """The worker passed the cancel on to its engine (harmless if the sequence had ended)."""
+
+
 class ModelCard(msgspec.Struct, kw_only=True, frozen=True):
     """What callers need to know before sending a worker requests.
 

@@ -23,10 +23,13 @@ from typing import Any
 
 from tandem.protocol import GenerateOutput, GenerateRequest, KvSnapshot
 from tandem.protocol.worker import (
+    CANCEL_ENDPOINT,
     DEFAULT_NAMESPACE,
     GENERATE_ENDPOINT,
     KV_SNAPSHOT_ENDPOINT,
     WORKER_COMPONENT,
+    Cancelled,
+    CancelSequence,
     KvSnapshotRequest,
     ModelCard,
     Role,
@@ -115,6 +118,7 @@ class Worker:
             raise RuntimeError(f"the engine is dead: {self.engine.error}")
         self._server.add_endpoint(GENERATE_ENDPOINT, self._generate, GenerateRequest)
         self._server.add_endpoint(KV_SNAPSHOT_ENDPOINT, self._kv_snapshot, KvSnapshotRequest)
+        self._server.add_endpoint(CANCEL_ENDPOINT, self._cancel, CancelSequence)
         if self.card.role == "prefill":
             KvExportServer(self.engine).add_endpoints(self._server)
         await self._server.start()
@@ -207,6 +211,12 @@ class Worker:
 
     async def _kv_snapshot(self, request: KvSnapshotRequest) -> AsyncIterator[KvSnapshot]:
         yield await self.engine.kv_snapshot()
+
+    async def _cancel(self, request: CancelSequence) -> AsyncIterator[Cancelled]:
+        if request.index < 0:
+            raise ValueError(f"index must be >= 0, got {request.index}")
+        self.engine.abort(request.request_id, request.index)
+        yield Cancelled()
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         # Cancellation by the caller arrives here as CancelledError; leaving the engine's
