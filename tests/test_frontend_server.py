@@ -532,6 +532,49 @@ def test_admission_counts_requests_the_engine_has_not_reported_yet():
     control.admit("c")
 
 
+def test_admission_counts_every_engine_sequence(engine, model_dir):
+    """Two prompts times n=2 are four engine sequences: over a limit of three."""
+    with serve(build_app(engine, model_dir, MODEL, max_waiting=3)) as url:
+        body = {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 2, "n": 2}
+        r = httpx.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 503 and "adds 4" in r.json()["error"]["message"], r.text
+        r = httpx.post(f"{url}/v1/completions", json={**body, "n": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+
+
+def test_tokenizing_runs_off_the_event_loop(engine, model_dir, monkeypatch):
+    from tandem.frontend.preprocess import Preprocessor
+
+    where, prepare = [], Preprocessor.prepare_completion
+
+    def spy(self, req):
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append(threading.current_thread().name)
+        return prepare(self, req)
+
+    monkeypatch.setattr(Preprocessor, "prepare_completion", spy)
+    with serve(build_app(engine, model_dir, MODEL)) as url:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+    assert len(where) == 1 and where[0].startswith("tandem-tokenize"), where
+
+
+def test_an_overloaded_server_refuses_before_tokenizing(engine, model_dir, monkeypatch):
+    from tandem.frontend.preprocess import Preprocessor
+
+    def never(self, req):
+        raise AssertionError("tokenized a request that admission refuses")
+
+    monkeypatch.setattr(Preprocessor, "prepare_completion", never)
+    with serve(build_app(engine, model_dir, MODEL, max_waiting=0)) as url:
+        body = {"model": MODEL, "prompt": "x" * 100_000, "max_tokens": 2}
+        r = httpx.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+
+
 # -- metrics ------------------------------------------------------------------------------
 
 

@@ -129,8 +129,8 @@ def _add_serve(subparsers: Any) -> None:
         "--max-waiting",
         type=_int_at_least(1),
         default=256,
-        help="requests that may wait for the engine; beyond, new ones get 503 with"
-        " Retry-After (%(default)s)",
+        help="sequences (each prompt times n) that may wait for the engine; a request that"
+        " would go beyond gets 503 with Retry-After, before it is tokenized (%(default)s)",
     )
     net.add_argument(
         "--max-request-bytes",

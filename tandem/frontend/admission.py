@@ -1,6 +1,7 @@
 """Admission control: refuse work quickly instead of queueing without bound.
 
-A request that would wait behind `max_waiting` others gets 503 with Retry-After, so a load
+A request whose sequences (each prompt times `n`: what the engine queues) would take the
+waiting queue past `max_waiting` gets 503 with Retry-After, so a load
 balancer or client can go elsewhere or back off, rather than every queued request's latency
 growing without limit. The engine's own waiting count is published once per engine step, so
 a burst arriving between two steps would slip past it; we also count the requests this
@@ -21,26 +22,33 @@ class AdmissionControl:
     def __init__(self, stats: Callable[[], LoadStats], max_waiting: int) -> None:
         self._stats = stats
         self.max_waiting = max_waiting
-        self._pending: set[str] = set()
+        self._pending: dict[str, int] = {}  # request id -> its engine sequences
 
     @property
     def waiting(self) -> int:
-        """Our best figure for requests queued ahead of a new one."""
-        return max(self._stats().num_waiting, len(self._pending))
+        """Our best figure for engine sequences queued ahead of a new request."""
+        return max(self._stats().num_waiting, sum(self._pending.values()))
 
-    def admit(self, request_id: str) -> None:
-        """Take a request in, or raise a 503 when the queue is full."""
+    def check(self, sequences: int = 1) -> None:
+        """Raise a 503 if `sequences` more would overflow the queue: called before a body
+        is tokenized too, so that an overloaded server spends nothing on it."""
         waiting = self.waiting
-        if waiting >= self.max_waiting:
+        if waiting + sequences > self.max_waiting:
             raise APIError(
                 503,
-                f"The server is overloaded: {waiting} requests are waiting (limit "
-                f"{self.max_waiting}). Please retry after {RETRY_AFTER_SECONDS}s.",
+                f"The server is overloaded: {waiting} sequences are waiting and this request"
+                f" adds {sequences} (limit {self.max_waiting}). Please retry after"
+                f" {RETRY_AFTER_SECONDS}s.",
                 code="overloaded",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
-        self._pending.add(request_id)
+
+    def admit(self, request_id: str, sequences: int = 1) -> None:
+        """Take in a request of `sequences` engine sequences (prompts times `n`), or raise a
+        503 when they would not fit in the queue."""
+        self.check(sequences)
+        self._pending[request_id] = sequences
 
     def started(self, request_id: str) -> None:
         """The request produced output or ended: it no longer waits. Idempotent."""
-        self._pending.discard(request_id)
+        self._pending.pop(request_id, None)

@@ -13,7 +13,8 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -188,6 +189,18 @@ class Frontend:
         self.admission = AdmissionControl(engine.stats, max_waiting)
         self.pre = Preprocessor(tokenizer, engine.max_model_len, engine.max_logprobs)
         self.texts = TokenTexts(tokenizer)
+        # One thread: preprocessing leaves the event loop, and the tokenizer one caller.
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tandem-tokenize")
+
+    async def prepare(self, fn: Callable[[Any], Prepared], req: Any) -> Prepared:
+        """Template and tokenize off the event loop (a long prompt takes a while), after a
+        first admission check, so that an overloaded server spends nothing on the body."""
+        try:
+            self.admission.check()
+        except APIError:
+            self.metrics.rejected.inc()
+            raise
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, req)
 
     async def serve(
         self,
@@ -223,7 +236,7 @@ class Frontend:
             self.engine, self.tokenizer, self.metrics, self.admission, rid, prepared, timer
         )
         try:
-            self.admission.admit(rid)
+            self.admission.admit(rid, num_choices)
         except APIError:
             self.metrics.rejected.inc()
             raise
@@ -324,7 +337,7 @@ def build_app(
         timer = RequestTimer(fe.metrics)
         req = _parse(ChatCompletionRequest, await request.body())
         check_model(req.model, fe.model)
-        prepared = fe.pre.prepare_chat(req)
+        prepared = await fe.prepare(fe.pre.prepare_chat, req)
         return await fe.serve(
             request,
             prepared,
@@ -339,7 +352,7 @@ def build_app(
         timer = RequestTimer(fe.metrics)
         req = _parse(CompletionRequest, await request.body())
         check_model(req.model, fe.model)
-        prepared = fe.pre.prepare_completion(req)
+        prepared = await fe.prepare(fe.pre.prepare_completion, req)
         return await fe.serve(
             request,
             prepared,
