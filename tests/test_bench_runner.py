@@ -59,16 +59,17 @@ def test_poisson_arrival_bounded_by_count() -> None:
         expected.append(t)
         t += rng.expovariate(400.0)
     assert scheduled == pytest.approx(expected)
-    assert max(r.start_s - r.scheduled_s for r in result.records) < 0.02
-    assert result.elapsed_s == pytest.approx(expected[-1] + 0.01, abs=0.03)
+    # Lower bounds are exact (the sender sleeps); upper ones only say nothing stalled.
+    assert max(r.start_s - r.scheduled_s for r in result.records) < 0.5
+    assert expected[-1] + 0.01 <= result.elapsed_s < expected[-1] + 1.0
 
 
 def test_poisson_arrival_bounded_by_time_cancels_in_flight() -> None:
     send = FakeSender(5.0)  # nothing finishes before the bound
     t = time.perf_counter()
     result = run(workload(), send, Arrival("poisson", rate=100.0, seed=2), Bounds(0.3, None))
-    assert time.perf_counter() - t < 0.8
-    assert result.hit_time_bound and result.elapsed_s == pytest.approx(0.3, abs=0.05)
+    assert time.perf_counter() - t < 3.0  # the bound, not the 5 s sends
+    assert result.hit_time_bound and 0.3 <= result.elapsed_s < 1.5
     rng, t_next, n = random.Random(2), 0.0, 0
     while t_next < 0.3:
         n += 1
@@ -91,7 +92,7 @@ def test_concurrency_keeps_n_in_flight_and_stops_at_count() -> None:
     result = run(workload(), send, Arrival("concurrency", 4), Bounds(10.0, 10))
     assert len(result.records) == 10 and send.max_inflight == 4
     assert [r.index for r in result.records] == list(range(10))
-    assert result.elapsed_s == pytest.approx(0.06, abs=0.03)  # 3 waves of 20 ms
+    assert 0.055 <= result.elapsed_s < 1.0  # 3 waves of 20 ms
 
 
 class TimedWorkload(Workload):

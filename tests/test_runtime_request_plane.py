@@ -190,7 +190,7 @@ def test_deadline_cancels_handler_and_raises_timeout(kind):
         with pytest.raises(TimeoutError):
             async for x in client.call(server.address, "slow", {"delay": 0.05}, timeout=0.3):
                 got.append(x)
-        assert 0.25 < time.monotonic() - start < 1.5
+        assert 0.25 < time.monotonic() - start < 5.0  # not before the deadline; no hang
         assert 1 <= len(got) <= 7
         await asyncio.wait_for(handlers.cancelled.wait(), 2.0)
         # An absolute deadline (time.monotonic()) works the same way.
@@ -264,7 +264,7 @@ def test_peer_killed_mid_stream_raises_peer_gone():
                     if len(got) == 5:
                         proc.send_signal(signal.SIGKILL)
                         start = time.monotonic()
-            assert time.monotonic() - start < 2.0
+            assert time.monotonic() - start < 10.0  # a liveness bound: no hang
             # Every stream on the dead connection fails, not only the one being read.
             with pytest.raises(PeerGone):
                 async for _ in other:
