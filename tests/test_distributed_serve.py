@@ -10,6 +10,7 @@ migration, shows the victim's streams ending in an error, not a hang.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import re
@@ -25,6 +26,8 @@ import pytest
 from nats_support import needs_nats
 
 from tandem.engine.testing import make_tiny_model
+from tandem.protocol.worker import KV_SNAPSHOT_ENDPOINT, KvSnapshotRequest
+from tandem.runtime import PeerGone, TcpRequestClient
 from tandem.runtime.testing import NatsServer, free_port
 
 pytestmark = needs_nats
@@ -34,6 +37,7 @@ LEASE_TTL = 3.0  # the worker's default --lease-ttl
 # STREAM_TOKENS lasts about 3 s, long enough to act on the system while it runs.
 SPEEDUP = "0.1"
 STREAM_TOKENS = 50
+SECRET = "test cluster secret"
 
 
 class Cluster:
@@ -49,9 +53,10 @@ class Cluster:
             "--workers", "2", "--nats", self.nats.url, "--port", str(self.port),
             "--drain-timeout", "10", "--router-mode", "round_robin", *flags,
         ]  # fmt: skip
+        env = {**os.environ, "TANDEM_CLUSTER_SECRET": SECRET}  # the children inherit it
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
         self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0)
 
@@ -131,6 +136,25 @@ def test_openai_client_through_two_workers(cluster):
     # Round robin: each of the two workers served some of the five requests.
     served = sorted(w["requests"] for w in cluster.wait_for_workers(2, timeout=5))
     assert served[0] >= 2 and sum(served) == 5, served
+
+
+def test_the_request_plane_refuses_a_client_without_the_secret(cluster):
+    address = cluster.wait_for_workers(2, timeout=5)[0]["address"]
+
+    async def snapshot(secret: str | None):
+        client = TcpRequestClient(secret=secret)
+        try:
+            call = client.call(address, KV_SNAPSHOT_ENDPOINT, KvSnapshotRequest(), timeout=10)
+            return [x async for x in call]
+        finally:
+            await client.close()
+
+    os.environ.pop("TANDEM_CLUSTER_SECRET", None)
+    with pytest.raises(PeerGone):
+        asyncio.run(snapshot(None))
+    with pytest.raises(PeerGone):
+        asyncio.run(snapshot("a guess"))
+    assert len(asyncio.run(snapshot(SECRET))) == 1
 
 
 def test_streams_survive_a_nats_restart(cluster):

@@ -9,7 +9,14 @@ import random
 
 import pytest
 
-from tandem.runtime.framing import LARGE_FRAME, PREFACE, RECV_BYTES, REJECT_HEAD, FrameProtocol
+from tandem.runtime.framing import (
+    LARGE_FRAME,
+    PREFACE,
+    RECV_BYTES,
+    REJECT_HEAD,
+    FrameProtocol,
+    cluster_token,
+)
 
 MAX_FRAME = 1 << 20
 
@@ -63,7 +70,7 @@ def test_frames_survive_any_cut_of_the_stream(seed: int) -> None:
     stream = b"".join(framed(p) for p in sent[:150]) + framed(oversized)
     stream += b"".join(framed(p) for p in sent[150:])
     protocol = Recorder()
-    feed(protocol, PREFACE + stream, rng)
+    feed(protocol, PREFACE + cluster_token(None) + stream, rng)
     assert protocol.prefaced
     assert protocol.frames == sent
     [(reason, head)] = protocol.rejected
@@ -76,7 +83,7 @@ def test_byte_by_byte_and_in_whole_buffers() -> None:
     sent = [rng.randbytes(rng.randrange(0, 300)) for _ in range(200)]
     for cut in (1, RECV_BYTES):
         protocol = Recorder()
-        feed(protocol, PREFACE + b"".join(framed(p) for p in sent), cut)
+        feed(protocol, PREFACE + cluster_token(None) + b"".join(framed(p) for p in sent), cut)
         assert protocol.frames == sent
 
 

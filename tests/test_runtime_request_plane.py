@@ -22,7 +22,7 @@ from tandem.runtime import (
     TcpRequestClient,
     TcpRequestServer,
 )
-from tandem.runtime.framing import PREFACE, encode_frame
+from tandem.runtime.framing import PREFACE, cluster_token, encode_frame
 from tandem.runtime.messages import DataFrame, EndFrame, Frame, RequestFrame
 from tandem.runtime.testing import spawn_token_server
 
@@ -289,7 +289,7 @@ def test_malformed_and_oversized_frames_are_rejected_server_keeps_serving(caplog
         server, client, _ = await make("tcp", max_frame=64 * 1024)
         host, port = server.address.rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(PREFACE)
+        writer.write(PREFACE + cluster_token(None))
         writer.write(len(b"\xc1\xc1\xc1").to_bytes(4, "big") + b"\xc1\xc1\xc1")  # not msgpack
         writer.write(encode_frame(encoder, [99, 1, 2]))  # msgpack, but no such frame type
         big = 200 * 1024
@@ -361,3 +361,36 @@ def test_connect_refused_is_peer_gone():
         await client.close()
 
     run(main())
+
+
+def test_cluster_secret_admits_only_peers_that_present_it(caplog, monkeypatch):
+    monkeypatch.delenv("TANDEM_CLUSTER_SECRET", raising=False)
+
+    async def count(client, address):
+        return [x async for x in client.call(address, "count", {"n": 2, "tag": "s"})]
+
+    async def main():
+        server, _, _ = await make("tcp", secret="correct horse")
+        assert len(await count(TcpRequestClient(secret="correct horse"), server.address)) == 2
+        for stranger in (TcpRequestClient(), TcpRequestClient(secret="battery staple")):
+            with pytest.raises(PeerGone):
+                await count(stranger, server.address)
+        assert "did not present this cluster's secret" in caplog.text
+        # The environment variable is the default on both sides (what the CLI sets).
+        monkeypatch.setenv("TANDEM_CLUSTER_SECRET", "correct horse")
+        assert len(await count(TcpRequestClient(), server.address)) == 2
+        await server.stop()
+
+    run(main())
+
+
+def test_binding_beyond_loopback_needs_a_secret_or_insecure(monkeypatch):
+    monkeypatch.delenv("TANDEM_CLUSTER_SECRET", raising=False)
+    with pytest.raises(ValueError, match="without a cluster secret"):
+        TcpRequestServer("0.0.0.0")
+    TcpRequestServer("0.0.0.0", insecure=True)
+    TcpRequestServer("0.0.0.0", secret="s")
+    TcpRequestServer("127.0.0.1")
+    TcpRequestServer("::1")
+    monkeypatch.setenv("TANDEM_CLUSTER_SECRET", "s")
+    TcpRequestServer("0.0.0.0")

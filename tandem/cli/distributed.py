@@ -38,6 +38,21 @@ def _add_runtime_flags(p: argparse.ArgumentParser, nats_required: bool = True) -
         default="tandem",
         help="discovery namespace; frontends use the workers of their namespace (%(default)s)",
     )
+    rt.add_argument(
+        "--cluster-secret",
+        metavar="SECRET",
+        help="secret every component presents on the request plane and KV transfer; peers"
+        " without it are refused. Prefer the TANDEM_CLUSTER_SECRET environment variable"
+        " (a command line is visible to other users); it is the default",
+    )
+
+
+def _use_cluster_secret(args: argparse.Namespace) -> None:
+    """The request plane reads the secret from the environment, children inherit it."""
+    from tandem.runtime.framing import SECRET_ENV
+
+    if args.cluster_secret:
+        os.environ[SECRET_ENV] = args.cluster_secret
 
 
 def add_router_flags(p: argparse.ArgumentParser) -> None:
@@ -175,6 +190,11 @@ def add_worker(subparsers: Any) -> None:
         "--port", type=_port_or_zero, default=0, help="request plane port; 0 picks one (0)"
     )
     w.add_argument(
+        "--insecure",
+        action="store_true",
+        help="let the request plane listen beyond 127.0.0.1 without a cluster secret",
+    )
+    w.add_argument(
         "--advertise-host",
         help="host that frontends connect to, when --host is a wildcard such as 0.0.0.0",
     )
@@ -204,6 +224,18 @@ def add_worker(subparsers: Any) -> None:
 
 def run_worker(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
+    _use_cluster_secret(args)
+    from tandem.runtime.framing import cluster_secret
+    from tandem.runtime.tcp_plane import is_loopback
+
+    if not (cluster_secret() or args.insecure or is_loopback(args.host)):
+        print(
+            f"tandem worker: error: --host {args.host} without a cluster secret would serve"
+            " any peer that reaches it; set TANDEM_CLUSTER_SECRET (or --cluster-secret) on"
+            " every component, or pass --insecure",
+            file=sys.stderr,
+        )
+        return 2
     from tandem.engine.async_engine import AsyncEngine
     from tandem.engine.model_source import (
         ModelSourceError,
@@ -234,6 +266,7 @@ def run_worker(args: argparse.Namespace) -> int:
                 host=args.host,
                 port=args.port,
                 advertise_host=args.advertise_host,
+                insecure=args.insecure,
                 namespace=args.namespace,
                 lease_ttl=args.lease_ttl,
                 drain_timeout=args.drain_timeout,
@@ -306,6 +339,7 @@ def add_frontend(subparsers: Any) -> None:
 
 def run_frontend(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
+    _use_cluster_secret(args)
     from tandem.frontend.service import serve_frontend
 
     sock = _bind_or_none(args, "frontend")
@@ -359,6 +393,7 @@ def add_router(subparsers: Any) -> None:
 
 def run_router(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
+    _use_cluster_secret(args)
     from tandem.router.service import serve_router
 
     sock = _bind_or_none(args, "router")

@@ -2,7 +2,9 @@
 
 A frame is a 4-byte big-endian length followed by that many bytes of msgpack. A connection opens
 with an 8-byte preface from the client (`PREFACE`), so something that is not a Tandem peer
-(a port scanner, an HTTP client) is turned away at once instead of being read as a frame length.
+(a port scanner, an HTTP client) is turned away at once instead of being read as a frame length,
+then a 32-byte cluster token (`cluster_token`): a server given a cluster secret closes a
+connection whose token does not match it (a constant-time compare).
 
 Frames longer than `max_frame` are not buffered: their bytes are skipped as they arrive and the
 frame is reported to `frame_rejected` with its first bytes (from which the receiver can tell the
@@ -17,13 +19,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
+import os
 import socket
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-PREFACE = b"TANDEM\x00\x01"
+
+def cluster_secret() -> str | None:
+    """The cluster secret of this process's environment; None (or empty): none."""
+    return os.environ.get(SECRET_ENV) or None
+
+
+def cluster_token(secret: str | None) -> bytes:
+    """What a client sends after the preface: a digest of the secret (zeros without one), so
+    the secret itself never crosses the wire."""
+    if not secret:
+        return bytes(TOKEN_SIZE)
+    return hashlib.sha256(b"tandem cluster secret\0" + secret.encode()).digest()
+
+PREFACE = b"TANDEM\x00\x02"
+TOKEN_SIZE = 32
+#: Where components read the cluster secret (`--cluster-secret` sets it for their children).
+SECRET_ENV = "TANDEM_CLUSTER_SECRET"
 HEADER_SIZE = 4
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 REJECT_HEAD = 16
@@ -67,8 +88,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
     a buffer of its own that the socket fills directly, handed on without another copy.
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, expect_preface: bool = False) -> None:
+    def __init__(
+        self,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        expect_preface: bool = False,
+        token: bytes | None = None,
+    ) -> None:
+        """`expect_preface`: the peer must open with the preface and a cluster token, equal
+        to `token` when given (None: any token)."""
         self.max_frame = max_frame
+        self._token = token
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self._rbuf = bytearray(RECV_BYTES)
@@ -118,16 +147,24 @@ class FrameProtocol(asyncio.BufferedProtocol):
             return
         self._end += nbytes
         if self._need_preface:
-            if self._end - self._start < len(PREFACE):
+            opening, have = len(PREFACE) + TOKEN_SIZE, self._end - self._start
+            got = bytes(self._rbuf[self._start : self._start + min(have, opening)])
+            refused = None
+            if got[: len(PREFACE)] != PREFACE[: len(got)]:  # turned away on its first bytes
+                refused = "sent no Tandem preface (or one of another version)"
+            elif have < opening:
                 return
-            got = self._rbuf[self._start : self._start + len(PREFACE)]
-            if got != PREFACE:
-                log.error("request plane: %s sent no Tandem preface; closing", self.peer)
+            elif self._token is not None and not hmac.compare_digest(
+                got[len(PREFACE) :], self._token
+            ):
+                refused = "did not present this cluster's secret"
+            if refused is not None:
+                log.error("request plane: %s %s; closing", self.peer, refused)
                 self._start = self._end
                 self.close()
                 return
             self._need_preface = False
-            self._start += len(PREFACE)
+            self._start += opening
             self.preface_received()
         self._parse()
 

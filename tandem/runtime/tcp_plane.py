@@ -1,7 +1,7 @@
 """The request plane over TCP: many concurrent streams multiplexed on one connection per peer.
 
-Wire: the client sends `framing.PREFACE`, then both sides exchange length-prefixed msgpack
-frames (`messages.Frame`). Client stream ids are per connection. A call is
+Wire: the client sends `framing.PREFACE` and its cluster token, then both sides exchange
+length-prefixed msgpack frames (`messages.Frame`). Client stream ids are per connection. A call is
 
     client → RequestFrame(id, endpoint, payload, timeout, window)
     server → DataFrame(id, item) ...  then EndFrame(id) or ErrorFrame(id, code, message)
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from typing import Any
@@ -43,6 +44,8 @@ from tandem.runtime.framing import (
     HEADER_SIZE,
     PREFACE,
     FrameProtocol,
+    cluster_secret,
+    cluster_token,
     encode_frame,
 )
 from tandem.runtime.messages import (
@@ -114,6 +117,16 @@ def _peek_stream_id(head: bytes) -> int | None:
     return int.from_bytes(head[pos + 1 : pos + 1 + size], "big")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
@@ -136,7 +149,7 @@ class _ServerStream:
 
 class _ServerConnection(FrameProtocol):
     def __init__(self, server: TcpRequestServer) -> None:
-        super().__init__(server.max_frame, expect_preface=True)
+        super().__init__(server.max_frame, expect_preface=True, token=server.token)
         self.server = server
         self.streams: dict[int, _ServerStream] = {}
 
@@ -265,7 +278,11 @@ class _ServerConnection(FrameProtocol):
 
 class TcpRequestServer(RequestServer):
     """Serves endpoints over TCP. Binds 127.0.0.1 by default; `advertise_host` is the host
-    written into `address` when binding a wildcard address (0.0.0.0)."""
+    written into `address` when binding a wildcard address (0.0.0.0).
+
+    With a cluster `secret` (default: `$TANDEM_CLUSTER_SECRET`) only clients that present it
+    are served. Without one, binding beyond the loopback interface is refused unless
+    `insecure`: anyone who can reach the port could run requests and read KV blocks."""
 
     def __init__(
         self,
@@ -275,8 +292,18 @@ class TcpRequestServer(RequestServer):
         advertise_host: str | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
         max_streams_per_connection: int = 4096,
+        secret: str | None = None,
+        insecure: bool = False,
     ) -> None:
         super().__init__()
+        secret = secret or cluster_secret()
+        if secret is None and not insecure and not is_loopback(host):
+            raise ValueError(
+                f"the request plane would listen on {host} without a cluster secret: set"
+                " --cluster-secret (or TANDEM_CLUSTER_SECRET) on every component, or pass"
+                " --insecure to accept any peer that can reach it"
+            )
+        self.token = cluster_token(secret) if secret else None
         self.host = host
         self.port = port
         self.advertise_host = advertise_host or host
@@ -338,7 +365,7 @@ class _ClientConnection(FrameProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.send(PREFACE)
+        self.send(PREFACE + self.client.token)
 
     def new_stream_id(self) -> int:
         sid = self._next_id
@@ -529,7 +556,10 @@ class TcpRequestClient(RequestClient):
         max_frame: int = DEFAULT_MAX_FRAME,
         window: int = DEFAULT_WINDOW,
         connect_timeout: float = 5.0,
+        secret: str | None = None,
     ) -> None:
+        """`secret`: the cluster secret to present (default: `$TANDEM_CLUSTER_SECRET`)."""
+        self.token = cluster_token(secret or cluster_secret())
         self.max_frame = max_frame
         self.window = max(1, window)
         self.connect_timeout = connect_timeout

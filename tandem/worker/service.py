@@ -47,6 +47,7 @@ async def serve_worker(
     host: str = "127.0.0.1",
     port: int = 0,
     advertise_host: str | None = None,
+    insecure: bool = False,
     namespace: str = DEFAULT_NAMESPACE,
     lease_ttl: float | None = None,
     drain_timeout: float = 30.0,
@@ -67,7 +68,7 @@ async def serve_worker(
     events = await NatsEventPlane.connect(nats_url)
     client = TcpRequestClient()  # a decode worker pulls KV from prefill workers with it
     try:
-        server = TcpRequestServer(host, port, advertise_host=advertise_host)
+        server = TcpRequestServer(host, port, advertise_host=advertise_host, insecure=insecure)
         worker = Worker(
             engine,
             card,
