@@ -1,0 +1,139 @@
+"""Overload: does admission keep the admitted requests fast and the frontend's memory flat?
+
+In one run: `tandem serve --workers 2 --engine mock` on a tiny model, its capacity measured
+with a closed loop (`--probe-concurrency` streams: requests per second at saturation), then
+Poisson arrivals at 0.25x (unloaded), 1x and 3x that rate for `--duration` seconds each. For
+each phase: admitted requests' TTFT p50/p99, how many got 503 and how fast, the frontend's RSS
+(sampled every 0.5 s). Prints the 3x/unloaded TTFT p99 ratio and the RSS growth, writes JSON.
+
+    python benchmarks/overload.py [--duration 20] [--max-waiting 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tandem.bench.client import ClientConfig, StreamClient
+from tandem.bench.runner import Arrival, Bounds, run_load
+from tandem.bench.stats import Slo, describe, summarize
+from tandem.bench.tokens import TokenSpace
+from tandem.bench.workloads import LengthDist, SyntheticWorkload
+from tandem.engine.testing import make_tiny_model
+from tandem.runtime.testing import free_port
+
+
+def start(model: Path, port: int, max_waiting: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tandem.cli.main", "serve", str(model), "--engine", "mock",
+           "--workers", "2", "--port", str(port), "--num-gpu-blocks", "4096",
+           "--max-waiting", str(max_waiting)]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["workers"] == 2:
+                return proc
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"tandem serve did not come up:\n{log.read_text()}")
+
+
+def frontend_pid(proc: subprocess.Popen) -> int:
+    for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+        if b"\0frontend\0" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return int(pid)
+    raise RuntimeError("no frontend process under tandem serve")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def phase(base: str, arrival: Arrival, seconds: float, args, pid: int) -> dict[str, Any]:
+    lengths = LengthDist.fixed(args.input_len), LengthDist.fixed(args.output_len)
+    workload = SyntheticWorkload(*lengths, TokenSpace.for_vocab(256), seed=arrival.seed)
+    samples: list[tuple[float, float]] = []
+
+    async def sample() -> None:
+        started = time.monotonic()
+        while True:
+            samples.append((time.monotonic() - started, rss_mib(pid)))
+            await asyncio.sleep(0.5)
+
+    async with StreamClient(ClientConfig(base, "tiny")) as client:
+        sampler = asyncio.create_task(sample())
+        result = await run_load(workload, client.send, arrival, Bounds(seconds, None))
+        sampler.cancel()
+    summary = summarize(result.records, result.elapsed_s, Slo())
+    rejected = [r for r in result.records if r.http_status == 503]
+    summary["rejected"] = len(rejected)
+    summary["rejection_ms"] = describe((r.e2e_s for r in rejected if r.e2e_s is not None), 1e3)
+    summary["rss_mib"] = samples
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per phase")
+    p.add_argument("--probe-concurrency", type=int, default=64)
+    p.add_argument("--max-waiting", type=int, default=64, help="the frontend's --max-waiting")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--output", type=Path, default=Path("results/overload.json"))
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_tiny_model(Path(tmp) / "tiny")
+        port = free_port()
+        proc = start(model, port, args.max_waiting, Path(tmp) / "serve.log")
+        base = f"http://127.0.0.1:{port}"
+        try:
+            pid = frontend_pid(proc)
+            probe = asyncio.run(phase(base, Arrival("concurrency", args.probe_concurrency),
+                                      min(10.0, args.duration), args, pid))  # fmt: skip
+            capacity = probe["request_throughput"]
+            print(f"capacity: {capacity:.1f} requests/s (closed loop of {args.probe_concurrency})")
+            phases = {}
+            for i, x in enumerate((0.25, 1.0, 3.0)):
+                arrival = Arrival("poisson", rate=x * capacity, seed=i)
+                phases[f"{x:g}x"] = asyncio.run(phase(base, arrival, args.duration, args, pid))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    print(f"{'phase':6s} {'sent':>6s} {'done':>6s} {'503':>6s} {'TTFT p50':>9s} {'TTFT p99':>9s}"
+          f" {'503 p50':>8s} {'503 p99':>8s} {'RSS MiB':>14s}")  # fmt: skip
+    for name, s in phases.items():
+        t, rj, rss = s["ttft_ms"], s["rejection_ms"], [m for _, m in s["rss_mib"]]
+        print(f"{name:6s} {s['requests']['sent']:6d} {s['requests']['completed']:6d}"
+              f" {s['rejected']:6d} {t['p50']:9.1f} {t['p99']:9.1f} {rj['p50']:8.1f}"
+              f" {rj['p99']:8.1f} {min(rss):6.0f}-{max(rss):<6.0f}")  # fmt: skip
+    ratio = phases["3x"]["ttft_ms"]["p99"] / phases["0.25x"]["ttft_ms"]["p99"]
+    rss_all = [m for s in phases.values() for _, m in s["rss_mib"]]
+    print(f"admitted TTFT p99 at 3x / unloaded: {ratio:.2f}x (target <= 2);"
+          f" frontend RSS {rss_all[0]:.0f} -> {rss_all[-1]:.0f} MiB")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    out = {"args": vars(args) | {"output": str(args.output)}, "capacity_rps": capacity,
+           "probe": probe, "phases": phases, "ttft_p99_ratio_3x": ratio}  # fmt: skip
+    args.output.write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
