@@ -301,6 +301,30 @@ class Frontend:
             self.metrics.inflight.dec()
 
 
+def _openapi_with_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> Callable[[], dict]:
+    """`/openapi.json` with the request bodies of routes that parse them themselves (to
+    name a bad field in an OpenAI-shaped error): clients and fuzzers see the real schema."""
+    from fastapi.openapi.utils import get_openapi
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                                 routes=app.routes)  # fmt: skip
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for path, model in bodies.items():
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+                ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+                schema["paths"][path]["post"]["requestBody"] = {
+                    "required": True, "content": {"application/json": {"schema": ref}}
+                }  # fmt: skip
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return build
+
+
 def build_app(
     engine: EngineClient,
     tokenizer_path: str,
@@ -322,6 +346,9 @@ def build_app(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     fe = Frontend(engine, tokenizer, served_model_name, max_waiting)
     app = FastAPI(title="Tandem", summary="OpenAI-compatible LLM server")
+    app.openapi = _openapi_with_bodies(
+        app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+    )
     app.state.frontend = fe
     install_handlers(app)
     # Order matters (the last added is outermost): the counter also counts 401s and 413s;
