@@ -394,3 +394,47 @@ def test_binding_beyond_loopback_needs_a_secret_or_insecure(monkeypatch):
     TcpRequestServer("::1")
     monkeypatch.setenv("TANDEM_CLUSTER_SECRET", "s")
     TcpRequestServer("0.0.0.0")
+
+
+def test_mutual_tls_between_peers_of_one_ca(tmp_path, monkeypatch, caplog):
+    """With TANDEM_TLS_* set, both sides show certificates of the cluster's CA; a client
+    without TLS, or with a certificate of another CA, gets nothing."""
+    import trustme  # a test dependency: certificates for tests
+
+    ca, other_ca = trustme.CA(), trustme.CA()
+
+    def files(authority, name):
+        cert = authority.issue_cert("127.0.0.1", "localhost")
+        paths = tmp_path / f"{name}.pem", tmp_path / f"{name}.key", tmp_path / f"{name}-ca.pem"
+        cert.cert_chain_pems[0].write_to_path(paths[0])
+        cert.private_key_pem.write_to_path(paths[1])
+        authority.cert_pem.write_to_path(paths[2])
+        return [str(p) for p in paths]
+
+    def use(paths):
+        for name, path in zip(("TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CA"), paths,
+                              strict=True):  # fmt: skip
+            monkeypatch.setenv(name, path)
+
+    ours, theirs = files(ca, "ours"), files(other_ca, "theirs")
+
+    async def count(client, address):
+        try:
+            return [x async for x in client.call(address, "count", {"n": 2, "tag": "t"})]
+        finally:
+            await client.close()
+
+    async def main():
+        use(ours)
+        server, _, _ = await make("tcp")
+        assert len(await count(TcpRequestClient(), server.address)) == 2
+        use(theirs)
+        with pytest.raises(PeerGone):
+            await count(TcpRequestClient(), server.address)
+        for name in ("TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CA"):
+            monkeypatch.delenv(name)
+        with pytest.raises(PeerGone):
+            await count(TcpRequestClient(), server.address)
+        await server.stop()
+
+    run(main())

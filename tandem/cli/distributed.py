@@ -45,14 +45,28 @@ def _add_runtime_flags(p: argparse.ArgumentParser, nats_required: bool = True) -
         " without it are refused. Prefer the TANDEM_CLUSTER_SECRET environment variable"
         " (a command line is visible to other users); it is the default",
     )
+    what = {"cert": "this component's certificate", "key": "its private key",
+            "ca": "the cluster's CA certificate"}  # fmt: skip
+    for flag, env in (("cert", "TANDEM_TLS_CERT"), ("key", "TANDEM_TLS_KEY"),
+                      ("ca", "TANDEM_TLS_CA")):  # fmt: skip
+        rt.add_argument(
+            f"--tls-{flag}",
+            metavar="PEM",
+            help=f"mutual TLS on the request plane: {what[flag]}"
+            f" (default ${env}); all three together",
+        )
 
 
 def _use_cluster_secret(args: argparse.Namespace) -> None:
-    """The request plane reads the secret from the environment, children inherit it."""
-    from tandem.runtime.framing import SECRET_ENV
+    """The request plane reads the secret and TLS files from the environment, so children
+    inherit them."""
+    from tandem.runtime.framing import SECRET_ENV, TLS_ENV
 
     if args.cluster_secret:
         os.environ[SECRET_ENV] = args.cluster_secret
+    for value, env in zip((args.tls_cert, args.tls_key, args.tls_ca), TLS_ENV, strict=True):
+        if value:
+            os.environ[env] = value
 
 
 def add_router_flags(p: argparse.ArgumentParser) -> None:

@@ -24,9 +24,29 @@ import hmac
 import logging
 import os
 import socket
+import ssl
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+TLS_ENV = ("TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CA")
+
+
+def tls_context(server: bool) -> ssl.SSLContext | None:
+    """Mutual TLS for the request plane from `$TANDEM_TLS_CERT`, `_KEY` and `_CA` (None when
+    no certificate is set): each side shows its certificate and checks the other's against
+    the CA; clients also check that the server's certificate names the host they dialled."""
+    cert, key, ca = (os.environ.get(name) for name in TLS_ENV)
+    if not cert:
+        return None
+    if not (key and ca):
+        raise ValueError("TLS needs TANDEM_TLS_CERT, TANDEM_TLS_KEY and TANDEM_TLS_CA together")
+    purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
+    context = ssl.create_default_context(purpose, cafile=ca)
+    context.load_cert_chain(cert, key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def cluster_secret() -> str | None:

@@ -47,6 +47,7 @@ from tandem.runtime.framing import (
     cluster_secret,
     cluster_token,
     encode_frame,
+    tls_context,
 )
 from tandem.runtime.messages import (
     CancelFrame,
@@ -281,8 +282,9 @@ class TcpRequestServer(RequestServer):
     written into `address` when binding a wildcard address (0.0.0.0).
 
     With a cluster `secret` (default: `$TANDEM_CLUSTER_SECRET`) only clients that present it
-    are served. Without one, binding beyond the loopback interface is refused unless
-    `insecure`: anyone who can reach the port could run requests and read KV blocks."""
+    are served; with `$TANDEM_TLS_CERT` (and `_KEY`, `_CA`) connections are mutual TLS.
+    Without a secret, binding beyond the loopback interface is refused unless `insecure`:
+    anyone who can reach the port could run requests and read KV blocks."""
 
     def __init__(
         self,
@@ -304,6 +306,7 @@ class TcpRequestServer(RequestServer):
                 " --insecure to accept any peer that can reach it"
             )
         self.token = cluster_token(secret) if secret else None
+        self.ssl = tls_context(server=True)
         self.host = host
         self.port = port
         self.advertise_host = advertise_host or host
@@ -325,7 +328,8 @@ class TcpRequestServer(RequestServer):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ServerConnection(self), self.host, self.port, reuse_address=True
+            lambda: _ServerConnection(self), self.host, self.port, reuse_address=True,
+            ssl=self.ssl,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("request plane listening on %s", self.address)
@@ -560,6 +564,7 @@ class TcpRequestClient(RequestClient):
     ) -> None:
         """`secret`: the cluster secret to present (default: `$TANDEM_CLUSTER_SECRET`)."""
         self.token = cluster_token(secret or cluster_secret())
+        self.ssl = tls_context(server=False)
         self.max_frame = max_frame
         self.window = max(1, window)
         self.connect_timeout = connect_timeout
@@ -609,7 +614,10 @@ class TcpRequestClient(RequestClient):
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _ClientConnection(self, address), host, port),
+                loop.create_connection(
+                    lambda: _ClientConnection(self, address), host, port, ssl=self.ssl,
+                    server_hostname=host if self.ssl else None,
+                ),
                 self.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
