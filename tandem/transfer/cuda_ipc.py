@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +94,19 @@ def _open(h: CudaIpcHandle, shape: list[int], dtype: torch.dtype, device: int) -
         return t.set_(storage, 0, shape)
 
 
+#: Prefill workers' caches kept mapped at once; the least recently pulled from is unmapped
+#: first, so that workers that left (or restarted with a new cache) do not pin GPU memory.
+MAX_MAPPED = 8
+
+
 class CudaIpcKvSource:
     """Device-to-device pulls from prefill workers on this node; others go to `fallback`."""
 
-    def __init__(self, fallback: Any) -> None:
+    def __init__(self, fallback: Any, max_mapped: int = MAX_MAPPED) -> None:
         self.fallback = fallback  # a TcpKvSource: other nodes, and every release
         self.layout = fallback.layout
-        self._mapped: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.max_mapped = max_mapped
+        self._mapped: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
         self.ipc_fetches = 0
 
     async def fetch(self, params: KvTransferParams, indices: list[int]) -> Any:
@@ -114,6 +121,10 @@ class CudaIpcKvSource:
             caches = open_cache(ipc, DTYPES[params.layout.dtype], device)
             self._mapped[key] = caches
             log.info("mapped the KV cache of worker %s through CUDA IPC", params.worker_id)
+            while len(self._mapped) > self.max_mapped:
+                gone, _ = self._mapped.popitem(last=False)
+                log.info("unmapped the KV cache of %s (least recently used)", gone)
+        self._mapped.move_to_end(key)
         self.ipc_fetches += 1
         return CacheBlocks(caches[0], caches[1], [params.block_ids[i] for i in indices])
 
