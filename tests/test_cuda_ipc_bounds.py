@@ -1,10 +1,12 @@
-"""The CUDA IPC source keeps at most `max_mapped` prefill caches mapped (least recently used
-out first). Runs anywhere: the mapping itself is replaced by a stand-in."""
+"""The CUDA IPC source confirms each export before reading it in place, and keeps at most
+`max_mapped` prefill caches mapped (least recently used out first). Runs anywhere: the
+mapping itself is replaced by a stand-in."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from tandem.protocol import KvTransferParams
@@ -18,7 +20,19 @@ HANDLE = CudaIpcHandle(device=0, handle=b"", storage_size=0, storage_offset=0,
 
 
 class Fallback:
+    """The TCP source's `touch`: the export's blocks, or an error once it is gone."""
+
     layout = LAYOUT
+
+    def __init__(self, held=None) -> None:
+        self.held = held
+        self.touched = 0
+
+    async def touch(self, params):
+        self.touched += 1
+        if isinstance(self.held, Exception):
+            raise self.held
+        return params.block_ids if self.held is None else self.held
 
 
 def params(worker: str) -> KvTransferParams:
@@ -42,3 +56,19 @@ def test_mapped_caches_are_bounded_least_recently_used_first(monkeypatch):
     # a, b mapped; a used again; c evicts b (the least recent); b maps again, evicting c.
     assert list(source._mapped) == ["a/gpu", "b/gpu"]
     assert len(opened) == 4 and source.ipc_fetches == 6
+
+
+def test_an_export_is_confirmed_before_its_blocks_are_read(monkeypatch):
+    monkeypatch.setattr(cuda_ipc, "local_device", lambda cache: 0)
+    monkeypatch.setattr(cuda_ipc, "open_cache", lambda *a: (torch.zeros(1), torch.zeros(1)))
+    fallback = Fallback()
+    source = cuda_ipc.CudaIpcKvSource(fallback)
+    blocks = asyncio.run(source.fetch(params("a"), [0]))
+    assert fallback.touched == 1 and blocks is not None
+    # Blocks the prefill worker does not hold for this request (a forged or stale import).
+    with pytest.raises(ValueError, match="does not hold"):
+        asyncio.run(cuda_ipc.CudaIpcKvSource(Fallback(held=[7])).fetch(params("a"), [0]))
+    # An export released or expired: nothing is read.
+    gone = Fallback(held=KeyError("released"))
+    with pytest.raises(KeyError):
+        asyncio.run(cuda_ipc.CudaIpcKvSource(gone).fetch(params("a"), [0]))

@@ -35,27 +35,33 @@ def server(tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, f"no /health in 120 s:\n{log.read_text()}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"no /health in 120 s:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        yield base
+        assert proc.poll() is None, f"the server died under fuzzing:\n{log.read_text()}"
+        assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+        # The fuzzer reached both generation routes (refused mostly: random models and
+        # fields), and some of its requests were served.
+        metrics = httpx.get(f"{base}/metrics", timeout=5).text
+        for route in ("/v1/completions", "/v1/chat/completions"):
+            assert f'endpoint="{route}",status="4' in metrics, route
+        assert re.search(r'endpoint="/v1/(chat/)?completions",status="200"', metrics), metrics
+    finally:
+        proc.terminate()
         try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    yield base
-    assert proc.poll() is None, f"the server died under fuzzing:\n{log.read_text()}"
-    assert httpx.get(f"{base}/health", timeout=5).status_code == 200
-    # The fuzzer reached both generation routes (refused mostly: random models and fields),
-    # and some of its requests were served.
-    metrics = httpx.get(f"{base}/metrics", timeout=5).text
-    for route in ("/v1/completions", "/v1/chat/completions"):
-        assert f'endpoint="{route}",status="4' in metrics, route
-    assert re.search(r'endpoint="/v1/(chat/)?completions",status="200"', metrics), metrics
-    proc.terminate()
-    proc.wait(timeout=30)
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")

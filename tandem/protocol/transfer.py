@@ -9,6 +9,9 @@ import msgspec
 #: Request-plane endpoints of a prefill worker.
 KV_PULL_ENDPOINT = "kv_pull"
 KV_RELEASE_ENDPOINT = "kv_release"
+#: Confirms an export is still held (its deadline pushed back) and lists its blocks: what a
+#: CUDA IPC pull, which reads the blocks in place, checks before copying.
+KV_TOUCH_ENDPOINT = "kv_touch"
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -114,6 +117,12 @@ class KvChunk(msgspec.Struct, kw_only=True, array_like=True):
 
 class KvReleaseRequest(msgspec.Struct, kw_only=True):
     request_id: str
+
+
+class KvHeld(msgspec.Struct, kw_only=True):
+    """The blocks an export holds, in the prefill worker's cache."""
+
+    block_ids: list[int]
 
 
 class KvReleased(msgspec.Struct, kw_only=True):

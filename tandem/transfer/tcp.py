@@ -15,7 +15,9 @@ from tandem.protocol import KvLayout, KvTransferParams
 from tandem.protocol.transfer import (
     KV_PULL_ENDPOINT,
     KV_RELEASE_ENDPOINT,
+    KV_TOUCH_ENDPOINT,
     KvChunk,
+    KvHeld,
     KvPullRequest,
     KvReleased,
     KvReleaseRequest,
@@ -44,6 +46,10 @@ class KvExportServer:
     def add_endpoints(self, server: Any) -> None:
         server.add_endpoint(KV_PULL_ENDPOINT, self.pull, KvPullRequest)
         server.add_endpoint(KV_RELEASE_ENDPOINT, self.release, KvReleaseRequest)
+        server.add_endpoint(KV_TOUCH_ENDPOINT, self.touch, KvReleaseRequest)
+
+    async def touch(self, request: KvReleaseRequest) -> AsyncIterator[KvHeld]:
+        yield KvHeld(block_ids=await self.engine.touch_export(request.request_id))
 
     async def pull(self, request: KvPullRequest) -> AsyncIterator[KvChunk]:
         """Every layer's K and V of the requested blocks, in chunks of up to CHUNK_BYTES."""
@@ -109,6 +115,16 @@ class TcpKvSource:
 
     async def release(self, params: KvTransferParams) -> None:
         await release_kv(self.client, params)
+
+    async def touch(self, params: KvTransferParams) -> list[int]:
+        """The export's blocks, confirmed held for another full hold; RemoteError if gone."""
+        stream = self.client.call(params.address, KV_TOUCH_ENDPOINT,
+                                  KvReleaseRequest(request_id=params.request_id),
+                                  response_type=KvHeld, timeout=self.timeout)  # fmt: skip
+        async with stream:
+            async for held in stream:
+                return held.block_ids
+        raise RuntimeError(f"worker {params.worker_id} did not answer kv_touch")
 
 
 def _copy_into(dst: torch.Tensor, raw: Any) -> None:
