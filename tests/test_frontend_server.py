@@ -532,6 +532,33 @@ def test_admission_counts_requests_the_engine_has_not_reported_yet():
     control.admit("c")
 
 
+def test_a_client_over_its_rate_gets_429(engine, model_dir):
+    with serve(build_app(engine, model_dir, MODEL, max_client_rate=0.5)) as url:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 1}
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+        r = httpx.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "2", r.text
+        assert r.json()["error"]["code"] == "rate_limited"
+        assert httpx.get(f"{url}/health").status_code == 200  # only generation counts
+
+
+def test_client_rate_refills_and_keeps_a_bounded_table():
+    from tandem.frontend.admission import ClientRate
+
+    now = [0.0]
+    rate = ClientRate(2.0, max_clients=3, clock=lambda: now[0])
+    rate.check("a")
+    rate.check("a")  # a burst of two
+    with pytest.raises(APIError) as refused:
+        rate.check("a")
+    assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
+    now[0] = 0.5  # one token back
+    rate.check("a")
+    for client in "bcde":
+        rate.check(client)
+    assert len(rate._buckets) == 3 and "a" not in rate._buckets  # the oldest left
+
+
 def test_admission_counts_every_engine_sequence(engine, model_dir):
     """Two prompts times n=2 are four engine sequences: over a limit of three."""
     with serve(build_app(engine, model_dir, MODEL, max_waiting=3)) as url:

@@ -326,6 +326,13 @@ def add_frontend(subparsers: Any) -> None:
         help="requests that may wait in the workers' queues before 503 (%(default)s)",
     )
     net.add_argument(
+        "--max-client-rate",
+        type=cli._non_negative_float,
+        default=0.0,
+        help="generation requests a second one client address may send; beyond, 429 with"
+        " Retry-After (0: no limit)",
+    )
+    net.add_argument(
         "--max-request-bytes",
         type=cli._int_at_least(1),
         default=8 * 2**20,
@@ -370,6 +377,7 @@ def run_frontend(args: argparse.Namespace) -> int:
                 api_key=args.api_key,
                 max_waiting=args.max_waiting,
                 max_request_bytes=args.max_request_bytes,
+                max_client_rate=args.max_client_rate,
                 namespace=args.namespace,
                 min_workers=args.min_workers,
                 min_prefill_workers=args.min_prefill_workers,

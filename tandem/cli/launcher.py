@@ -112,6 +112,7 @@ class Cluster:
             "--tokenizer", str(model_path),
             "--max-waiting", str(args.max_waiting),
             "--max-request-bytes", str(args.max_request_bytes),
+            "--max-client-rate", str(args.max_client_rate),
             "--min-workers", str(decode_workers),
             "--min-prefill-workers", str(args.prefill_workers or 0),
             "--log-level", args.log_level,

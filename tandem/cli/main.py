@@ -133,6 +133,13 @@ def _add_serve(subparsers: Any) -> None:
         " would go beyond gets 503 with Retry-After, before it is tokenized (%(default)s)",
     )
     net.add_argument(
+        "--max-client-rate",
+        type=_non_negative_float,
+        default=0.0,
+        help="generation requests a second one client address may send; beyond, 429 with"
+        " Retry-After (0: no limit)",
+    )
+    net.add_argument(
         "--max-request-bytes",
         type=_int_at_least(1),
         default=8 * 2**20,
@@ -383,6 +390,7 @@ def _serve(args: argparse.Namespace, model_path: Path, device: str, sock: socket
             api_key=args.api_key,
             max_waiting=args.max_waiting,
             max_request_bytes=args.max_request_bytes,
+            max_client_rate=args.max_client_rate,
         )
         url = f"http://{_url_host(args.host)}:{args.port}"
         server = ReadyServer(

@@ -10,6 +10,9 @@ frontend has handed to the engine that have not produced a token yet.
 
 from __future__ import annotations
 
+import math
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from tandem.frontend.errors import APIError
@@ -52,3 +55,42 @@ class AdmissionControl:
     def started(self, request_id: str) -> None:
         """The request produced output or ended: it no longer waits. Idempotent."""
         self._pending.pop(request_id, None)
+
+
+class ClientRate:
+    """Requests per second per client address (a token bucket each, `rate` tokens a second,
+    bursts of up to `max(1, rate)`): over it, 429 with Retry-After. Buckets of the
+    `max_clients` most recent clients are kept, so the table has a bound."""
+
+    def __init__(
+        self,
+        rate: float,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate)
+        self.max_clients = max_clients
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
+
+    def check(self, client: str) -> None:
+        now = self._clock()
+        tokens, then = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if tokens < 1.0:
+            self._keep(client, tokens, now)
+            wait = math.ceil((1.0 - tokens) / self.rate)
+            raise APIError(
+                429,
+                f"Too many requests from this client: the limit is {self.rate:g} per second."
+                f" Please retry after {wait}s.",
+                code="rate_limited",
+                headers={"Retry-After": str(wait)},
+            )
+        self._keep(client, tokens - 1.0, now)
+
+    def _keep(self, client: str, tokens: float, now: float) -> None:
+        self._buckets[client] = (tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tandem.frontend.admission import AdmissionControl
+from tandem.frontend.admission import AdmissionControl, ClientRate
 from tandem.frontend.engine_client import EngineClient
 from tandem.frontend.errors import APIError, from_validation_errors, install_handlers
 from tandem.frontend.generation import EngineStreamError, GenerationRun
@@ -177,8 +177,10 @@ class Frontend:
         tokenizer: Any,
         served_model_name: str,
         max_waiting: int,
+        max_client_rate: float = 0.0,
     ) -> None:
         self.engine = engine
+        self.client_rate = ClientRate(max_client_rate) if max_client_rate > 0 else None
         self.tokenizer = tokenizer
         self.model = served_model_name
         self.created = int(time.time())
@@ -192,10 +194,13 @@ class Frontend:
         # One thread: preprocessing leaves the event loop, and the tokenizer one caller.
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tandem-tokenize")
 
-    async def prepare(self, fn: Callable[[Any], Prepared], req: Any) -> Prepared:
-        """Template and tokenize off the event loop (a long prompt takes a while), after a
-        first admission check, so that an overloaded server spends nothing on the body."""
+    async def prepare(self, request: Request, fn: Callable[[Any], Prepared], req: Any) -> Prepared:
+        """Template and tokenize off the event loop (a long prompt takes a while), after the
+        client's rate and a first admission check, so that an overloaded server spends
+        nothing on the body."""
         try:
+            if self.client_rate is not None:
+                self.client_rate.check(request.client.host if request.client else "?")
             self.admission.check()
         except APIError:
             self.metrics.rejected.inc()
@@ -333,18 +338,20 @@ def build_app(
     api_key: str | None = None,
     max_waiting: int = 256,
     max_request_bytes: int | None = MAX_REQUEST_BYTES,
+    max_client_rate: float = 0.0,
 ) -> FastAPI:
     """An OpenAI-compatible app in front of `engine`.
 
     `tokenizer_path` is a Hugging Face folder with the tokenizer (and chat template) matching
     the engine's model; `max_waiting` bounds the engine's waiting queue before requests are
-    refused with 503; bodies over `max_request_bytes` (None: no limit) get 413. The caller
-    owns the engine and shuts it down.
+    refused with 503; bodies over `max_request_bytes` (None: no limit) get 413; a client
+    address over `max_client_rate` generation requests a second (0: no limit) gets 429. The
+    caller owns the engine and shuts it down.
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    fe = Frontend(engine, tokenizer, served_model_name, max_waiting)
+    fe = Frontend(engine, tokenizer, served_model_name, max_waiting, max_client_rate)
     app = FastAPI(title="Tandem", summary="OpenAI-compatible LLM server")
     app.openapi = _openapi_with_bodies(
         app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
@@ -364,7 +371,7 @@ def build_app(
         timer = RequestTimer(fe.metrics)
         req = _parse(ChatCompletionRequest, await request.body())
         check_model(req.model, fe.model)
-        prepared = await fe.prepare(fe.pre.prepare_chat, req)
+        prepared = await fe.prepare(request, fe.pre.prepare_chat, req)
         return await fe.serve(
             request,
             prepared,
@@ -379,7 +386,7 @@ def build_app(
         timer = RequestTimer(fe.metrics)
         req = _parse(CompletionRequest, await request.body())
         check_model(req.model, fe.model)
-        prepared = await fe.prepare(fe.pre.prepare_completion, req)
+        prepared = await fe.prepare(request, fe.pre.prepare_completion, req)
         return await fe.serve(
             request,
             prepared,

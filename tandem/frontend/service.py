@@ -61,6 +61,7 @@ async def serve_frontend(
     api_key: str | None = None,
     max_waiting: int = 256,
     max_request_bytes: int = 8 * 2**20,  # the CLI passes --max-request-bytes
+    max_client_rate: float = 0.0,
     namespace: str = DEFAULT_NAMESPACE,
     min_workers: int = 1,
     min_prefill_workers: int = 0,
@@ -110,6 +111,7 @@ async def serve_frontend(
             api_key=api_key,
             max_waiting=max_waiting,
             max_request_bytes=max_request_bytes,
+            max_client_rate=max_client_rate,
         )
         server = ReadyServer(
             uvicorn.Config(app, log_level=log_level),
