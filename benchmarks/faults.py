@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from tandem.bench.stats import Slo, summarize
 from tandem.bench.tokens import TokenSpace
 from tandem.bench.workloads import LengthDist, SyntheticWorkload
 from tandem.engine.testing import make_tiny_model
-from tandem.runtime.testing import free_port
+from tandem.runtime.testing import child_pids, free_port, wait_for_health
 
 
 def start_cluster(model: Path, port: int, migration_limit: int, log: Path) -> subprocess.Popen:
@@ -41,23 +40,8 @@ def start_cluster(model: Path, port: int, migration_limit: int, log: Path) -> su
            "--num-gpu-blocks", "4096", "--migration-limit", str(migration_limit)]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tandem serve exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).json().get("workers") == 2:
-                return proc
-        except (httpx.HTTPError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no 2 workers in 180 s:\n{log.read_text()}")
-        time.sleep(0.3)
-
-
-def worker_pids(proc: subprocess.Popen) -> list[int]:
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    return [int(p) for p in children if b"\0worker\0" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    wait_for_health(proc, f"http://127.0.0.1:{port}", log, 180, lambda h: h.get("workers") == 2)
+    return proc
 
 
 async def drive(base: str, args: argparse.Namespace, victim: int) -> Any:
@@ -82,7 +66,7 @@ def run_mode(model: Path, migration_limit: int, args: argparse.Namespace, tmp: P
     proc = start_cluster(model, port, migration_limit, tmp / f"serve-{migration_limit}.log")
     base = f"http://127.0.0.1:{port}"
     try:
-        result = asyncio.run(drive(base, args, worker_pids(proc)[0]))
+        result = asyncio.run(drive(base, args, child_pids(proc, "worker")[0]))
         metrics = httpx.get(f"{base}/metrics", timeout=5).text
     finally:
         proc.send_signal(signal.SIGTERM)

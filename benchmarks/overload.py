@@ -22,15 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from tandem.bench.client import ClientConfig, StreamClient
 from tandem.bench.runner import Arrival, Bounds, run_load
 from tandem.bench.stats import Slo, describe, summarize
 from tandem.bench.tokens import TokenSpace
 from tandem.bench.workloads import LengthDist, SyntheticWorkload
 from tandem.engine.testing import make_tiny_model
-from tandem.runtime.testing import free_port
+from tandem.runtime.testing import child_pids, free_port, wait_for_health
 
 
 def start(model: Path, port: int, max_waiting: int, log: Path) -> subprocess.Popen:
@@ -39,25 +37,12 @@ def start(model: Path, port: int, max_waiting: int, log: Path) -> subprocess.Pop
            "--max-waiting", str(max_waiting)]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["workers"] == 2:
-                return proc
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"tandem serve did not come up:\n{log.read_text()}")
-
-
-def frontend_pid(proc: subprocess.Popen) -> int:
-    for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
-        if b"\0frontend\0" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return int(pid)
-    raise RuntimeError("no frontend process under tandem serve")
+    try:
+        wait_for_health(proc, f"http://127.0.0.1:{port}", log, 180, lambda h: h.get("workers") == 2)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
 
 
 def rss_mib(pid: int) -> float:
@@ -105,7 +90,7 @@ def main() -> None:
         proc = start(model, port, args.max_waiting, Path(tmp) / "serve.log")
         base = f"http://127.0.0.1:{port}"
         try:
-            pid = frontend_pid(proc)
+            pid = child_pids(proc, "frontend")[0]
             probe = asyncio.run(phase(base, Arrival("concurrency", args.probe_concurrency),
                                       min(10.0, args.duration), args, pid))  # fmt: skip
             capacity = probe["request_throughput"]

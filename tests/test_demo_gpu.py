@@ -9,18 +9,16 @@ side runs in float32, the reference numerics: the first token is a near tie ("Th
 from __future__ import annotations
 
 import importlib.util
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
 from tandem.engine.model_source import DEMO_MODULE, resolve_model
+from tandem.runtime.testing import free_port, wait_for_health
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -30,15 +28,9 @@ QUESTION = "What is the capital of France?"
 README_ANSWER = "The capital of France is Paris."
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def served(folder: Path, device: str, dtype: str, log_path: Path):
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "tandem.cli.main", "serve", str(folder), "--port",
                str(port), "--device", device, "--dtype", dtype,
                "--served-model-name", "demo"]  # fmt: skip
@@ -46,16 +38,7 @@ def served(folder: Path, device: str, dtype: str, log_path: Path):
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, f"server exited:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"no /health in 240 s:\n{log_path.read_text()}"
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_for_health(proc, base, log_path, timeout=240)
         yield f"{base}/v1"
     finally:
         proc.terminate()

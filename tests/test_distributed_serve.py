@@ -28,7 +28,7 @@ from nats_support import needs_nats
 from tandem.engine.testing import make_tiny_model
 from tandem.protocol.worker import KV_SNAPSHOT_ENDPOINT, KvSnapshotRequest
 from tandem.runtime import PeerGone, TcpRequestClient
-from tandem.runtime.testing import NatsServer, free_port
+from tandem.runtime.testing import NatsServer, child_pids, free_port
 
 pytestmark = needs_nats
 
@@ -81,13 +81,7 @@ class Cluster:
             time.sleep(0.2)
 
     def worker_pids(self) -> list[int]:
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        pids = []
-        for pid in map(int, children.split()):
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"\0worker\0" in f.read():
-                    pids.append(pid)
-        return pids
+        return child_pids(self.proc, "worker")
 
     def stream(self, prompt: str) -> str:
         """One streamed completion of STREAM_TOKENS; its text."""

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -21,7 +20,7 @@ except ImportError:
     pytest.skip("schemathesis is not installed (pip install -e '.[test]')", allow_module_level=True)
 
 from tandem.engine.testing import make_tiny_model
-from tandem.runtime.testing import free_port
+from tandem.runtime.testing import free_port, wait_for_health
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +35,7 @@ def server(tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"no /health in 120 s:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        wait_for_health(proc, base, log)
         yield base
         assert proc.poll() is None, f"the server died under fuzzing:\n{log.read_text()}"
         assert httpx.get(f"{base}/health", timeout=5).status_code == 200

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -52,6 +52,39 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def child_pids(proc: subprocess.Popen, subcommand: str) -> list[int]:
+    """The children of a `tandem serve` that run `tandem SUBCOMMAND` (worker, frontend)."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    marker = f"\0{subcommand}\0".encode()
+    return [int(p) for p in children if marker in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def wait_for_health(
+    proc: subprocess.Popen,
+    base_url: str,
+    log_path: Path,
+    timeout: float = 120.0,
+    ready: Callable[[dict], bool] = lambda body: True,
+) -> dict:
+    """Poll a `tandem serve`'s /health until it answers 200 and `ready(body)`; its body.
+    RuntimeError, with the server's log, if the process exits or `timeout` passes first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not ready in {timeout:.0f} s:\n{log_path.read_text()}")
+        try:
+            reply = httpx.get(f"{base_url}/health", timeout=2)
+            if reply.status_code == 200 and ready(reply.json()):
+                return reply.json()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
 
 
 class NatsServer:
