@@ -345,9 +345,9 @@ class AsyncEngine:
                 return
             loop.call_soon_threadsafe(_resolve_error, future, exc)
             return
+        self._publish()  # before the caller resumes: its next stats() sees this call
         if future is not None:
             loop.call_soon_threadsafe(_resolve, future, result)
-        self._publish()
 
     def _publish(self) -> None:
         self._stats = self.core.stats()
