@@ -73,6 +73,21 @@ def test_cuda_graphs_equal_eager(tiny_llama):
     assert graphs == eager
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graphs_equal_eager_at_every_split(tmp_path):
+    """Decode graphs exist once per split-K factor; contexts from 100 to 4,100 tokens
+    replay graphs of 1 to 8 splits (with and without the combine kernel) and decode as eager
+    mode does."""
+    from tandem.engine.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "long", max_position_embeddings=4608)
+    batch = prompts([100, 1100, 2100, 4100])
+    opts = dict(max_num_batched_tokens=4608, num_gpu_blocks=1024, max_model_len=4608)
+    for one in batch:  # alone, so the step's longest context picks the factor
+        graphs, _ = run(engine(path, **opts), [one], 8)
+        eager, _ = run(engine(path, enforce_eager=True, **opts), [one], 8)
+        assert graphs == eager
+
 
 @pytest.mark.skipif(not CUDA, reason="Triton compiles kernels on a GPU only")
 @pytest.mark.parametrize("mode", [{}, {"async_scheduling": True}, {"enforce_eager": True}])

@@ -128,9 +128,20 @@ class TritonAttention:
             num_splits=1,
         )
 
-    def graph_metadata(self, batch_size: int, max_seq_len: int) -> TritonMetadata:
+    def graph_splits(self, batch_size: int, max_seq_len: int) -> int:
+        """The split-K factor a padded decode step of `batch_size` runs with: one graph is
+        captured per factor, so short contexts skip the split and its combine kernel."""
+        return choose_num_splits(batch_size, self.num_kv_heads, max_seq_len, self.num_sms)
+
+    def graph_split_factors(self, batch_size: int, max_model_len: int) -> list[int]:
+        """Every factor `graph_splits` can return up to `max_model_len` (it changes only at
+        multiples of 512 tokens)."""
+        lengths = [1, *range(512, max_model_len, 512), max_model_len]
+        return sorted({self.graph_splits(batch_size, n) for n in lengths})
+
+    def graph_metadata(self, batch_size: int, num_splits: int) -> TritonMetadata:
         """The metadata a graph of `batch_size` decodes is captured with (views of the
-        static buffers); split-K sized for the longest context it may meet."""
+        static buffers)."""
         g = self._graph
         return TritonMetadata(
             g.slot_mapping[:batch_size],
@@ -138,7 +149,7 @@ class TritonAttention:
             g.seq_lens[:batch_size],
             g.block_tables[:batch_size],
             1,
-            choose_num_splits(batch_size, self.num_kv_heads, max_seq_len, self.num_sms),
+            num_splits,
         )
 
     def load_graph_step(self, dev: DeviceStep, batch_size: int) -> None:

@@ -2,9 +2,10 @@
 
 A decode step of an 8B model launches hundreds of small kernels; replaying them as one
 captured graph removes the host from the loop. Graphs are captured at a ladder of batch
-sizes, largest first so that smaller ones reuse its memory pool; a step runs in the
-smallest graph that fits it, the rows beyond its sequences padded (the backend makes
-padding rows store and read nothing). Logits and sampling stay outside the graph.
+sizes, each once per split-K factor its attention may use, largest first so that smaller
+ones reuse its memory pool; a step runs in the smallest graph that fits it, the rows
+beyond its sequences padded (the backend makes padding rows store and read nothing).
+Logits and sampling stay outside the graph.
 """
 
 from __future__ import annotations
@@ -40,17 +41,18 @@ class DecodeGraphs:
         self.positions = torch.zeros(largest, dtype=torch.int32, device=device)
         hidden_size = model.config.hidden_size
         self.hidden = torch.zeros(largest, hidden_size, dtype=backend.k_cache.dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, splits)
         started = time.perf_counter()
         pool = None
         for size in reversed(self.sizes):
-            meta = backend.graph_metadata(size, max_model_len)
-            self._forward(size, meta)  # compiles the kernels outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                self._forward(size, meta)
-            pool = graph.pool()
-            self.graphs[size] = graph
+            for splits in reversed(backend.graph_split_factors(size, max_model_len)):
+                meta = backend.graph_metadata(size, splits)
+                self._forward(size, meta)  # compiles the kernels outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    self._forward(size, meta)
+                pool = graph.pool()
+                self.graphs[size, splits] = graph
         torch.cuda.synchronize()
         log.info(
             "captured %d decode CUDA graphs (batch 1..%d) in %.1f s",
@@ -66,12 +68,13 @@ class DecodeGraphs:
     def fits(self, step: StepInputs) -> bool:
         return step.max_query_len == 1 and step.num_seqs <= self.sizes[-1]
 
-    def run(self, dev: DeviceStep) -> torch.Tensor:
+    def run(self, step: StepInputs, dev: DeviceStep) -> torch.Tensor:
         """Hidden states [num_seqs, hidden] of a decode step."""
-        n = dev.seq_lens.shape[0]
+        n = step.num_seqs
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        graph = self.graphs[size, self.backend.graph_splits(size, step.max_seq_len)]
         self.input_ids[:n].copy_(dev.input_ids)
         self.positions[:n].copy_(dev.positions)
         self.backend.load_graph_step(dev, size)
-        self.graphs[size].replay()
+        graph.replay()
         return self.hidden[:n]

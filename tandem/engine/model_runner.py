@@ -172,7 +172,7 @@ class ModelRunner:
             sampled = previous.token_ids.to(dev.input_ids.dtype)
             dev.input_ids[dev.pending_rows.long()] = sampled[dev.pending_src.long()]
         if self.graphs is not None and self.graphs.fits(step):
-            hidden = self.graphs.run(dev)
+            hidden = self.graphs.run(step, dev)
             return hidden if len(step.sample_rows) == step.num_tokens else hidden[dev.sample_rows]
         meta = self.attention.prepare(step, dev)
         hidden = self.model(dev.input_ids, dev.positions, meta)
