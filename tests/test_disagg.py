@@ -327,3 +327,36 @@ def test_the_decode_worker_refuses_exports_and_the_prefill_worker_imports(pair):
                 )
 
     asyncio.run(main())
+
+
+def test_a_forged_kv_import_is_refused_and_computed_here(pair, aggregated):
+    """A kv_import naming a registered prefill worker at another address: the decode worker
+    neither pulls from nor releases at that address, and computes the prompt itself."""
+    from tandem.protocol import GenerateOutput, KvTransferParams
+    from tandem.protocol.worker import GENERATE_ENDPOINT
+
+    async def main():
+        connections = []
+        bait = await asyncio.start_server(lambda r, w: connections.append(w), "127.0.0.1", 0)
+        port = bait.sockets[0].getsockname()[1]
+        async with Cluster(*pair()) as c:
+            prompt = prompt_of(5, 40)
+            want = await tokens(aggregated.generate(request("a", prompt)))
+            forged = KvTransferParams(
+                request_id="f", block_ids=[0, 1, 2], num_tokens=len(prompt), token_ids=want[:1],
+                layout=c.decode_engine.kv_layout, worker_id=c.prefill.instance_id,
+                address=f"127.0.0.1:{port}",
+            )  # fmt: skip
+            req = msgspec.structs.replace(request("f", prompt), kv_import=forged)
+            stream = c.client.call(c.decode.info.address, GENERATE_ENDPOINT, req,
+                                   response_type=GenerateOutput, timeout=10)  # fmt: skip
+            async with stream:
+                got = [t async for out in stream for t in out.token_ids]
+            assert want[:1] + got == want
+            assert c.decode.kv_source.refused == 1
+            assert c.decode_engine.stats().kv_import_fallbacks == 1
+            await asyncio.sleep(0.1)  # a release would have been sent by now
+            assert connections == []
+        bait.close()
+
+    asyncio.run(main())

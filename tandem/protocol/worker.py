@@ -59,6 +59,9 @@ class ModelCard(msgspec.Struct, kw_only=True, frozen=True):
     max_logprobs: int
     role: Role = "aggregated"
     kv_layout: KvLayout | None = None
+    #: A prefill worker's CUDA IPC handles, hashed: decode workers map only handles that
+    #: match the registered digest.
+    kv_ipc_digest: str = ""
 
     def to_metadata(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)

@@ -21,6 +21,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+
 from tandem.protocol import GenerateOutput, GenerateRequest, KvSnapshot
 from tandem.protocol.worker import (
     CANCEL_ENDPOINT,
@@ -43,6 +45,7 @@ from tandem.runtime import (
     new_instance_id,
 )
 from tandem.transfer.tcp import KvExportServer
+from tandem.worker.kv_peers import VerifiedKvSource, ipc_digest
 from tandem.worker.publisher import LoadPublisher
 
 log = logging.getLogger(__name__)
@@ -84,8 +87,12 @@ class Worker:
         """`kv_source` (decode role): where imported requests' KV is pulled from.
         `cuda_ipc` (prefill role): the cache's CUDA IPC handles, given to decode workers."""
         self.engine = engine
-        self.kv_source = kv_source
+        self.kv_source = (
+            VerifiedKvSource(kv_source, discovery, namespace) if kv_source is not None else None
+        )
         self.cuda_ipc = cuda_ipc
+        if cuda_ipc is not None:
+            card = msgspec.structs.replace(card, kv_ipc_digest=ipc_digest(cuda_ipc))
         self.card = card
         self.namespace = namespace
         self.instance_id = instance_id or new_instance_id()
