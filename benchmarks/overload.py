@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -21,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from tandem.bench.client import ClientConfig, StreamClient
 from tandem.bench.runner import Arrival, Bounds, run_load
@@ -45,6 +48,13 @@ def start(model: Path, port: int, max_waiting: int, log: Path) -> subprocess.Pop
     return proc
 
 
+def admission_limit(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("tandem_admission_inflight_limit "):
+            return float(line.split()[1])
+    return float("nan")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -57,11 +67,17 @@ async def phase(base: str, arrival: Arrival, seconds: float, args, pid: int) -> 
     workload = SyntheticWorkload(*lengths, TokenSpace.for_vocab(256), seed=arrival.seed)
     samples: list[tuple[float, float]] = []
 
+    limits: list[tuple[float, float]] = []
+
     async def sample() -> None:
         started = time.monotonic()
-        while True:
-            samples.append((time.monotonic() - started, rss_mib(pid)))
-            await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(base_url=base) as http:
+            while True:
+                now = time.monotonic() - started
+                samples.append((now, rss_mib(pid)))
+                with contextlib.suppress(httpx.HTTPError):
+                    limits.append((now, admission_limit((await http.get("/metrics")).text)))
+                await asyncio.sleep(0.5)
 
     async with StreamClient(ClientConfig(base, "tiny")) as client:
         sampler = asyncio.create_task(sample())
@@ -72,6 +88,11 @@ async def phase(base: str, arrival: Arrival, seconds: float, args, pid: int) -> 
     summary["rejected"] = len(rejected)
     summary["rejection_ms"] = describe((r.e2e_s for r in rejected if r.e2e_s is not None), 1e3)
     summary["rss_mib"] = samples
+    summary["inflight_limit"] = limits
+    half = seconds / 2  # the second half: after admission has adapted to the phase's load
+    summary["ttft_ms_second_half"] = describe(
+        (r.ttft_s for r in result.records if r.ttft_s is not None and r.start_s >= half), 1e3
+    )
     return summary
 
 
@@ -103,12 +124,16 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     print(f"{'phase':6s} {'sent':>6s} {'done':>6s} {'503':>6s} {'TTFT p50':>9s} {'TTFT p99':>9s}"
-          f" {'503 p50':>8s} {'503 p99':>8s} {'RSS MiB':>14s}")  # fmt: skip
+          f" {'503 p50':>8s} {'503 p99':>8s} {'RSS MiB':>14s} {'2nd half p99':>12s}"
+          f" {'limit':>11s}")  # fmt: skip
     for name, s in phases.items():
         t, rj, rss = s["ttft_ms"], s["rejection_ms"], [m for _, m in s["rss_mib"]]
+        limit = [v for _, v in s["inflight_limit"]] or [float("nan")]
         print(f"{name:6s} {s['requests']['sent']:6d} {s['requests']['completed']:6d}"
               f" {s['rejected']:6d} {t['p50']:9.1f} {t['p99']:9.1f} {rj['p50']:8.1f}"
-              f" {rj['p99']:8.1f} {min(rss):6.0f}-{max(rss):<6.0f}")  # fmt: skip
+              f" {rj['p99']:8.1f} {min(rss):6.0f}-{max(rss):<6.0f}"
+              f" {s['ttft_ms_second_half']['p99']:12.1f}"
+              f" {min(limit):5.0f}-{max(limit):<5.0f}")  # fmt: skip
     ratio = phases["3x"]["ttft_ms"]["p99"] / phases["0.25x"]["ttft_ms"]["p99"]
     rss_all = [m for s in phases.values() for _, m in s["rss_mib"]]
     print(f"admitted TTFT p99 at 3x / unloaded: {ratio:.2f}x (target <= 2);"

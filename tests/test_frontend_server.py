@@ -510,7 +510,7 @@ def test_overload_is_refused_with_retry_after(engine, model_dir):
         assert "overloaded" in r.json()["error"]["message"]
         metrics = httpx.get(f"{url}/metrics").text
         assert 'tandem_requests_total{endpoint="/v1/chat/completions",status="503"} 1.0' in metrics
-        assert "tandem_requests_rejected_overload_total 1.0" in metrics
+        assert 'tandem_requests_rejected_total{reason="overloaded"} 1.0' in metrics
 
 
 def test_admission_counts_requests_the_engine_has_not_reported_yet():
@@ -532,6 +532,49 @@ def test_admission_counts_requests_the_engine_has_not_reported_yet():
     control.admit("c")
 
 
+def test_latency_limit_shrinks_when_ttft_grows_and_grows_back_when_it_is_low():
+    from tandem.frontend.admission import LatencyLimit
+
+    now = [0.0]
+    limit = LatencyLimit(20, floor=4, window=4, min_window_s=0.0, clock=lambda: now[0])
+
+    def window(ttft: float, reached: bool) -> float:
+        for _ in range(4):
+            now[0] += 0.1
+            if reached:
+                limit.note_inflight(int(limit.limit))
+            limit.observe(ttft)
+        return limit.limit
+
+    assert window(0.05, reached=False) == 20  # the baseline; not at the limit: no growth
+    assert window(0.05, reached=True) == 22  # fast at the limit: room to grow
+    assert window(0.08, reached=True) == 22  # under 2x the baseline: holds
+    assert window(0.20, reached=True) == pytest.approx(19.8)  # 4x the baseline: shrink
+    for _ in range(20):
+        window(0.20, reached=True)
+    assert limit.limit == 4  # never below the floor
+    assert window(0.05, reached=True) == pytest.approx(5.2)
+    assert limit.allows(4, 2) is False and limit.allows(0, 10) is True  # alone, any size
+
+
+def test_admission_refuses_past_the_in_flight_limit_and_frees_on_end():
+    from tandem.frontend.admission import LatencyLimit
+
+    stats = LoadStats(active_blocks=0, free_blocks=1, total_blocks=1, num_running=0,
+                      num_waiting=0, queued_prefill_tokens=0)  # fmt: skip
+    control = AdmissionControl(lambda: stats, max_waiting=100, limit=LatencyLimit(4, floor=1))
+    control.admit("a", 2)
+    control.admit("b", 2)
+    control.started("a")  # a first token does not free the slots: the sequences still run
+    with pytest.raises(APIError, match="4 sequences are in flight") as refused:
+        control.admit("c")
+    assert refused.value.status == 503
+    control.ended("a")
+    control.ended("a")  # idempotent
+    control.admit("c")
+    assert control.inflight == 3
+
+
 def test_a_client_over_its_rate_gets_429(engine, model_dir):
     with serve(build_app(engine, model_dir, MODEL, max_client_rate=0.5)) as url:
         body = {"model": MODEL, "prompt": "a", "max_tokens": 1}
@@ -540,6 +583,9 @@ def test_a_client_over_its_rate_gets_429(engine, model_dir):
         assert r.status_code == 429 and r.headers["Retry-After"] == "2", r.text
         assert r.json()["error"]["code"] == "rate_limited"
         assert httpx.get(f"{url}/health").status_code == 200  # only generation counts
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'tandem_requests_rejected_total{reason="rate_limited"} 1.0' in metrics
+        assert 'reason="overloaded"' not in metrics
 
 
 def test_client_rate_refills_and_keeps_a_bounded_table():

@@ -195,7 +195,7 @@ class GenerationRun:
 
     async def aclose(self) -> None:
         """Abort what still runs in the engine, then close the streams. Idempotent."""
-        self._admission.started(self.request_id)
+        self._admission.ended(self.request_id)
         self._abort_unfinished()
         if self._deltas is not None:
             await _aclose(self._deltas)

@@ -150,9 +150,17 @@ class FrontendMetrics:
             "Generation requests this frontend is serving.",
             registry=r,
         )
+        self.inflight_limit = Gauge(
+            f"{PREFIX}_admission_inflight_limit",
+            "Sequences admission lets in flight now (it adapts to keep time to first token"
+            " near its unloaded figure).",
+            registry=r,
+        )
         self.rejected = Counter(
-            f"{PREFIX}_requests_rejected_overload",
-            "Requests refused because the engine's waiting queue was full.",
+            f"{PREFIX}_requests_rejected",
+            "Requests refused before reaching the engine, by reason: overloaded (503) or"
+            " rate_limited (429).",
+            ["reason"],
             registry=r,
         )
         r.register(EngineStatsCollector(stats))

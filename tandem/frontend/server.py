@@ -189,6 +189,7 @@ class Frontend:
         for collector in getattr(engine, "metrics_collectors", list)():
             self.metrics.registry.register(collector)
         self.admission = AdmissionControl(engine.stats, max_waiting)
+        self.metrics.inflight_limit.set_function(lambda: self.admission.limit.limit)
         self.pre = Preprocessor(tokenizer, engine.max_model_len, engine.max_logprobs)
         self.texts = TokenTexts(tokenizer)
         # One thread: preprocessing leaves the event loop, and the tokenizer one caller.
@@ -202,8 +203,8 @@ class Frontend:
             if self.client_rate is not None:
                 self.client_rate.check(request.client.host if request.client else "?")
             self.admission.check()
-        except APIError:
-            self.metrics.rejected.inc()
+        except APIError as exc:
+            self.metrics.rejected.labels(exc.code).inc()
             raise
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, req)
 
@@ -242,8 +243,8 @@ class Frontend:
         )
         try:
             self.admission.admit(rid, num_choices)
-        except APIError:
-            self.metrics.rejected.inc()
+        except APIError as exc:
+            self.metrics.rejected.labels(exc.code).inc()
             raise
         self.metrics.inflight.inc()
         handed_off = False
