@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from tandem.cli import main as cli
+from tandem.runtime.nats_client import NATS_ENV
 
 log = logging.getLogger("tandem")
 
@@ -57,9 +58,23 @@ def _add_runtime_flags(p: argparse.ArgumentParser, nats_required: bool = True) -
         )
 
 
+    what = {"creds": "a credentials file (JWT and NKey seed)", "tls-ca": "the CA that signed"
+            " the NATS server's certificate", "tls-cert": "this component's certificate",
+            "tls-key": "its private key"}  # fmt: skip
+    more = {"creds": "; a token, user or password come from $TANDEM_NATS_TOKEN, _USER,"
+            " _PASSWORD or the URL"}  # fmt: skip
+    for flag, env in (("creds", "creds"), ("tls-ca", "ca"), ("tls-cert", "cert"),
+                      ("tls-key", "key")):  # fmt: skip
+        rt.add_argument(
+            f"--nats-{flag}",
+            metavar="FILE",
+            help=f"NATS: {what[flag]} (default ${NATS_ENV[env]})" + more.get(flag, ""),
+        )
+
+
 def _use_cluster_secret(args: argparse.Namespace) -> None:
-    """The request plane reads the secret and TLS files from the environment, so children
-    inherit them."""
+    """The request plane and NATS read the secret, credentials and TLS files from the
+    environment, so children inherit them."""
     from tandem.runtime.framing import SECRET_ENV, TLS_ENV
 
     if args.cluster_secret:
@@ -67,6 +82,10 @@ def _use_cluster_secret(args: argparse.Namespace) -> None:
     for value, env in zip((args.tls_cert, args.tls_key, args.tls_ca), TLS_ENV, strict=True):
         if value:
             os.environ[env] = value
+    nats_files = (args.nats_creds, args.nats_tls_ca, args.nats_tls_cert, args.nats_tls_key)
+    for value, name in zip(nats_files, ("creds", "ca", "cert", "key"), strict=True):
+        if value:
+            os.environ[NATS_ENV[name]] = value
 
 
 def add_router_flags(p: argparse.ArgumentParser) -> None:

