@@ -51,6 +51,9 @@ def test_resumed_request_continues_the_uninterrupted_one(tiny_llama, name, cut):
         (dict(output_token_ids="abc"), "output_token_ids must be a list"),
         (dict(output_token_ids=[1], sampling=SamplingParams(max_tokens=8, n=2)), "n == 1"),
         (dict(output_token_ids=[1], kv_export=True), "no KV transfer"),
+        (dict(sequence_index=-1), "sequence_index must be an integer"),
+        (dict(sequence_index=2**31), "sequence_index must be an integer"),
+        (dict(sequence_index=1, sampling=SamplingParams(max_tokens=8, n=2)), "needs n == 1"),
     ],
 )
 def test_bad_resumed_requests_are_refused(tiny_llama, change, message):

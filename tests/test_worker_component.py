@@ -242,3 +242,72 @@ def test_no_workers_is_a_clear_error():
         await remote.close()
 
     asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def real_engines(tiny_llama):
+    made = [AsyncEngine(EngineConfig(model=str(tiny_llama), num_gpu_blocks=64)) for _ in range(2)]
+    yield made
+    for engine in made:
+        engine.shutdown()
+
+
+def test_a_request_of_n_migrates_sequence_by_sequence(real_engines):
+    """n = 3 seeded sequences, their worker drained mid-stream: each unfinished sequence goes
+    on as a request of its own (its index and noise stream kept) and the caller gets, per
+    index, exactly the tokens of an uninterrupted run."""
+    seeded = SamplingParams(max_tokens=300, ignore_eos=True, temperature=0.9, seed=11, n=3)
+    req = GenerateRequest(request_id="n3", prompt_token_ids=list(range(1, 20)), sampling=seeded)
+
+    def by_index(outputs) -> dict[int, list[int]]:
+        got: dict[int, list[int]] = {}
+        for out in outputs:
+            assert out.request_id == "n3"
+            got.setdefault(out.index, []).extend(out.token_ids)
+        return got
+
+    async def main():
+        async with Pool(real_engines) as pool:
+            a, b = pool.workers
+            want = by_index(await collect(pool.remote, req))
+            assert len({tuple(v) for v in want.values()}) == 3  # the sequences differ
+            stream = pool.remote.generate(req)
+            outputs = [await anext(stream) for _ in range(6)]
+            await (a if a.inflight else b).drain(grace=0.05)
+            split = False
+            async for out in stream:
+                outputs.append(out)
+                split = split or bool(pool.remote.migration.parts("n3"))
+            assert split  # one part per unfinished sequence
+            got = by_index(outputs)
+            assert got == want
+            assert all(len(v) == 300 for v in got.values())
+            assert sum(o.finish_reason == "length" for o in outputs) == 3
+            assert pool.remote.migrations >= 1 and pool.remote.migration.parts("n3") == []
+
+    asyncio.run(main())
+
+
+def test_one_sequence_of_a_split_request_can_still_be_cancelled(real_engines):
+    seeded = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0.9, seed=3, n=2)
+    req = GenerateRequest(request_id="c2", prompt_token_ids=list(range(1, 20)), sampling=seeded)
+
+    async def main():
+        async with Pool(real_engines) as pool:
+            a, b = pool.workers
+            stream = pool.remote.generate(req)
+            first = await anext(stream)
+            await (a if a.inflight else b).drain(grace=0.05)
+            tokens = {0: 0, 1: 0}
+            tokens[first.index] += len(first.token_ids)
+            async for out in stream:  # up to the split (outputs sent before it come first)
+                tokens[out.index] += len(out.token_ids)
+                if pool.remote.migration.parts("c2"):
+                    break
+            assert sorted(pool.remote.migration.parts("c2")) == ["c2/seq0", "c2/seq1"]
+            pool.remote.abort("c2", 1)
+            async for out in stream:
+                tokens[out.index] += len(out.token_ids)
+            assert tokens[0] == 200 and tokens[1] < 200
+
+    asyncio.run(main())

@@ -181,6 +181,11 @@ class EngineCore:
             self._validate_kv_import(params, n, request.sampling)
 
     def _validate_outputs(self, request: GenerateRequest, n: int) -> None:
+        index = request.sequence_index
+        if not isinstance(index, int) or not 0 <= index < 2**31:
+            raise ValueError("sequence_index must be an integer in [0, 2**31)")
+        if index and request.sampling.n != 1:
+            raise ValueError("sequence_index needs n == 1 (one sequence of a split request)")
         outputs = request.output_token_ids
         if not isinstance(outputs, list):
             raise ValueError("output_token_ids must be a list of token ids")
@@ -229,11 +234,11 @@ class EngineCore:
         self.validate(request)
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already running")
+        first = request.sequence_index
+        prompt, sampling, lora = request.prompt_token_ids, request.sampling, request.lora_name
         seqs = [
-            Sequence(
-                request.request_id, i, request.prompt_token_ids, request.sampling, request.lora_name
-            )
-            for i in range(request.sampling.n)
+            Sequence(request.request_id, first + i, prompt, sampling, lora)
+            for i in range(sampling.n)
         ]
         seqs[0].token_ids += request.output_token_ids  # a migrated request goes on after them
         self.requests[request.request_id] = seqs

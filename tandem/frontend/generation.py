@@ -12,7 +12,6 @@ blocks even when cancellation interrupts the asynchronous part of the cleanup.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from tandem.frontend.engine_client import EngineClient
 from tandem.frontend.errors import APIError
 from tandem.frontend.metrics import FrontendMetrics, RequestTimer
 from tandem.frontend.preprocess import Prepared
+from tandem.frontend.streams import aclose_stream, merge_streams
 from tandem.protocol import GenerateOutput, GenerateRequest, TokenLogprob
 
 
@@ -54,46 +54,6 @@ class _Choice:
     num_tokens: int = 0
     finish_reason: str | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
-
-
-async def _aclose(it: Any) -> None:
-    close = getattr(it, "aclose", None)
-    if close is not None:
-        await close()
-
-
-async def merge_streams(
-    streams: list[AsyncIterator[GenerateOutput]],
-) -> AsyncIterator[tuple[int, GenerateOutput]]:
-    """Interleave several engine streams as (stream index, output), in arrival order."""
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, it: AsyncIterator[GenerateOutput]) -> None:
-        try:
-            async for item in it:
-                queue.put_nowait((i, item))
-            queue.put_nowait((i, done))
-        except Exception as exc:  # handed to the consumer, raised there
-            queue.put_nowait((i, exc))
-        finally:
-            await _aclose(it)
-
-    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class GenerationRun:
@@ -159,14 +119,14 @@ class GenerationRun:
                 async for out in stream:
                     yield 0, out
             finally:
-                await _aclose(stream)
+                await aclose_stream(stream)
         else:
             merged = merge_streams([self._engine.generate(r) for r in requests])
             try:
                 async for item in merged:
                     yield item
             finally:
-                await _aclose(merged)
+                await aclose_stream(merged)
 
     async def _next_output(self) -> tuple[int, GenerateOutput] | None:
         try:
@@ -198,8 +158,8 @@ class GenerationRun:
         self._admission.ended(self.request_id)
         self._abort_unfinished()
         if self._deltas is not None:
-            await _aclose(self._deltas)
-        await _aclose(self._stream)
+            await aclose_stream(self._deltas)
+        await aclose_stream(self._stream)
 
     # -- client side -----------------------------------------------------------------
 

@@ -12,7 +12,7 @@ Failure handling, and why:
 * A worker that dies or fails mid-stream (or sends nothing for too long) loses no stream:
   the request migrates, up to `migration_limit` times, to another worker with the tokens
   streamed so far (`output_token_ids`); that worker recomputes their KV and goes on, so the
-  client sees every token once. Past the limit (or with n > 1, or 0 as the limit) the stream
+  client sees every token once (see `migration`). Past the limit (0: never) the stream
   ends with `WorkerLost`, which the HTTP layer turns into an error response or SSE event.
 * A worker whose engine died refuses new work with `EngineDeadError` until it has left
   discovery (at once): that refusal is retried elsewhere too, as nothing was generated.
@@ -44,6 +44,7 @@ from typing import Any
 import msgspec
 
 from tandem.frontend.disagg import DisaggCollector, DisaggConfig, DisaggPlanner
+from tandem.frontend.migration import MIGRATION_LIMIT, Migration, WorkerLost
 from tandem.protocol import GenerateOutput, GenerateRequest, KvTransferParams, LoadStats
 from tandem.protocol.worker import (
     CANCEL_ENDPOINT,
@@ -72,16 +73,10 @@ log = logging.getLogger(__name__)
 FIRST_OUTPUT_TIMEOUT = 60.0
 #: Seconds a per-sequence cancel may take.
 CANCEL_TIMEOUT = 10.0
-#: Times a request may move to another worker when its worker is lost (Dynamo's default).
-MIGRATION_LIMIT = 3
 #: How a worker's engine that died refuses new requests (see `AsyncEngine.generate`).
 _ENGINE_DEAD = "EngineDeadError"
 
-__all__ = ["NoWorkers", "RemoteEngine", "WorkerLost"]
-
-
-class WorkerLost(RuntimeError):
-    """The worker serving a stream died or failed mid-stream."""
+__all__ = ["MIGRATION_LIMIT", "NoWorkers", "RemoteEngine", "WorkerLost"]
 
 
 class RemoteEngine:
@@ -106,10 +101,7 @@ class RemoteEngine:
         limit); `output_timeout`: seconds between two outputs of a stream (None: no limit);
         `migration_limit`: times a request may move to another worker after its worker was
         lost (0: never)."""
-        if migration_limit < 0:
-            raise ValueError(f"migration_limit must be >= 0, got {migration_limit}")
-        self.migration_limit = migration_limit
-        self.migrations = 0
+        self.migration = Migration(self._generate, migration_limit)
         self.first_output_timeout = first_output_timeout
         self.output_timeout = output_timeout
         common = dict(namespace=namespace, policy=policy, router_options=router_options)
@@ -180,38 +172,12 @@ class RemoteEngine:
 
     # -- EngineClient --------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        streamed: list[int] = []  # tokens the caller has had (n == 1)
-        migrations, lost = 0, ""
-        current = request
-        while True:
-            try:
-                async with contextlib.aclosing(self._generate(current)) as outputs:
-                    async for out in outputs:
-                        streamed += out.token_ids
-                        yield out
-                return
-            except NoWorkers as exc:
-                if migrations == 0:
-                    raise
-                raise WorkerLost(f"{lost}; no other worker can take the request: {exc}") from exc
-            except WorkerLost as exc:
-                if migrations >= self.migration_limit or request.sampling.n != 1:
-                    raise
-                lost = str(exc)
-                migrations += 1
-                self.migrations += 1
-                current = _resumed(request, streamed)
-                log.warning(
-                    "request %s: %s; migrating it with %d streamed tokens (migration %d of %d)",
-                    request.request_id, exc, len(streamed), migrations, self.migration_limit,
-                )  # fmt: skip
-                if current is None:  # every token was streamed: only the end was lost
-                    n = len(request.prompt_token_ids)
-                    yield GenerateOutput(
-                        request_id=request.request_id, finish_reason="length", num_prompt_tokens=n
-                    )
-                    return
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        return self.migration.generate(request)
+
+    @property
+    def migrations(self) -> int:
+        return self.migration.count
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         if request.output_token_ids:  # migrated: recomputed where it goes on
@@ -362,6 +328,11 @@ class RemoteEngine:
         """Cancel the request's stream: the worker's handler is cancelled and aborts it. One
         sequence of `n` (`index`: a stop string ended its choice) is stopped by a cancel
         message to the worker serving it, sent in the background."""
+        parts = self.migration.parts(request_id, index)
+        if parts:  # a request of n split by a migration: one part per sequence
+            for part in parts:
+                self.abort(part)
+            return
         if index is None:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
@@ -421,16 +392,6 @@ class RemoteEngine:
             del self._streams[rid]
             self._addresses.pop(rid, None)
         stream.cancel()
-
-
-def _resumed(request: GenerateRequest, streamed: list[int]) -> GenerateRequest | None:
-    """The request to send a new worker after `streamed` tokens (None: nothing is left)."""
-    outputs = request.output_token_ids + streamed
-    if len(outputs) >= request.sampling.max_tokens:
-        return None
-    return msgspec.structs.replace(
-        request, kv_export=False, kv_import=None, output_token_ids=outputs
-    )
 
 
 class _OutputTimeout(Exception):

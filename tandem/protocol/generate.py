@@ -130,7 +130,8 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     then start after the tokens in `kv_import.token_ids`. `output_token_ids`: tokens this
     request already generated on a worker that was lost (migration): the sequence goes on
     after them, which count as output (max/min_tokens, penalties, seeded noise) and are not
-    sent again."""
+    sent again. `sequence_index` (with n == 1): the index this sequence had in a request of
+    n that migration split; its outputs carry it and its seeded noise follows it."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -139,6 +140,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     kv_export: bool = False
     kv_import: KvTransferParams | None = None
     output_token_ids: list[int] = msgspec.field(default_factory=list)
+    sequence_index: int = 0
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
