@@ -74,10 +74,9 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.protocol import KvLayout, KvTransferParams
 from tandem.protocol.transfer import CudaIpcCache
-from tandem.runtime import MemoryDiscovery, MemoryEventPlane, TcpRequestClient, TcpRequestServer
+from tandem.runtime import TcpRequestClient, TcpRequestServer
 from tandem.transfer.blocks import DTYPES, HostBlocks
 from tandem.transfer.tcp import KvExportServer, TcpKvSource
-from tandem.worker import Worker, model_card
 
 BLOCK = 16
 GB = 1e9
@@ -442,37 +441,18 @@ class Fleet:
     def __init__(self, model: Path, mode: str, args: argparse.Namespace) -> None:
         # Imported here: tandem.frontend pulls in FastAPI, which the transfer part and its
         # child process do without (a GPU box may run that part alone).
+        from tandem.deploy import LocalCluster
         from tandem.frontend.disagg import DisaggConfig
-        from tandem.frontend.remote_engine import RemoteEngine
 
         roles = ["aggregated"] * 2 if mode == "aggregated" else ["prefill", "decode"]
         self.engines = [self._engine(model, args) for _ in roles]
-        self.discovery = MemoryDiscovery(default_ttl=10.0)
-        self.events = MemoryEventPlane()
-        self.client = TcpRequestClient()
-        self.kv_client = TcpRequestClient()
-        self.workers = [
-            Worker(
-                engine,
-                model_card(engine, "mock", role=role),
-                discovery=self.discovery,
-                events=self.events,
-                server=TcpRequestServer(),
-                publish_interval=0.05 / args.mock_speedup,
-                kv_source=TcpKvSource(self.kv_client, engine.kv_layout)
-                if role == "decode"
-                else None,
-            )
-            for engine, role in zip(self.engines, roles, strict=True)
-        ]
-        self.decoders = roles.count("aggregated") + roles.count("decode")
-        self.prefillers = roles.count("prefill")
         planner = DisaggConfig(max_local_prefill_length=0, max_prefill_queue_tokens=1 << 60)
         if args.local_prefill:
             planner = DisaggConfig()
-        self.remote = RemoteEngine(
-            self.discovery, self.events, self.client, policy="kv", disagg=planner
-        )
+        self.cluster = LocalCluster(self.engines, roles, served="mock", transport="tcp",
+                                    lease_ttl=10.0, publish_interval=0.05 / args.mock_speedup,
+                                    policy="kv", disagg=planner)  # fmt: skip
+        self.remote = self.cluster.remote
 
     @staticmethod
     def _engine(model: Path, args: argparse.Namespace) -> AsyncEngine:
@@ -490,20 +470,11 @@ class Fleet:
         )
 
     async def __aenter__(self) -> Fleet:
-        for worker in self.workers:
-            await worker.start()
-        await self.remote.start()
-        await self.remote.wait_for_workers(self.decoders, timeout=30, prefill=self.prefillers)
+        await self.cluster.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for worker in self.workers:
-            with contextlib.suppress(Exception):
-                await worker.drain(1.0)
-        await self.remote.close()
-        await self.client.close()
-        await self.kv_client.close()
-        await self.discovery.close()
+        await self.cluster.stop(grace=1.0)
         for engine in self.engines:
             engine.shutdown()
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
 import tempfile
@@ -50,15 +49,13 @@ from tandem.bench.stats import Slo, percentile, summarize
 from tandem.bench.tokens import TokenSpace
 from tandem.bench.trace import load_trace
 from tandem.bench.workloads import LengthDist, SessionWorkload, TraceWorkload, Workload
+from tandem.deploy import LocalCluster
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.testing import make_tiny_model
-from tandem.frontend.remote_engine import RemoteEngine
 from tandem.protocol import KvBlock, KvStored
 from tandem.protocol.hashing import block_hashes
 from tandem.router import Router
-from tandem.runtime import LocalRequestPlane, MemoryDiscovery, MemoryEventPlane
-from tandem.worker import Worker, model_card
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl"
 BLOCK = 16
@@ -68,56 +65,24 @@ BLOCK = 16
 
 
 class Fleet:
-    """`n` mock workers and a RemoteEngine routing over them with `policy`."""
+    """`n` mock workers and a RemoteEngine routing over them with `policy`, in one process."""
 
     def __init__(
         self, model: Path, n: int, blocks: int, policy: str, options: dict | None = None
     ) -> None:
-        self.engines = [
-            AsyncEngine(
-                EngineConfig(
-                    model=str(model),
-                    engine="mock",
-                    num_gpu_blocks=blocks,
-                    max_num_seqs=128,
-                    block_size=BLOCK,
-                )
-            )
-            for _ in range(n)
-        ]
-        self.discovery = MemoryDiscovery()
-        self.events = MemoryEventPlane()
-        plane = LocalRequestPlane()
-        self.client = plane.client()
-        self.workers = [
-            Worker(
-                e,
-                model_card(e, "mock"),
-                discovery=self.discovery,
-                events=self.events,
-                server=plane.server(),
-                publish_interval=0.05,
-            )
-            for e in self.engines
-        ]
-        self.remote = RemoteEngine(
-            self.discovery, self.events, self.client, policy=policy, router_options=options
-        )
+        config = EngineConfig(model=str(model), engine="mock", num_gpu_blocks=blocks,
+                              max_num_seqs=128, block_size=BLOCK)  # fmt: skip
+        self.engines = [AsyncEngine(config) for _ in range(n)]
+        self.cluster = LocalCluster(self.engines, served="mock", lease_ttl=30.0,
+                                    policy=policy, router_options=options)  # fmt: skip
+        self.remote = self.cluster.remote
 
     async def __aenter__(self) -> Fleet:
-        await self.remote.start()
-        for w in self.workers:
-            await w.start()
-        await self.remote.wait_for_workers(len(self.workers), timeout=30)
+        await self.cluster.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for w in self.workers:
-            with contextlib.suppress(Exception):
-                await w.drain(1.0)
-        await self.remote.close()
-        await self.client.close()
-        await self.discovery.close()
+        await self.cluster.stop(grace=1.0)
         for e in self.engines:
             e.shutdown()
 

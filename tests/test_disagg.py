@@ -13,14 +13,13 @@ import msgspec
 import pytest
 
 import tandem.transfer.tcp as tcp_transfer
+from tandem.deploy import LocalCluster
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.frontend.disagg import DisaggConfig
-from tandem.frontend.remote_engine import RemoteEngine, WorkerLost
+from tandem.frontend.remote_engine import WorkerLost
 from tandem.protocol import GenerateRequest, SamplingParams
-from tandem.runtime import MemoryDiscovery, MemoryEventPlane, TcpRequestClient, TcpRequestServer
-from tandem.transfer.tcp import KvExportServer, TcpKvSource
-from tandem.worker import Worker, model_card
+from tandem.transfer.tcp import KvExportServer
 
 BLOCKS = 96
 
@@ -66,59 +65,12 @@ async def settle(*engines: AsyncEngine) -> None:
             await asyncio.sleep(0.01)
 
 
-class Cluster:
-    """One prefill and one decode worker (each its own engine and TCP server), a frontend."""
-
-    def __init__(self, prefill: AsyncEngine, decode: AsyncEngine, served: str = "tiny") -> None:
-        self.discovery = MemoryDiscovery(default_ttl=5.0)
-        self.events = MemoryEventPlane()
-        self.client = TcpRequestClient()
-        self.decode_client = TcpRequestClient()
-        self.prefill_engine, self.decode_engine = prefill, decode
-        self.source = TcpKvSource(self.decode_client, decode.kv_layout)
-        self.prefill = Worker(
-            prefill,
-            model_card(prefill, served, role="prefill"),
-            discovery=self.discovery,
-            events=self.events,
-            server=TcpRequestServer(),
-            publish_interval=0.02,
-        )
-        self.decode = Worker(
-            decode,
-            model_card(decode, served, role="decode"),
-            discovery=self.discovery,
-            events=self.events,
-            server=TcpRequestServer(),
-            publish_interval=0.02,
-            kv_source=self.source,
-        )
-        self.remote = RemoteEngine(
-            self.discovery,
-            self.events,
-            self.client,
-            policy="kv",
-            disagg=DisaggConfig(max_local_prefill_length=0),
-        )
-
-    async def __aenter__(self) -> Cluster:
-        await self.prefill.start()
-        await self.decode.start()
-        await self.remote.start()
-        await self.remote.wait_for_workers(1, timeout=5)
-        async with asyncio.timeout(5):
-            while not self.remote.prefill.workers and not self.remote.prefill._refused:
-                await asyncio.sleep(0.01)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for worker in (self.prefill, self.decode):
-            with contextlib.suppress(Exception):
-                await worker.drain(0.5)
-        await self.remote.close()
-        await self.client.close()
-        await self.decode_client.close()
-        await self.discovery.close()
+def disagg_cluster(prefill: AsyncEngine, decode: AsyncEngine) -> LocalCluster:
+    """One prefill and one decode worker on the TCP request plane (KV pulled over it); every
+    request is prefilled remotely."""
+    return LocalCluster([prefill, decode], ["prefill", "decode"], served="tiny", transport="tcp",
+                        publish_interval=0.02, policy="kv",
+                        disagg=DisaggConfig(max_local_prefill_length=0))  # fmt: skip
 
 
 def hold_pulls(monkeypatch) -> tuple[asyncio.Event, asyncio.Event]:
@@ -155,7 +107,7 @@ def pair(tiny_llama):
 
 def test_disaggregated_equals_aggregated(pair, aggregated):
     async def main():
-        async with Cluster(*pair()) as c:
+        async with disagg_cluster(*pair()) as c:
             for i, n in enumerate([17, 48, 100, 161]):
                 prompt = prompt_of(i, n)
                 want = await tokens(aggregated.generate(request(f"a{i}", prompt)))
@@ -167,10 +119,10 @@ def test_disaggregated_equals_aggregated(pair, aggregated):
             got = await tokens(c.remote.generate(request("ds", prompt, **seeded)))
             assert got == want
             assert c.remote.planner.counts["remote"] == 5
-            stats = c.decode_engine.stats()
+            stats = c.engines[1].stats()
             assert stats.kv_imports == 5 and stats.kv_import_fallbacks == 0
-            await settle(c.prefill_engine, c.decode_engine)
-            assert c.prefill_engine.stats().kv_exports_expired == 0
+            await settle(c.engines[0], c.engines[1])
+            assert c.engines[0].stats().kv_exports_expired == 0
 
     asyncio.run(main())
 
@@ -180,7 +132,7 @@ def test_first_token_streams_before_the_decode_worker_starts(pair, monkeypatch):
     gate, _ = hold_pulls(monkeypatch)
 
     async def main():
-        async with Cluster(*pair()) as c:
+        async with disagg_cluster(*pair()) as c:
             stream = c.remote.generate(request("f", prompt_of(1, 64), max_tokens=5))
             first = await anext(stream)
             assert len(first.token_ids) == 1 and first.kv_transfer is None
@@ -206,15 +158,15 @@ def test_prefill_worker_dies_mid_transfer(pair, aggregated, monkeypatch):
     monkeypatch.setattr(KvExportServer, "pull", dying_pull)
 
     async def main():
-        async with Cluster(*pair(prefill_ttl=1.0)) as c:
-            KvExportServer.server_to_kill = c.prefill._server
+        async with disagg_cluster(*pair(prefill_ttl=1.0)) as c:
+            KvExportServer.server_to_kill = c.worker("prefill")._server
             prompt = prompt_of(5, 90)
             want = await tokens(aggregated.generate(request("a", prompt)))
             got = await tokens(c.remote.generate(request("d", prompt)))
             assert got == want
-            assert c.decode_engine.stats().kv_import_fallbacks == 1
-            await settle(c.prefill_engine, c.decode_engine)
-            assert c.prefill_engine.stats().kv_exports_expired == 1
+            assert c.engines[1].stats().kv_import_fallbacks == 1
+            await settle(c.engines[0], c.engines[1])
+            assert c.engines[0].stats().kv_exports_expired == 1
 
     asyncio.run(main())
 
@@ -227,32 +179,32 @@ def test_transfer_timeout_falls_back_and_releases(pair, aggregated, monkeypatch)
     monkeypatch.setattr(KvExportServer, "pull", stuck_pull)
 
     async def main():
-        async with Cluster(*pair(transfer_timeout=0.5)) as c:
+        async with disagg_cluster(*pair(transfer_timeout=0.5)) as c:
             prompt = prompt_of(6, 80)
             want = await tokens(aggregated.generate(request("a", prompt)))
             got = await tokens(c.remote.generate(request("d", prompt)))
             assert got == want
-            assert c.decode_engine.stats().kv_import_fallbacks == 1
+            assert c.engines[1].stats().kv_import_fallbacks == 1
             # Released by the decode worker, not by the (30 s) deadline.
-            await settle(c.prefill_engine, c.decode_engine)
-            assert c.prefill_engine.stats().kv_exports_expired == 0
+            await settle(c.engines[0], c.engines[1])
+            assert c.engines[0].stats().kv_exports_expired == 0
 
     asyncio.run(main())
 
 
 def test_decode_worker_dies_after_import(pair, monkeypatch):
     async def main():
-        async with Cluster(*pair()) as c:
+        async with disagg_cluster(*pair()) as c:
             stream = c.remote.generate(request("d", prompt_of(8, 100), max_tokens=200))
             assert len((await anext(stream)).token_ids) == 1  # from the prefill worker
             await anext(stream)  # from the decode worker: the import is done
-            await c.decode._server.stop()  # the decode worker "dies"
+            await c.worker("decode")._server.stop()  # the decode worker "dies"
             with pytest.raises(WorkerLost):
                 async for _ in stream:
                     pass
             # The prefill worker's copy was released after the import, not at its deadline.
-            await settle(c.prefill_engine, c.decode_engine)
-            assert c.prefill_engine.stats().kv_exports_expired == 0
+            await settle(c.engines[0], c.engines[1])
+            assert c.engines[0].stats().kv_exports_expired == 0
 
     asyncio.run(main())
 
@@ -261,7 +213,7 @@ def test_client_disconnects_mid_transfer(pair, monkeypatch):
     gate, pulling = hold_pulls(monkeypatch)
 
     async def main():
-        async with Cluster(*pair()) as c:
+        async with disagg_cluster(*pair()) as c:
             got: list = []
             consumer = asyncio.create_task(
                 tokens_into(got, c.remote.generate(request("c", prompt_of(9, 120), max_tokens=50)))
@@ -269,12 +221,12 @@ def test_client_disconnects_mid_transfer(pair, monkeypatch):
             async with asyncio.timeout(5):
                 await pulling.wait()
             assert len(got) == 1  # the first token went out
-            assert c.decode_engine.stats().active_blocks > 0  # reserved for the import
+            assert c.engines[1].stats().active_blocks > 0  # reserved for the import
             consumer.cancel()  # the client went away
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
-            await settle(c.prefill_engine, c.decode_engine)
-            stats = c.prefill_engine.stats()
+            await settle(c.engines[0], c.engines[1])
+            stats = c.engines[0].stats()
             assert stats.kv_exports_expired == 0 and stats.active_blocks == 0
             gate.set()
 
@@ -287,7 +239,7 @@ def test_layout_mismatch_refused_when_the_worker_registers(tiny_models, tiny_lla
     decode = make_engine(tiny_llama)
 
     async def main():
-        async with Cluster(prefill, decode) as c:
+        async with disagg_cluster(prefill, decode) as c:
             assert not c.remote.prefill.workers
             out = await tokens(c.remote.generate(request("m", prompt_of(2, 60), max_tokens=3)))
             assert len(out) == 3
@@ -303,7 +255,7 @@ def test_layout_mismatch_refused_when_the_worker_registers(tiny_models, tiny_lla
 
 def test_short_uncached_prompts_prefill_locally(pair):
     async def main():
-        async with Cluster(*pair()) as c:
+        async with disagg_cluster(*pair()) as c:
             c.remote.planner.config.max_local_prefill_length = 32
             prompt = prompt_of(4, 200)
             await tokens(c.remote.generate(request("long", prompt, max_tokens=2)))
@@ -319,7 +271,7 @@ def test_short_uncached_prompts_prefill_locally(pair):
 
 def test_the_decode_worker_refuses_exports_and_the_prefill_worker_imports(pair):
     async def main():
-        async with Cluster(*pair()) as c:
+        async with disagg_cluster(*pair()) as c:
             req = request("x", prompt_of(3, 20))
             with pytest.raises(Exception, match="exports no KV"):
                 await tokens(
@@ -339,22 +291,22 @@ def test_a_forged_kv_import_is_refused_and_computed_here(pair, aggregated):
         connections = []
         bait = await asyncio.start_server(lambda r, w: connections.append(w), "127.0.0.1", 0)
         port = bait.sockets[0].getsockname()[1]
-        async with Cluster(*pair()) as c:
+        async with disagg_cluster(*pair()) as c:
             prompt = prompt_of(5, 40)
             want = await tokens(aggregated.generate(request("a", prompt)))
             forged = KvTransferParams(
                 request_id="f", block_ids=[0, 1, 2], num_tokens=len(prompt), token_ids=want[:1],
-                layout=c.decode_engine.kv_layout, worker_id=c.prefill.instance_id,
+                layout=c.engines[1].kv_layout, worker_id=c.worker("prefill").instance_id,
                 address=f"127.0.0.1:{port}",
             )  # fmt: skip
             req = msgspec.structs.replace(request("f", prompt), kv_import=forged)
-            stream = c.client.call(c.decode.info.address, GENERATE_ENDPOINT, req,
+            stream = c.client.call(c.worker("decode").info.address, GENERATE_ENDPOINT, req,
                                    response_type=GenerateOutput, timeout=10)  # fmt: skip
             async with stream:
                 got = [t async for out in stream for t in out.token_ids]
             assert want[:1] + got == want
-            assert c.decode.kv_source.refused == 1
-            assert c.decode_engine.stats().kv_import_fallbacks == 1
+            assert c.worker("decode").kv_source.refused == 1
+            assert c.engines[1].stats().kv_import_fallbacks == 1
             await asyncio.sleep(0.1)  # a release would have been sent by now
             assert connections == []
         bait.close()

@@ -5,11 +5,11 @@ engine, load publishing, card mismatch refusal, graceful drain."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import pytest
 
+from tandem.deploy import LocalCluster
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.frontend.remote_engine import NoWorkers, RemoteEngine
@@ -38,40 +38,10 @@ def request(rid: str, max_tokens: int = 8) -> GenerateRequest:
     )
 
 
-class Pool:
-    """Workers over the engines plus a RemoteEngine that sees them."""
-
-    def __init__(self, engines, model: str = "tiny") -> None:
-        self.discovery = MemoryDiscovery(default_ttl=1.0)
-        self.events = MemoryEventPlane()
-        self.client = TcpRequestClient()
-        self.workers = [
-            Worker(
-                e,
-                model_card(e, model),
-                discovery=self.discovery,
-                events=self.events,
-                server=TcpRequestServer(),
-                publish_interval=0.02,
-            )
-            for e in engines
-        ]
-        self.remote = RemoteEngine(self.discovery, self.events, self.client)
-
-    async def __aenter__(self) -> Pool:
-        await self.remote.start()
-        for w in self.workers:
-            await w.start()
-        await self.remote.wait_for_workers(len(self.workers), timeout=5)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        for w in self.workers:
-            with contextlib.suppress(Exception):
-                await w.drain(0.5)
-        await self.remote.close()
-        await self.client.close()
-        await self.discovery.close()
+def cluster(engines, model: str = "tiny") -> LocalCluster:
+    """Workers over the engines (TCP request plane) and a RemoteEngine that sees them."""
+    return LocalCluster(engines, served=model, transport="tcp", lease_ttl=1.0,
+                        publish_interval=0.02)  # fmt: skip
 
 
 async def collect(remote, req) -> list[GenerateOutput]:
@@ -80,7 +50,7 @@ async def collect(remote, req) -> list[GenerateOutput]:
 
 def test_worker_registers_card_and_serves_generate_over_tcp(engines):
     async def main():
-        async with Pool(engines[:1]) as pool:
+        async with cluster(engines[:1]) as pool:
             (info,) = await pool.discovery.list("tandem.backend.generate")
             card = ModelCard.from_metadata(info.metadata)
             assert card.model == "tiny" and card.role == "aggregated"
@@ -104,7 +74,7 @@ def test_worker_registers_card_and_serves_generate_over_tcp(engines):
 
 def test_round_robin_stats_and_invalid_request(engines):
     async def main():
-        async with Pool(engines) as pool:
+        async with cluster(engines) as pool:
             results = await asyncio.gather(
                 *(collect(pool.remote, request(f"r{i}")) for i in range(6))
             )
@@ -123,7 +93,7 @@ def test_round_robin_stats_and_invalid_request(engines):
 
 def test_abort_cancels_on_the_worker(engines):
     async def main():
-        async with Pool(engines[:1]) as pool:
+        async with cluster(engines[:1]) as pool:
             stream = pool.remote.generate(request("long", max_tokens=100000))
             first = await anext(stream)
             assert first.request_id == "long"
@@ -146,7 +116,7 @@ def test_one_of_n_sequences_is_cancelled_on_the_worker(engines):
     worker (a cancel message), the others run to their end."""
 
     async def main():
-        async with Pool(engines) as pool:
+        async with cluster(engines) as pool:
             sampling = SamplingParams(max_tokens=200, n=3, ignore_eos=True, temperature=0.0)
             req = GenerateRequest(request_id="n3", prompt_token_ids=list(range(1, 20)),
                                   sampling=sampling)  # fmt: skip
@@ -166,7 +136,7 @@ def test_one_of_n_sequences_is_cancelled_on_the_worker(engines):
 
 def test_mismatched_card_is_refused(engines, caplog):
     async def main():
-        async with Pool(engines[:1]) as pool:
+        async with cluster(engines[:1]) as pool:
             other = Worker(
                 engines[1],
                 model_card(engines[1], "another-model"),
@@ -187,7 +157,7 @@ def test_mismatched_card_is_refused(engines, caplog):
 
 def test_graceful_drain_finishes_inflight_and_takes_no_new_work(engines):
     async def main():
-        async with Pool(engines) as pool:
+        async with cluster(engines) as pool:
             a, b = pool.workers
             # Start a long request on each worker (round robin alternates).
             s1 = pool.remote.generate(request("d1", max_tokens=60))
@@ -218,7 +188,7 @@ def test_drain_past_its_grace_migrates_what_is_left(engines):
     worker and the caller gets every token once, as from an uninterrupted run."""
 
     async def main():
-        async with Pool(engines) as pool:
+        async with cluster(engines) as pool:
             a, b = pool.workers
             want = [t for o in await collect(pool.remote, request("u", 300)) for t in o.token_ids]
             stream = pool.remote.generate(request("u", 300))
@@ -267,7 +237,7 @@ def test_a_request_of_n_migrates_sequence_by_sequence(real_engines):
         return got
 
     async def main():
-        async with Pool(real_engines) as pool:
+        async with cluster(real_engines) as pool:
             a, b = pool.workers
             want = by_index(await collect(pool.remote, req))
             assert len({tuple(v) for v in want.values()}) == 3  # the sequences differ
@@ -293,7 +263,7 @@ def test_one_sequence_of_a_split_request_can_still_be_cancelled(real_engines):
     req = GenerateRequest(request_id="c2", prompt_token_ids=list(range(1, 20)), sampling=seeded)
 
     async def main():
-        async with Pool(real_engines) as pool:
+        async with cluster(real_engines) as pool:
             a, b = pool.workers
             stream = pool.remote.generate(req)
             first = await anext(stream)

@@ -114,6 +114,16 @@ class WorkerPool:
                 self._changed.clear()
                 await self._changed.wait()
 
+    async def admitted(self, instance_id: str, timeout: float | None = None) -> bool:
+        """Wait until worker `instance_id` has joined (True) or been refused (False)."""
+        async with asyncio.timeout(timeout):
+            while instance_id not in self.workers:
+                if instance_id in self._refused:
+                    return False
+                self._changed.clear()
+                await self._changed.wait()
+        return True
+
     async def close(self) -> None:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
@@ -231,6 +241,7 @@ class WorkerPool:
         if iid not in self._refused:
             self._refused.add(iid)
             log.error("%s", message)
+            self._changed.set()
 
     def _remove(self, info: InstanceInfo) -> None:
         iid = info.instance_id
