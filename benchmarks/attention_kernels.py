@@ -151,7 +151,7 @@ def run_case(name, seq_lens, q_lens, splits_options, sweep: bool):
     record("sdpa (contiguous)" + (", 2 calls" if mixed else ""), bench(base_fn))
     configs = [None]
     if sweep and decode:
-        configs += [(bn, w, s) for bn in (32, 64, 128) for w in (2, 4) for s in (2, 3)]
+        configs += [(bn, w, s) for bn in (16, 32, 64, 128) for w in (1, 2, 4) for s in (1, 2, 3)]
     if sweep and not decode:
         configs += [(bm, bn, w, s) for bm in (64, 128) for bn in (64, 128) for w in (4, 8)
                     for s in (2, 3)]  # fmt: skip
@@ -187,6 +187,7 @@ def run_case(name, seq_lens, q_lens, splits_options, sweep: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time other tile configs")
+    parser.add_argument("--cases", nargs="+", help="run only the cases whose name starts so")
     parser.add_argument("--out", default="results/attention_kernels.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -198,6 +199,7 @@ def main() -> None:
     auto = choose_num_splits(1, KV_HEADS, 32768, sms)
     cases = [
         ("decode b1 ctx32768", [32768], [1], sorted({1, auto, 32})),
+        ("decode b1 ctx256", [256], [1], [1, 2, 4, 8]),
         ("decode b64 ctx256", [256] * 64, [1] * 64,
          sorted({1, choose_num_splits(64, KV_HEADS, 256, sms)})),
         ("decode b256 ctx192", [192] * 256, [1] * 256,
@@ -211,6 +213,8 @@ def main() -> None:
           f"bf16 matmul {peak['matmul_TFLOPs']:.0f} TFLOP/s")  # fmt: skip
     rows = []
     for case in cases:
+        if args.cases and not any(case[0].startswith(c) for c in args.cases):
+            continue
         rows += run_case(*case, sweep=args.sweep)
     print(f"{'case':<22} {'impl':<40} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7}")
     for r in rows:

@@ -7,6 +7,10 @@ that no weight sits in L2 between calls.
 
     python benchmarks/linear_shapes.py                 # on a GPU, ~30 s
     python benchmarks/linear_shapes.py --batch 1 64 --blas cublas cublaslt
+
+At batches up to 16 it also times Tandem's skinny Triton linear
+(`tandem.engine.kernels.skinny_linear`) with the tiles the engine picks; `--sweep` tries
+others and reports the best per shape.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from tandem.engine.kernels.skinny_linear import MAX_ROWS, skinny_linear, tile_config
+
 SHAPES = {  # name: (out_features, in_features), Llama-3.1-8B with fused QKV and gate/up
     "qkv": (6144, 4096),
     "o_proj": (4096, 4096),
@@ -26,15 +32,36 @@ SHAPES = {  # name: (out_features, in_features), Llama-3.1-8B with fused QKV and
 }
 
 
-def time_linear(m: int, n: int, k: int, copies: int = 4, calls: int = 20) -> float:
-    """Seconds per call of F.linear on [m, k] x [n, k]^T, replayed from one CUDA graph."""
+#: (block_n, block_k, num_warps, num_stages) tried for the skinny Triton linear.
+SKINNY_CONFIGS = [
+    (bn, bk, w, st)
+    for bn in (16, 32, 64)
+    for bk in (128, 256, 512)
+    for w in (4, 8)
+    for st in (3, 5)
+    if bn * bk <= 16384
+]
+
+
+def time_linear(
+    m: int, n: int, k: int, copies: int = 4, calls: int = 20, skinny: tuple | None = None
+) -> float:
+    """Seconds per call of [m, k] x [n, k]^T (torch.matmul, or the skinny Triton kernel with
+    config `skinny`), replayed from one CUDA graph."""
     weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     outs = [torch.empty(m, n, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+    if skinny is not None:
+        got = skinny_linear(x, weights[0], config=skinny)
+        want = torch.matmul(x, weights[0].t())
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-1)
 
     def body() -> None:
         for i in range(calls):
-            torch.matmul(x, weights[i % copies].t(), out=outs[i % copies])
+            if skinny is None:
+                torch.matmul(x, weights[i % copies].t(), out=outs[i % copies])
+            else:
+                skinny_linear(x, weights[i % copies], outs[i % copies], config=skinny)
 
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
@@ -56,10 +83,24 @@ def time_linear(m: int, n: int, k: int, copies: int = 4, calls: int = 20) -> flo
     return best
 
 
+def timed_skinny(m: int, n: int, k: int, config: tuple) -> tuple[float, tuple]:
+    """(seconds, config); a config over the shared-memory limit times as infinity."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return time_linear(m, n, k, skinny=config), config
+    except OutOfResources:
+        return float("inf"), config
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--blas", nargs="+", default=["cublas", "cublaslt"])
+    p.add_argument("--sweep", action="store_true",
+                   help="also sweep the skinny kernel's tile shapes")
+    p.add_argument("--no-skinny", dest="skinny", action="store_false",
+                   help="skip the skinny Triton linear's sweep")
     p.add_argument("--output", type=Path, default=Path("results/linear_shapes.json"))
     args = p.parse_args()
     rows = []
@@ -71,10 +112,19 @@ def main() -> int:
                 seconds = time_linear(m, n, k)
                 row[f"{lib}_us"] = round(seconds * 1e6, 2)
                 row[f"{lib}_GBps"] = round((n * k + m * k + m * n) * 2 / seconds / 1e9)
+            if args.skinny and m <= MAX_ROWS:
+                seconds = time_linear(m, n, k, skinny=tile_config(n, k))  # the engine's
+                row["triton_us"] = round(seconds * 1e6, 2)
+                row["triton_GBps"] = round((n * k + m * k + m * n) * 2 / seconds / 1e9)
+                if args.sweep:
+                    best = min(timed_skinny(m, n, k, c) for c in SKINNY_CONFIGS)
+                    row["triton_best_us"] = round(best[0] * 1e6, 2)
+                    row["triton_best_config"] = list(best[1])
             rows.append(row)
             print("  ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     for m in args.batch:
-        for lib in args.blas:
+        libs = [*args.blas, *(["triton"] if args.skinny and m <= MAX_ROWS else [])]
+        for lib in libs:
             total = sum(r[f"{lib}_us"] * (1 if r["linear"] == "lm_head" else 32) for r in rows
                         if r["batch"] == m)  # fmt: skip
             print(f"batch {m} {lib}: {total / 1e3:.3f} ms of linears a step")

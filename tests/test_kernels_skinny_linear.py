@@ -1,0 +1,60 @@
+"""The skinny Triton linear against torch's matmul, and the model's use of it.
+
+On a machine without a GPU the kernel runs under Triton's interpreter, in float16 (the
+interpreter multiplies bfloat16 as raw bits); on a GPU in bfloat16 too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":  # must precede the kernel's definition (tests/conftest.py sets it too)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tandem.engine.kernels import skinny_linear as sl  # noqa: E402
+
+DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.skipif(sl.triton is None and os.environ.get("CI") != "true", reason="no triton")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("config", [None, (32, 128, 4, 2)])
+def test_matches_matmul(dtype: torch.dtype, rows: int, bias: bool, config) -> None:
+    """Ragged shapes (features and K not multiples of the tiles) take the masked edges."""
+    gen = torch.Generator().manual_seed(rows)
+    n, k = (200, 520) if DEVICE == "cpu" else (6144, 4096)
+    x = torch.randn(rows, k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
+    got = sl.skinny_linear(x, w, bias=b, config=config)
+    want = x.float() @ w.float().T + (b.float() if bias else 0.0)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_linear_falls_back_where_the_kernel_does_not_apply() -> None:
+    """float32, many rows or a CPU tensor go to F.linear: results equal to the bit."""
+    x = torch.randn(sl.MAX_ROWS + 1, 64)
+    w = torch.randn(32, 64)
+    assert torch.equal(sl.linear(x, w, None), torch.nn.functional.linear(x, w))
+    assert torch.equal(sl.linear(x[:2], w, None), torch.nn.functional.linear(x[:2], w))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the model takes the kernel on CUDA only")
+def test_fused_model_linears_match_torch() -> None:
+    """A decode-sized batch through a fused Llama layer's linears equals F.linear's to
+    bf16 rounding."""
+    from tandem.engine.models.llama import Linear
+
+    layer = Linear(4096, 14336 * 2, bias=False).to(DEVICE, torch.bfloat16)
+    x = torch.randn(8, 4096, device=DEVICE, dtype=torch.bfloat16)
+    want = layer(x)
+    layer.fused = True
+    got = layer(x)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
