@@ -13,10 +13,10 @@ import pytest
 
 from tandem.engine.testing import make_tokenizer
 from tandem.frontend.admission import AdmissionControl
-from tandem.frontend.errors import APIError
 from tandem.frontend.generation import EngineStreamError, GenerationRun
 from tandem.frontend.metrics import FrontendMetrics, RequestTimer
 from tandem.frontend.preprocess import Prepared
+from tandem.http.errors import APIError
 from tandem.protocol import GenerateOutput, GenerateRequest, LoadStats, SamplingParams
 
 IDLE = LoadStats(

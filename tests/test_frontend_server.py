@@ -25,7 +25,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.testing import make_tiny_model
 from tandem.frontend import EngineClient, build_app
 from tandem.frontend.admission import AdmissionControl
-from tandem.frontend.errors import APIError
+from tandem.http.errors import APIError
 from tandem.protocol import GenerateOutput, GenerateRequest, LoadStats, SamplingParams
 
 MODEL = "tiny-llama"

@@ -376,7 +376,7 @@ def _serve(args: argparse.Namespace, model_path: Path, device: str, sock: socket
     from tandem.engine.async_engine import AsyncEngine
     from tandem.engine.model_source import default_served_model_name
     from tandem.frontend.server import build_app
-    from tandem.frontend.service import ReadyServer
+    from tandem.http.server import ReadyServer
 
     config = engine_config(args, model_path, device)
     served_name = args.served_model_name or default_served_model_name(args.model)

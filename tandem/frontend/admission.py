@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-from tandem.frontend.errors import APIError
+from tandem.http.errors import APIError
 from tandem.protocol import LoadStats
 
 RETRY_AFTER_SECONDS = 1

@@ -19,10 +19,10 @@ from typing import Any
 from tandem.frontend.admission import AdmissionControl
 from tandem.frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from tandem.frontend.engine_client import EngineClient
-from tandem.frontend.errors import APIError
 from tandem.frontend.metrics import FrontendMetrics, RequestTimer
 from tandem.frontend.preprocess import Prepared
 from tandem.frontend.streams import aclose_stream, merge_streams
+from tandem.http.errors import APIError
 from tandem.protocol import GenerateOutput, GenerateRequest, TokenLogprob
 
 

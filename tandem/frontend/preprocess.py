@@ -12,8 +12,8 @@ from typing import Any
 
 from jinja2 import Environment, TemplateError, meta
 
-from tandem.frontend.errors import APIError, bad_request
 from tandem.frontend.openai_types import ChatCompletionRequest, CompletionRequest, TextPart
+from tandem.http.errors import APIError, bad_request
 from tandem.protocol import SamplingParams
 
 # Completions default to 16 tokens like OpenAI's; chat defaults to "as many as fit".

@@ -25,7 +25,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tandem.frontend.admission import AdmissionControl, ClientRate
 from tandem.frontend.engine_client import EngineClient
-from tandem.frontend.errors import APIError, from_validation_errors, install_handlers
 from tandem.frontend.generation import EngineStreamError, GenerationRun
 from tandem.frontend.metrics import FrontendMetrics, RequestCounterMiddleware, RequestTimer
 from tandem.frontend.openai_types import ChatCompletionRequest, CompletionRequest, StreamOptions
@@ -39,6 +38,7 @@ from tandem.frontend.responses import (
     json_bytes,
     sse,
 )
+from tandem.http.errors import APIError, from_validation_errors, install_handlers
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from tandem.frontend.errors import APIError, install_handlers
-from tandem.frontend.service import ReadyServer
+from tandem.http.errors import APIError, install_handlers
+from tandem.http.server import ReadyServer
 from tandem.protocol.worker import DEFAULT_NAMESPACE
 from tandem.router.metrics import RouterCollector
 from tandem.router.pool import WorkerPool
