@@ -635,7 +635,7 @@ def test_tokenizing_runs_off_the_event_loop(engine, model_dir, monkeypatch):
     assert len(where) == 1 and where[0].startswith("tandem-tokenize"), where
 
 
-def test_an_overloaded_server_refuses_before_tokenizing(engine, model_dir, monkeypatch):
+def test_an_overloaded_server_refuses_before_reading_the_body(engine, model_dir, monkeypatch):
     from tandem.frontend.preprocess import Preprocessor
 
     def never(self, req):
@@ -645,6 +645,10 @@ def test_an_overloaded_server_refuses_before_tokenizing(engine, model_dir, monke
     with serve(build_app(engine, model_dir, MODEL, max_waiting=0)) as url:
         body = {"model": MODEL, "prompt": "x" * 100_000, "max_tokens": 2}
         r = httpx.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        # Refused before the body is read: a body that is not even JSON gets the 503 too.
+        r = httpx.post(f"{url}/v1/completions", content=b"{not json",
+                       headers={"content-type": "application/json"})  # fmt: skip
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
 
 

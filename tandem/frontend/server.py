@@ -195,10 +195,9 @@ class Frontend:
         # One thread: preprocessing leaves the event loop, and the tokenizer one caller.
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tandem-tokenize")
 
-    async def prepare(self, request: Request, fn: Callable[[Any], Prepared], req: Any) -> Prepared:
-        """Template and tokenize off the event loop (a long prompt takes a while), after the
-        client's rate and a first admission check, so that an overloaded server spends
-        nothing on the body."""
+    def screen(self, request: Request) -> None:
+        """The client's rate and a first admission check, before the body is read, so that
+        an overloaded server spends nothing on it."""
         try:
             if self.client_rate is not None:
                 self.client_rate.check(request.client.host if request.client else "?")
@@ -206,6 +205,9 @@ class Frontend:
         except APIError as exc:
             self.metrics.rejected.labels(exc.code).inc()
             raise
+
+    async def prepare(self, fn: Callable[[Any], Prepared], req: Any) -> Prepared:
+        """Template and tokenize off the event loop (a long prompt takes a while)."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, req)
 
     async def serve(
@@ -370,9 +372,10 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         timer = RequestTimer(fe.metrics)
+        fe.screen(request)
         req = _parse(ChatCompletionRequest, await request.body())
         check_model(req.model, fe.model)
-        prepared = await fe.prepare(request, fe.pre.prepare_chat, req)
+        prepared = await fe.prepare(fe.pre.prepare_chat, req)
         return await fe.serve(
             request,
             prepared,
@@ -385,9 +388,10 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         timer = RequestTimer(fe.metrics)
+        fe.screen(request)
         req = _parse(CompletionRequest, await request.body())
         check_model(req.model, fe.model)
-        prepared = await fe.prepare(request, fe.pre.prepare_completion, req)
+        prepared = await fe.prepare(fe.pre.prepare_completion, req)
         return await fe.serve(
             request,
             prepared,
