@@ -588,8 +588,8 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
     ]
     if args.enforce_eager:
         flags.append("--enforce-eager")
-    if args.async_scheduling != "off":
-        flags.append("--async-scheduling")
+    on = args.async_scheduling != "off"
+    flags.append("--async-scheduling" if on else "--no-async-scheduling")
     if args.kv_cache_gb is not None:
         flags += ["--kv-cache-memory", str(args.kv_cache_gb)]
     return flags

@@ -132,3 +132,12 @@ def test_triton_path_overlapped_equals_sync(tiny_llama):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync, overlapped = both(tiny_llama, make, attention_backend="triton", device=device)
     assert overlapped == sync
+
+
+def test_default_overlaps_on_a_gpu_only(tiny_llama):
+    """None (the default) means on with CUDA, off on CPU; an explicit choice wins."""
+    assert engine(tiny_llama, None).async_scheduling is False
+    assert engine(tiny_llama, True).async_scheduling is True
+    if torch.cuda.is_available():
+        assert engine(tiny_llama, None, device="cuda").async_scheduling is True
+        assert engine(tiny_llama, False, device="cuda").async_scheduling is False

@@ -59,8 +59,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
     if args.enforce_eager:
         argv.append("--enforce-eager")
-    if args.async_scheduling:
-        argv.append("--async-scheduling")
+    if args.async_scheduling is not None:
+        argv.append("--async-scheduling" if args.async_scheduling else "--no-async-scheduling")
     optional = {
         "--device": args.device,
         "--max-model-len": args.max_model_len,

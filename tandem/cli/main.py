@@ -291,9 +291,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     eng.add_argument(
         "--async-scheduling",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="queue each engine step on the GPU before reading the previous step's tokens, so"
-        " the host's work overlaps the GPU's (batches without penalties or logprobs)",
+        " the host's work overlaps the GPU's (batches without penalties or logprobs);"
+        " default: on with a GPU, off on CPU",
     )
     eng.add_argument(
         "--load-format",

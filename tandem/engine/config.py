@@ -36,8 +36,9 @@ class EngineConfig:
     # for decode steps (enforce_eager turns them off).
     attention_backend: str = "auto"  # auto | triton | flashinfer | fa3 | torch
     enforce_eager: bool = False
-    # Queue each step before reading the previous step's tokens (host work overlaps the GPU).
-    async_scheduling: bool = False
+    # Queue each step before reading the previous step's tokens (host work overlaps the GPU);
+    # None: on with a GPU, where it measured 1.08-1.14x faster decode, off on CPU.
+    async_scheduling: bool | None = None
     load_format: str = "auto"  # auto: the folder's safetensors; dummy: random weights
     max_logprobs: int = 20
     # The mock engine: no weights, step times from a performance model (tandem.engine.mock).

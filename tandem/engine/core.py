@@ -79,7 +79,10 @@ class EngineCore:
         self.runner.start(self.max_model_len)
         # Overlapped steps (`async_scheduling`, vLLM's name): the step queued on the device
         # whose tokens the next step reads. The mock has no device to overlap with.
-        self.async_scheduling = config.async_scheduling and config.engine == "real"
+        overlap = config.async_scheduling
+        if overlap is None:
+            overlap = config.device.startswith("cuda")
+        self.async_scheduling = overlap and config.engine == "real"
         self._in_flight = None
         self.num_overlapped_steps = 0
         self.requests: dict[str, list[Sequence]] = {}
