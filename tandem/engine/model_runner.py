@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 
 from tandem.engine.attention import AttentionBackend, TorchAttention
 from tandem.engine.config import ATTENTION_BACKENDS, EngineConfig
+from tandem.engine.kernels.argmax import argmax_rows
 from tandem.engine.loader import iter_safetensors, resolve_dtype
 from tandem.engine.models import LlamaForCausalLM
 from tandem.engine.models.llama import head_dim_of
@@ -147,7 +148,7 @@ class ModelRunner:
             hidden = self._forward(step)
             rows = min(self.config.max_num_seqs, tokens)
             logits = self.model.compute_logits(hidden[-1:].expand(rows, -1))
-            torch.softmax(logits, dim=-1).argmax(dim=-1)
+            argmax_rows(torch.softmax(logits, dim=-1))  # compiles the sampler's kernels too
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del hidden, logits

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tandem.engine import sampling_noise
+from tandem.engine.kernels.argmax import argmax_rows
 from tandem.engine.sequence import Sequence
 from tandem.protocol import SamplingParams, TokenLogprob
 
@@ -148,17 +149,17 @@ class Sampler:
         samp_rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
         adjust = self._plan_adjust(seqs, logits.shape[1], staged)
         if not (adjust or samp_rows or lp_rows):  # the common greedy batch: nothing to send
-            return logits.argmax(dim=-1)
+            return argmax_rows(logits)
         samp = _SamplePlan.build(seqs, samp_rows, staged) if samp_rows else None
         staged.lp = staged.add(_index(list(lp_rows), n))
         staged.send(self._upload(logits.device))
         work = self._adjust(logits, adjust, staged)
         if samp is None:
-            return work.argmax(dim=-1)
+            return argmax_rows(work)
         sampled = samp.sample(_take(work, staged.get(samp.index)), staged)
         if samp.index is None:
             return sampled
-        return work.argmax(dim=-1).index_copy_(0, staged[samp.index], sampled)
+        return argmax_rows(work).index_copy_(0, staged[samp.index], sampled)
 
     def adjusted_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The logits after penalties and min_tokens blocking: what greedy rows take the
@@ -375,7 +376,7 @@ class _SamplePlan:
         else:
             noise = torch.empty_like(probs).exponential_()
             sampling_noise.exponential(dev[self.keys], vocab, out=noise, rows=dev[self.seeded])
-        return probs.div_(noise).argmax(dim=-1)
+        return argmax_rows(probs.div_(noise))
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
