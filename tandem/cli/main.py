@@ -8,6 +8,7 @@ the `_run_` functions so that `tandem --help` and flag errors answer at once.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import importlib.util
 import logging
@@ -374,20 +375,34 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, model_path: Path, device: str, sock: socket.socket) -> None:
-    """Start the engine and the HTTP server on `sock`; stop both on the way out."""
+    """Start the engine, then a worker and the router over it (the same components as a
+    cluster, in this process) and the HTTP server on `sock`; stop all on the way out."""
     from tandem.engine.async_engine import AsyncEngine
     from tandem.engine.model_source import default_served_model_name
-    from tandem.frontend.server import build_app
-    from tandem.http.server import ReadyServer
 
     config = engine_config(args, model_path, device)
     served_name = args.served_model_name or default_served_model_name(args.model)
     log.info("loading %s on %s (dtype %s)", model_path, device, args.dtype)
     engine = AsyncEngine(config)
     try:
+        asyncio.run(_serve_embedded(args, engine, str(model_path), served_name, sock))
+    finally:
+        engine.shutdown()
+
+
+async def _serve_embedded(
+    args: argparse.Namespace, engine: Any, tokenizer: str, served_name: str, sock: socket.socket
+) -> None:
+    from tandem.deploy.cluster import LocalCluster
+    from tandem.frontend.server import build_app
+    from tandem.http.server import ReadyServer
+
+    cluster = LocalCluster([engine], served=served_name, policy="kv")
+    await cluster.start()
+    try:
         app = build_app(
-            engine,
-            str(model_path),
+            cluster.remote,
+            tokenizer,
             served_name,
             api_key=args.api_key,
             max_waiting=args.max_waiting,
@@ -396,13 +411,13 @@ def _serve(args: argparse.Namespace, model_path: Path, device: str, sock: socket
         )
         url = f"http://{_url_host(args.host)}:{args.port}"
         server = ReadyServer(
-            uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level),
+            uvicorn.Config(app, log_level=args.log_level),
             ready_line=f"serving {served_name!r} at {url}/v1 (OpenAI API); Ctrl-C stops",
-            on_shutdown=engine.shutdown,
+            on_shutdown=cluster.stop,
         )
-        server.run(sockets=[sock])
+        await server.serve(sockets=[sock])
     finally:
-        engine.shutdown()
+        await cluster.stop()
 
 
 def engine_config(args: argparse.Namespace, model_path: Path, device: str):

@@ -84,6 +84,7 @@ class LocalCluster:
         ]
         self.remote = RemoteEngine(self.discovery, self.events, self.client,
                                    namespace=namespace, **frontend)  # fmt: skip
+        self._stopped = False
 
     def _kv_source(self, engine: Any, ids: list[str]) -> Any:
         if self.transport == "tcp":
@@ -113,7 +114,11 @@ class LocalCluster:
         return self
 
     async def stop(self, grace: float = 0.5) -> None:
-        """Drain the workers (within `grace` seconds each), then close the frontend side."""
+        """Drain the workers (within `grace` seconds each), then close the frontend side.
+        Only the first call does anything."""
+        if self._stopped:
+            return
+        self._stopped = True
         for worker in self.workers:
             try:
                 await worker.drain(grace)
