@@ -46,7 +46,7 @@ def test_embedded_serve_routes_by_the_workers_kv_events(tmp_path):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         rng = random.Random(0)
         history = [rng.randrange(2, 380) for _ in range(6 * BLOCK)]
-        for turn in range(3):
+        for _ in range(3):
             reply = client.completions.create(
                 model="tiny", prompt=history, max_tokens=2, temperature=0
             )
