@@ -634,7 +634,7 @@ def run_serve(
     nats = None
     extra: list[str] = []
     if mode == "worker":
-        from tandem.runtime.testing import NatsServer
+        from tandem.deploy.processes import NatsServer
 
         nats = NatsServer().start()
         extra = ["--nats", nats.url]

@@ -30,8 +30,9 @@ from tandem.bench.runner import Arrival, Bounds, run_load
 from tandem.bench.stats import Slo, describe, summarize
 from tandem.bench.tokens import TokenSpace
 from tandem.bench.workloads import LengthDist, SyntheticWorkload
+from tandem.deploy.processes import free_port
 from tandem.engine.testing import make_tiny_model
-from tandem.runtime.testing import child_pids, free_port, wait_for_health
+from tandem.runtime.testing import child_pids, wait_for_health
 
 
 def start(model: Path, port: int, max_waiting: int, log: Path) -> subprocess.Popen:

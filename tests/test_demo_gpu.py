@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tandem.deploy.processes import free_port
 from tandem.engine.model_source import DEMO_MODULE, resolve_model
-from tandem.runtime.testing import free_port, wait_for_health
+from tandem.runtime.testing import wait_for_health
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

@@ -22,8 +22,8 @@ import pytest
 import torch
 from nats_support import needs_nats
 
+from tandem.deploy.processes import NatsServer, free_port
 from tandem.engine.testing import make_tiny_model
-from tandem.runtime.testing import NatsServer, free_port
 
 pytestmark = needs_nats
 

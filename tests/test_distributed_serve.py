@@ -25,10 +25,11 @@ import openai
 import pytest
 from nats_support import needs_nats
 
+from tandem.deploy.processes import NatsServer, free_port
 from tandem.engine.testing import make_tiny_model
 from tandem.protocol.worker import KV_SNAPSHOT_ENDPOINT, KvSnapshotRequest
 from tandem.runtime import PeerGone, TcpRequestClient
-from tandem.runtime.testing import NatsServer, child_pids, free_port
+from tandem.runtime.testing import child_pids
 
 pytestmark = needs_nats
 

@@ -13,8 +13,8 @@ import time
 import httpx
 import openai
 
+from tandem.deploy.processes import free_port
 from tandem.engine.testing import make_tiny_model
-from tandem.runtime.testing import free_port
 
 BLOCK = 16
 

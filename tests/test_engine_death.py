@@ -1,5 +1,5 @@
 """When the engine's step loop dies: every waiter fails (no hang), the worker leaves discovery
-at once and its process exits non-zero, the launcher restarts it with backoff; frontend calls
+at once and its process exits non-zero, the supervisor restarts it with backoff; frontend calls
 carry deadlines; the engine's KV-event buffer is bounded.
 
 The loop is killed by injecting a failure into `EngineCore.step` (on the instance); a gate
@@ -16,8 +16,10 @@ import threading
 import pytest
 from nats_support import needs_nats
 
-from tandem.cli import launcher
+from tandem.cli.distributed import local_specs
 from tandem.cli.main import parse_args
+from tandem.deploy import supervisor
+from tandem.deploy.processes import NatsServer
 from tandem.engine import async_engine
 from tandem.engine.async_engine import AsyncEngine, EngineDeadError
 from tandem.engine.config import EngineConfig
@@ -25,7 +27,6 @@ from tandem.frontend.remote_engine import RemoteEngine, WorkerLost
 from tandem.protocol import GenerateRequest, KvStored, SamplingParams
 from tandem.router.index import KvIndex
 from tandem.runtime import MemoryDiscovery, MemoryEventPlane, TcpRequestClient, TcpRequestServer
-from tandem.runtime.testing import NatsServer
 from tandem.worker import Worker, model_card
 
 LIVENESS = 10.0  # seconds: only ever a bound on a hang, never a measurement
@@ -326,7 +327,7 @@ def test_first_output_deadline_and_dead_engine_refusal_is_retried(tiny_llama):
             engine.shutdown()
 
 
-# -- the launcher -----------------------------------------------------------------------------
+# -- the supervisor ---------------------------------------------------------------------------
 
 
 class FakeProc:
@@ -338,13 +339,14 @@ class FakeProc:
         return self.code
 
 
-def test_launcher_restarts_with_backoff_and_resets_the_budget(tmp_path, monkeypatch):
+def test_supervisor_restarts_with_backoff_and_resets_the_budget(tmp_path, monkeypatch):
     args = parse_args(["serve", str(tmp_path), "--workers", "1", "--engine", "mock"])
+    workers, frontend = local_specs(args, tmp_path, "tiny", "cpu")("nats://x")
     now = [1000.0]
-    cluster = launcher.Cluster(args, tmp_path, "tiny", "nats://x", clock=lambda: now[0])
+    cluster = supervisor.Supervisor(workers, frontend, clock=lambda: now[0])
     spawned: list[FakeProc] = []
 
-    def spawn(cmd):
+    def spawn(kind, spec):
         spawned.append(FakeProc())
         return spawned[-1]
 
@@ -373,11 +375,11 @@ def test_launcher_restarts_with_backoff_and_resets_the_budget(tmp_path, monkeypa
     assert cluster.check() == 1
 
     # Healthy for a minute between crashes: the budget starts over each time.
-    cluster = launcher.Cluster(args, tmp_path, "tiny", "nats://x", clock=lambda: now[0])
+    cluster = supervisor.Supervisor(workers, frontend, clock=lambda: now[0])
     monkeypatch.setattr(cluster, "_spawn", spawn)
     cluster.start()
-    for _ in range(2 * launcher.MAX_RESTARTS):
-        now[0] += launcher.HEALTHY_SECONDS
+    for _ in range(2 * supervisor.MAX_RESTARTS):
+        now[0] += supervisor.HEALTHY_SECONDS
         assert cluster.check() is None
         crash_and_wait(1.0)
-    assert launcher.Cluster.backoff(20) == launcher.MAX_BACKOFF
+    assert supervisor.Supervisor.backoff(20) == supervisor.MAX_BACKOFF

@@ -19,8 +19,9 @@ except ImportError:
         raise
     pytest.skip("schemathesis is not installed (pip install -e '.[test]')", allow_module_level=True)
 
+from tandem.deploy.processes import free_port
 from tandem.engine.testing import make_tiny_model
-from tandem.runtime.testing import free_port, wait_for_health
+from tandem.runtime.testing import wait_for_health
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ ALLOWED = {
     "router": {"protocol", "runtime", "http"},
     "frontend": {"protocol", "runtime", "transfer", "router", "http"},
     "bench": {"protocol"},
-    "deploy": {"protocol", "runtime", "transfer", "worker", "router", "frontend", "engine"},
+    "deploy": {"protocol", "runtime", "transfer", "worker", "router", "frontend", "engine",
+               "http"},
     "cli": {"protocol", "runtime", "transfer", "engine", "worker", "router", "frontend",
             "http", "deploy", "bench"},
 }

@@ -9,10 +9,10 @@ import asyncio
 import pytest
 from nats_support import needs_nats
 
+from tandem.deploy.processes import NatsServer
 from tandem.runtime import InstanceInfo
 from tandem.runtime.nats_client import NATS_ENV
 from tandem.runtime.nats_discovery import NatsDiscovery
-from tandem.runtime.testing import NatsServer
 
 pytestmark = needs_nats
 
@@ -93,8 +93,8 @@ def test_a_certificate_without_its_key_is_a_clear_error(monkeypatch):
 
 
 def test_an_unreachable_server_is_a_clear_error_not_a_hang():
+    from tandem.deploy.processes import free_port
     from tandem.runtime.nats_client import NatsConnection
-    from tandem.runtime.testing import free_port
 
     async def main():
         with pytest.raises(ConnectionError, match=r"cannot connect to NATS .* within 1 s"):

@@ -14,13 +14,13 @@ import httpx
 import openai
 from nats_support import needs_nats
 
+from tandem.deploy.processes import NatsServer, free_port
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.testing import make_tiny_model
 from tandem.frontend.remote_engine import RemoteEngine
 from tandem.protocol import GenerateRequest, SamplingParams
 from tandem.runtime import MemoryDiscovery, MemoryEventPlane, TcpRequestClient, TcpRequestServer
-from tandem.runtime.testing import NatsServer, free_port
 from tandem.worker import Worker, model_card
 
 BLOCK = 16

@@ -10,6 +10,7 @@ import time
 import pytest
 from nats_support import require_nats
 
+from tandem.deploy.processes import NatsServer
 from tandem.runtime import (
     DiscoveryEvent,
     InstanceInfo,
@@ -18,7 +19,7 @@ from tandem.runtime import (
     TcpRequestClient,
     new_instance_id,
 )
-from tandem.runtime.testing import NatsServer, spawn_token_server
+from tandem.runtime.testing import spawn_token_server
 
 
 def run(coro, timeout: float = 20.0):

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 from nats_support import require_nats
 
+from tandem.deploy.processes import NatsServer
 from tandem.protocol import KvBlock, KvEvent, KvRemoved, KvStored, LoadStats
 from tandem.runtime import MemoryEventPlane
 from tandem.runtime.event_plane import subject_matches
-from tandem.runtime.testing import NatsServer
 
 
 def run(coro, timeout: float = 15.0):

@@ -1,7 +1,7 @@
 """`tandem worker` and `tandem frontend`: the two halves of distributed mode, each its own
 process, finding each other through NATS (DESIGN.md, running modes).
 
-`tandem serve --workers N` starts them for you on one machine (see `launcher`).
+`tandem serve --workers N` starts them for you on one machine (`tandem.deploy.supervisor`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from tandem.cli import main as cli
+from tandem.http.server import bind_socket, url_host
 from tandem.runtime.nats_client import NATS_ENV
 
 log = logging.getLogger("tandem")
@@ -170,14 +171,6 @@ def disagg_config(args: argparse.Namespace) -> Any:
     )
 
 
-def frontend_argv(args: argparse.Namespace) -> list[str]:
-    return [
-        "--migration-limit", str(args.migration_limit),
-        "--max-local-prefill-length", str(args.max_local_prefill_length),
-        "--max-prefill-queue-tokens", str(args.max_prefill_queue_tokens),
-    ]  # fmt: skip
-
-
 def router_options(args: argparse.Namespace) -> dict[str, Any]:
     """`Router` keyword arguments from `add_router_flags` flags."""
     return {
@@ -186,18 +179,6 @@ def router_options(args: argparse.Namespace) -> dict[str, Any]:
         "temperature": args.router_temperature,
         "approx_ttl": args.router_ttl if args.no_kv_events else None,
     }
-
-
-def router_argv(args: argparse.Namespace) -> list[str]:
-    """The routing flags of `args`, to pass on to a `tandem frontend`."""
-    argv = [
-        "--router-mode", args.router_mode,
-        "--kv-overlap-score-weight", str(args.kv_overlap_score_weight),
-        "--kv-decode-weight", str(args.kv_decode_weight),
-        "--router-temperature", str(args.router_temperature),
-        "--router-ttl", str(args.router_ttl),
-    ]  # fmt: skip
-    return [*argv, "--no-kv-events"] if args.no_kv_events else argv
 
 
 # -- tandem worker ------------------------------------------------------------------------
@@ -258,25 +239,13 @@ def add_worker(subparsers: Any) -> None:
 def run_worker(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     _use_cluster_secret(args)
-    from tandem.runtime.framing import cluster_secret
-    from tandem.runtime.tcp_plane import is_loopback
-
-    if not (cluster_secret() or args.insecure or is_loopback(args.host)):
-        print(
-            f"tandem worker: error: --host {args.host} without a cluster secret would serve"
-            " any peer that reaches it; set TANDEM_CLUSTER_SECRET (or --cluster-secret) on"
-            " every component, or pass --insecure",
-            file=sys.stderr,
-        )
-        return 2
-    from tandem.engine.async_engine import AsyncEngine
+    from tandem.deploy.child import run_worker as run
+    from tandem.deploy.specs import WorkerSpec
     from tandem.engine.model_source import (
         ModelSourceError,
         default_served_model_name,
         resolve_model,
     )
-    from tandem.worker import model_card
-    from tandem.worker.service import serve_worker
 
     device = args.device or cli._default_device()
     try:
@@ -286,28 +255,21 @@ def run_worker(args: argparse.Namespace) -> int:
     except ModelSourceError as exc:
         print(f"tandem worker: error: {exc}", file=sys.stderr)
         return 2
-    served = args.served_model_name or default_served_model_name(args.model)
-    log.info("loading %s on %s (dtype %s)", model_path, device, args.dtype)
-    engine = AsyncEngine(cli.engine_config(args, model_path, device))
-    try:
-        card = model_card(engine, served, role=args.role)
-        status = asyncio.run(
-            serve_worker(
-                engine,
-                card,
-                args.nats,
-                host=args.host,
-                port=args.port,
-                advertise_host=args.advertise_host,
-                insecure=args.insecure,
-                namespace=args.namespace,
-                lease_ttl=args.lease_ttl,
-                drain_timeout=args.drain_timeout,
-            )
-        )
-    finally:
-        engine.shutdown()
-    return status  # 1: the engine died (the worker left discovery); the launcher restarts it
+    spec = WorkerSpec(
+        engine=cli.engine_config(args, model_path, device),
+        served=args.served_model_name or default_served_model_name(args.model),
+        nats=args.nats,
+        role=args.role,
+        host=args.host,
+        port=args.port,
+        advertise_host=args.advertise_host,
+        insecure=args.insecure,
+        namespace=args.namespace,
+        lease_ttl=args.lease_ttl,
+        drain_timeout=args.drain_timeout,
+        log_level=args.log_level,
+    )
+    return run(spec)  # 1: the engine died (the worker left discovery); the supervisor restarts it
 
 
 # -- tandem frontend ----------------------------------------------------------------------
@@ -380,34 +342,62 @@ def add_frontend(subparsers: Any) -> None:
 def run_frontend(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     _use_cluster_secret(args)
-    from tandem.frontend.service import serve_frontend
+    from tandem.deploy.child import run_frontend as run
 
-    sock = _bind_or_none(args, "frontend")
-    if sock is None:
-        return 2
-    with sock:
-        asyncio.run(
-            serve_frontend(
-                args.nats,
-                sock,
-                url=f"http://{cli._url_host(args.host)}:{args.port}",
-                served_model_name=args.served_model_name,
-                tokenizer=args.tokenizer,
-                api_key=args.api_key,
-                max_waiting=args.max_waiting,
-                max_request_bytes=args.max_request_bytes,
-                max_client_rate=args.max_client_rate,
-                namespace=args.namespace,
-                min_workers=args.min_workers,
-                min_prefill_workers=args.min_prefill_workers,
-                log_level=args.log_level,
-                policy=args.router_mode,
-                router_options=router_options(args),
-                disagg=disagg_config(args),
-                migration_limit=args.migration_limit,
-            )
-        )
-    return 0
+    return run(frontend_spec(args, args.nats))
+
+
+def frontend_spec(args: argparse.Namespace, nats: str, **overrides: Any) -> Any:
+    """The FrontendSpec of the frontend and router flags in `args` (`tandem frontend`'s, or
+    `tandem serve`'s for the frontend it starts), with `overrides`."""
+    from tandem.deploy.specs import FrontendSpec
+
+    fields = dict(
+        nats=nats,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_waiting=args.max_waiting,
+        max_request_bytes=args.max_request_bytes,
+        max_client_rate=args.max_client_rate,
+        log_level=args.log_level,
+        policy=args.router_mode,
+        router_options=router_options(args),
+        disagg=disagg_config(args),
+        migration_limit=args.migration_limit,
+    )
+    for name in ("namespace", "served_model_name", "tokenizer", "min_workers",
+                 "min_prefill_workers"):  # fmt: skip
+        if hasattr(args, name):
+            fields["served" if name == "served_model_name" else name] = getattr(args, name)
+    return FrontendSpec(**{**fields, **overrides})
+
+
+def local_specs(args: argparse.Namespace, model_path: Any, served: str, device: str) -> Any:
+    """For `tandem serve --workers N` (or P prefill + D decode workers): a function of the NATS
+    URL giving the worker specs and the frontend spec that the supervisor starts."""
+    from tandem.deploy.specs import WorkerSpec
+
+    if args.prefill_workers:
+        roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
+    else:
+        roles = ["aggregated"] * args.workers
+    engine = cli.engine_config(args, model_path, device)
+
+    def specs_for(nats: str) -> tuple[list[Any], Any]:
+        workers = [
+            WorkerSpec(engine=engine, served=served, nats=nats, role=role,
+                       drain_timeout=args.drain_timeout, log_level=args.log_level)
+            for role in roles
+        ]  # fmt: skip
+        frontend = frontend_spec(
+            args, nats, served=served, tokenizer=str(model_path),
+            min_workers=args.decode_workers or args.workers,
+            min_prefill_workers=args.prefill_workers or 0,
+        )  # fmt: skip
+        return workers, frontend
+
+    return specs_for
 
 
 # -- tandem router ------------------------------------------------------------------------
@@ -445,7 +435,7 @@ def run_router(args: argparse.Namespace) -> int:
             serve_router(
                 args.nats,
                 sock,
-                url=f"http://{cli._url_host(args.host)}:{args.port}",
+                url=f"http://{url_host(args.host)}:{args.port}",
                 namespace=args.namespace,
                 policy=args.router_mode,
                 router_options=router_options(args),
@@ -465,7 +455,7 @@ def _add_listen_flags(p: argparse.ArgumentParser, port: int) -> argparse._Argume
 def _bind_or_none(args: argparse.Namespace, command: str) -> socket.socket | None:
     """The listening socket, or None after telling why it cannot be had."""
     try:
-        return cli._bind(args.host, args.port)
+        return bind_socket(args.host, args.port)
     except OSError as exc:
         print(
             f"tandem {command}: error: cannot listen on {args.host}:{args.port}: {exc}",

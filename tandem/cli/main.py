@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 
 from tandem.engine.config import ATTENTION_BACKENDS
+from tandem.http.server import bind_socket, url_host
 
 log = logging.getLogger("tandem")
 
@@ -348,7 +349,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     # The port first: a clash is reported at once, not after loading or converting the model.
     try:
-        sock = _bind(args.host, args.port)
+        sock = bind_socket(args.host, args.port)
     except OSError as exc:
         print(
             f"tandem serve: error: cannot listen on {args.host}:{args.port}: {exc}",
@@ -364,12 +365,14 @@ def _run_serve(args: argparse.Namespace) -> int:
             print(f"tandem serve: error: {exc}", file=sys.stderr)
             return 2
         if args.workers > 1 or args.nats or args.prefill_workers:
-            from tandem.cli.launcher import run_cluster
+            from tandem.cli.distributed import local_specs
+            from tandem.deploy.supervisor import run_local
             from tandem.engine.model_source import default_served_model_name
 
             sock.close()  # the frontend process binds it
             served = args.served_model_name or default_served_model_name(args.model)
-            return run_cluster(args, model_path, served)
+            specs_for = local_specs(args, model_path, served, device)
+            return run_local(specs_for, args.nats, args.drain_timeout)
         _serve(args, model_path, device, sock)
     return 0
 
@@ -409,7 +412,7 @@ async def _serve_embedded(
             max_request_bytes=args.max_request_bytes,
             max_client_rate=args.max_client_rate,
         )
-        url = f"http://{_url_host(args.host)}:{args.port}"
+        url = f"http://{url_host(args.host)}:{args.port}"
         server = ReadyServer(
             uvicorn.Config(app, log_level=args.log_level),
             ready_line=f"serving {served_name!r} at {url}/v1 (OpenAI API); Ctrl-C stops",
@@ -448,26 +451,6 @@ def engine_config(args: argparse.Namespace, model_path: Path, device: str):
     if args.kv_cache_memory is not None:
         config.kv_cache_memory_gb = args.kv_cache_memory
     return config
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound (not yet listening) to host:port; uvicorn listens on it later."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only when the
-    # listening socket says it is TCP; without it the first SSE chunk on a reused connection
-    # can wait ~40 ms for a delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def _default_device() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,3 +38,24 @@ class ReadyServer(uvicorn.Server):
         done = self.on_shutdown()
         if inspect.isawaitable(done):
             await done
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound (not yet listening) to host:port; uvicorn listens on it later."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listening socket says it is TCP; without it the first SSE chunk on a reused connection
+    # can wait ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def url_host(host: str) -> str:
+    """`host` as it goes in a URL (IPv6 in brackets)."""
+    return f"[{host}]" if ":" in host else host

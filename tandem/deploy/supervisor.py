@@ -1,8 +1,8 @@
-"""`tandem serve MODEL --workers N` (or `--prefill-workers P --decode-workers D`): distributed
-mode on one machine.
+"""The local multi-process supervisor behind `tandem serve MODEL --workers N` (or
+`--prefill-workers P --decode-workers D`): distributed mode on one machine.
 
-Starts a local nats-server (unless `--nats` names one), N `tandem worker` processes (or P with
-`--role prefill` and D with `--role decode`) and a `tandem frontend` process, and supervises
+It starts a local nats-server (unless given a NATS URL), one child per worker spec and one for
+the frontend spec (`python -m tandem.deploy.child KIND`, the spec on its stdin), and supervises
 them: a worker that exits on its own (a crash, or its engine died: it exits non-zero after
 leaving discovery) is restarted after a backoff of 1, 2, 4, ... seconds (capped); a worker
 that keeps dying (MAX_RESTARTS restarts without HEALTHY_SECONDS of uptime in between) stops
@@ -14,19 +14,16 @@ is left.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 
-from tandem.cli.distributed import frontend_argv, router_argv
-from tandem.runtime.testing import die_with_parent
+from tandem.deploy.processes import NatsServer, die_with_parent
+from tandem.deploy.specs import FrontendSpec, WorkerSpec, encode
 
 log = logging.getLogger("tandem.launcher")
 
@@ -41,89 +38,22 @@ HEALTHY_SECONDS = 60.0
 STOP_SLACK = 5.0
 
 
-def engine_argv(args: argparse.Namespace) -> list[str]:
-    """The engine and mock flags of `args`, as `tandem worker` arguments."""
-    argv = [
-        "--dtype", args.dtype,
-        "--seed", str(args.seed),
-        "--block-size", str(args.block_size),
-        "--max-num-seqs", str(args.max_num_seqs),
-        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-        "--engine", args.engine,
-        "--mock-speedup", str(args.mock_speedup),
-        "--kv-export-ttl", str(args.kv_export_ttl),
-        "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-        "--attention-backend", args.attention_backend,
-        "--load-format", args.load_format,
-        "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching",
-    ]  # fmt: skip
-    if args.enforce_eager:
-        argv.append("--enforce-eager")
-    if args.async_scheduling is not None:
-        argv.append("--async-scheduling" if args.async_scheduling else "--no-async-scheduling")
-    optional = {
-        "--device": args.device,
-        "--max-model-len": args.max_model_len,
-        "--num-gpu-blocks": args.num_gpu_blocks,
-        "--kv-cache-memory": args.kv_cache_memory,
-        "--perf-model": args.perf_model,
-    }
-    for flag, value in optional.items():
-        if value is not None:
-            argv += [flag, str(value)]
-    return argv
-
-
-class Cluster:
-    """The child processes of one `tandem serve --workers N` (or P prefill + D decode)."""
+class Supervisor:
+    """The child processes of one local deployment: workers and a frontend."""
 
     def __init__(
         self,
-        args: argparse.Namespace,
-        model_path: Path,
-        served: str,
-        nats_url: str,
+        workers: list[WorkerSpec],
+        frontend: FrontendSpec,
         *,
+        drain_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.args = args
+        self.worker_specs = workers
+        self.frontend_spec = frontend
+        self.roles = [w.role for w in workers]
+        self.drain_timeout = drain_timeout
         self._clock = clock
-        self.nats_url = nats_url
-        if args.prefill_workers:
-            self.roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
-        else:
-            self.roles = ["aggregated"] * args.workers
-        decode_workers = args.decode_workers or args.workers
-        base = [sys.executable, "-m", "tandem.cli.main"]
-        self.worker_cmd = [
-            *base, "worker", str(model_path),
-            "--nats", nats_url,
-            "--served-model-name", served,
-            "--log-level", args.log_level,
-            "--drain-timeout", str(args.drain_timeout),
-            *engine_argv(args),
-        ]  # fmt: skip
-        self.frontend_cmd = [
-            *base, "frontend",
-            "--nats", nats_url,
-            "--host", args.host,
-            "--port", str(args.port),
-            "--served-model-name", served,
-            "--tokenizer", str(model_path),
-            "--max-waiting", str(args.max_waiting),
-            "--max-request-bytes", str(args.max_request_bytes),
-            "--max-client-rate", str(args.max_client_rate),
-            "--min-workers", str(decode_workers),
-            "--min-prefill-workers", str(args.prefill_workers or 0),
-            "--log-level", args.log_level,
-            *router_argv(args),
-            *frontend_argv(args),
-        ]  # fmt: skip
-        # The API key travels in the environment, not on a command line others can read.
-        self.env = dict(os.environ)
-        self.env.pop("TANDEM_API_KEY", None)
-        if args.api_key:
-            self.env["TANDEM_API_KEY"] = args.api_key
         self.workers: list[subprocess.Popen[bytes]] = []
         self.restarts = [0] * len(self.roles)
         self.started = [0.0] * len(self.roles)  # when each worker was (re)started
@@ -132,7 +62,7 @@ class Cluster:
 
     def _spawn_worker(self, i: int) -> subprocess.Popen[bytes]:
         self.started[i] = self._clock()
-        return self._spawn([*self.worker_cmd, "--role", self.roles[i]])
+        return self._spawn("worker", self.worker_specs[i])
 
     @staticmethod
     def backoff(restart: int) -> float:
@@ -141,17 +71,24 @@ class Cluster:
 
     def start(self) -> None:
         self.workers = [self._spawn_worker(i) for i in range(len(self.roles))]
-        self.frontend = self._spawn(self.frontend_cmd)
+        self.frontend = self._spawn("frontend", self.frontend_spec)
         log.info(
             "started %s and a frontend against %s",
             ", ".join(f"{self.roles.count(r)} {r} worker(s)" for r in dict.fromkeys(self.roles)),
-            self.nats_url,
+            self.frontend_spec.nats,
         )
 
-    def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, env=self.env, preexec_fn=die_with_parent
+    def _spawn(self, kind: str, spec: WorkerSpec | FrontendSpec) -> subprocess.Popen[bytes]:
+        """The child reads its spec from the pipe (a command line is visible to others)."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.deploy.child", kind],
+            stdin=subprocess.PIPE,
+            preexec_fn=die_with_parent,
         )
+        assert proc.stdin is not None
+        with proc.stdin:
+            proc.stdin.write(encode(spec))
+        return proc
 
     def check(self) -> int | None:
         """Restart crashed workers; the exit status to stop with, or None to keep going."""
@@ -202,7 +139,7 @@ class Cluster:
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.args.drain_timeout + STOP_SLACK
+        deadline = time.monotonic() + self.drain_timeout + STOP_SLACK
         for proc in procs:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
@@ -212,10 +149,14 @@ class Cluster:
                 proc.wait()
 
 
-def run_cluster(args: argparse.Namespace, model_path: Path, served: str) -> int:
-    """Run until SIGTERM / Ctrl-C or a fatal child failure; return the exit status."""
-    from tandem.runtime.testing import NatsServer
-
+def run_local(
+    specs_for: Callable[[str], tuple[list[WorkerSpec], FrontendSpec]],
+    nats_url: str | None = None,
+    drain_timeout: float = 30.0,
+) -> int:
+    """Run until SIGTERM / Ctrl-C or a fatal child failure; return the exit status.
+    `specs_for(nats_url)` gives the children's specs once NATS is up (started here when
+    `nats_url` is None)."""
     stopping: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -223,18 +164,18 @@ def run_cluster(args: argparse.Namespace, model_path: Path, served: str) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     nats: NatsServer | None = None
-    cluster: Cluster | None = None
+    supervisor: Supervisor | None = None
     status = 0
     try:
-        url = args.nats
-        if url is None:
+        if nats_url is None:
             nats = NatsServer().start()
-            url = nats.url
-            log.info("started nats-server at %s", url)
-        cluster = Cluster(args, model_path, served, url)
-        cluster.start()
+            nats_url = nats.url
+            log.info("started nats-server at %s", nats_url)
+        workers, frontend = specs_for(nats_url)
+        supervisor = Supervisor(workers, frontend, drain_timeout=drain_timeout)
+        supervisor.start()
         while not stopping:
-            code = cluster.check()
+            code = supervisor.check()
             if code is not None:
                 status = code
                 break
@@ -242,8 +183,8 @@ def run_cluster(args: argparse.Namespace, model_path: Path, served: str) -> int:
         if stopping:
             log.info("signal %d: stopping workers and frontend", stopping[0])
     finally:
-        if cluster is not None:
-            cluster.stop()
+        if supervisor is not None:
+            supervisor.stop()
         if nats is not None:
             nats.close()
         for sig, handler in previous.items():

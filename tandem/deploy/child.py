@@ -1,0 +1,120 @@
+"""`python -m tandem.deploy.child KIND`: one child of a local deployment (KIND: worker or
+frontend), configured by the JSON spec (`tandem.deploy.specs`) on its stdin.
+
+`tandem worker` and `tandem frontend` turn their flags into the same specs and call the same
+`run_worker` / `run_frontend`, so a supervised child and a hand-started one cannot drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import msgspec
+
+from tandem.deploy.specs import FrontendSpec, WorkerSpec, decode
+
+log = logging.getLogger("tandem")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    """Serve until drained (0), or until the engine dies (1: the supervisor restarts it);
+    2 when the spec would serve beyond loopback without a cluster secret."""
+    from tandem.runtime.framing import cluster_secret
+    from tandem.runtime.tcp_plane import is_loopback
+
+    if not (cluster_secret() or spec.insecure or is_loopback(spec.host)):
+        print(
+            f"tandem worker: error: --host {spec.host} without a cluster secret would serve"
+            " any peer that reaches it; set TANDEM_CLUSTER_SECRET (or --cluster-secret) on"
+            " every component, or pass --insecure",
+            file=sys.stderr,
+        )
+        return 2
+    from tandem.engine.async_engine import AsyncEngine
+    from tandem.worker import model_card
+    from tandem.worker.service import serve_worker
+
+    config = spec.engine
+    log.info("loading %s on %s (dtype %s)", config.model, config.device, config.dtype)
+    engine = AsyncEngine(config)
+    try:
+        return asyncio.run(
+            serve_worker(
+                engine,
+                model_card(engine, spec.served, role=spec.role),
+                spec.nats,
+                host=spec.host,
+                port=spec.port,
+                advertise_host=spec.advertise_host,
+                insecure=spec.insecure,
+                namespace=spec.namespace,
+                lease_ttl=spec.lease_ttl,
+                drain_timeout=spec.drain_timeout,
+            )
+        )
+    finally:
+        engine.shutdown()
+
+
+def run_frontend(spec: FrontendSpec) -> int:
+    """Serve HTTP until a signal stops it (0); 2 when the port cannot be had."""
+    from tandem.frontend.service import serve_frontend
+    from tandem.http.server import bind_socket, url_host
+
+    try:
+        sock = bind_socket(spec.host, spec.port)
+    except OSError as exc:
+        print(
+            f"tandem frontend: error: cannot listen on {spec.host}:{spec.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    with sock:
+        asyncio.run(
+            serve_frontend(
+                spec.nats,
+                sock,
+                url=f"http://{url_host(spec.host)}:{spec.port}",
+                served_model_name=spec.served,
+                tokenizer=spec.tokenizer,
+                api_key=spec.api_key,
+                max_waiting=spec.max_waiting,
+                max_request_bytes=spec.max_request_bytes,
+                max_client_rate=spec.max_client_rate,
+                namespace=spec.namespace,
+                min_workers=spec.min_workers,
+                min_prefill_workers=spec.min_prefill_workers,
+                log_level=spec.log_level,
+                policy=spec.policy,
+                router_options=spec.router_options,
+                disagg=spec.disagg,
+                migration_limit=spec.migration_limit,
+            )
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m tandem.deploy.child worker|frontend < SPEC.json", file=sys.stderr)
+        return 2
+    try:
+        spec = decode(argv[0], sys.stdin.buffer.read())
+    except (ValueError, msgspec.DecodeError) as exc:  # ValidationError is a DecodeError
+        print(f"tandem {argv[0]}: error: bad spec: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(spec.log_level)
+    return run_worker(spec) if isinstance(spec, WorkerSpec) else run_frontend(spec)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
