@@ -879,8 +879,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " then with, side by side (serve runs with it unless off) (%(default)s)",
     )
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    e.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default",
-                   help="torch's preferred BLAS library for the engine's linears")  # fmt: skip
     e.add_argument("--kv-cache-gb", type=float, help="KV cache GiB (default: the engine sizes it)")
     e.add_argument("--max-num-seqs", type=int, help="default: the largest concurrency")
     e.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -940,8 +938,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    if args.blas != "default":
-        torch.backends.cuda.preferred_blas_library(args.blas)
     config = model_config(args.model_shape)
     vocab = config["vocab_size"]
     began = time.perf_counter()
