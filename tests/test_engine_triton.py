@@ -119,3 +119,4 @@ def test_no_kernel_compiles_once_started(tiny_llama, monkeypatch, mode):
                 ))  # fmt: skip
         eng.step()
     assert compiled == []
+

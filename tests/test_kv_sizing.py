@@ -14,3 +14,18 @@ def test_kv_budget_is_this_engines_share_capped_by_free_memory():
     # Not enough free memory for the share: what is free beside the activations.
     assert kv_budget_bytes(100 * gib, 20 * gib, 20 * gib, 16 * gib, 0.9) == 16 * gib
     assert kv_budget_bytes(100 * gib, 2 * gib, 20 * gib, 16 * gib, 0.9) == 0
+
+
+def test_the_profiling_step_keeps_every_position_inside_max_model_len():
+    """8192 budget tokens with a 1152-token RoPE table: sequences of at most 1152 tokens with
+    disjoint blocks (one 8192-token sequence read RoPE rows past the table on a GPU)."""
+    from tandem.engine.model_runner import profile_batch
+    from tandem.engine.step_inputs import build_step
+
+    batch = profile_batch(8192, 1152, 16)
+    assert sum(batch.num_tokens) == 8192 and max(batch.num_tokens) == 1152
+    tables = [b for s in batch.seqs for b in s.block_table]
+    assert len(tables) == len(set(tables)) == sum(-(-n // 16) for n in batch.num_tokens)
+    step = build_step(batch, 16)
+    assert max(step.positions) == 1151
+    assert profile_batch(100, 4096, 16).num_tokens == [100]

@@ -56,6 +56,22 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def profile_batch(tokens: int, longest: int, block_size: int) -> ScheduledBatch:
+    """A prefill of `tokens` tokens in sequences of at most `longest` (the RoPE table's
+    length), each with blocks of its own: what the scheduler makes when max_model_len is
+    below the step's token budget."""
+    seqs, sizes, first = [], [], 0
+    for i, start in enumerate(range(0, tokens, longest)):
+        size = min(longest, tokens - start)
+        seq = Sequence(f"profile-{i}", 0, [0] * size, _greedy())
+        blocks = -(-size // block_size)
+        seq.block_table = list(range(first, first + blocks))
+        first += blocks
+        seqs.append(seq)
+        sizes.append(size)
+    return ScheduledBatch(seqs, sizes)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf: PretrainedConfig, eos_token_ids: set[int]):
         self.config = config
@@ -142,13 +158,11 @@ class ModelRunner:
         """Run the largest prefill step the scheduler can make (its temporary KV blocks count
         as activations: a little conservative), then size the cache by `kv_budget_bytes`."""
         tokens = self.config.max_num_batched_tokens
-        self.attention = self._make_backend(-(-tokens // self.block_size))
+        batch = profile_batch(tokens, self.model.rope.shape[0], self.block_size)
+        self.attention = self._make_backend(sum(len(s.block_table) for s in batch.seqs))
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        seq = Sequence("profile", 0, [0] * tokens, _greedy())
-        seq.block_table = list(range(-(-tokens // self.block_size)))
-        batch = ScheduledBatch([seq], [tokens])
         step = build_step(batch, self.block_size)
         with torch.inference_mode():
             hidden = self._forward(step)
