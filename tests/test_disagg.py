@@ -274,9 +274,8 @@ def test_the_decode_worker_refuses_exports_and_the_prefill_worker_imports(pair):
         async with disagg_cluster(*pair()) as c:
             req = request("x", prompt_of(3, 20))
             with pytest.raises(Exception, match="exports no KV"):
-                await tokens(
-                    c.remote._stream(c.remote.pool, msgspec.structs.replace(req, kv_export=True))
-                )
+                export = msgspec.structs.replace(req, kv_export=True)
+                await tokens(c.remote.stream_from(c.remote.pool, export))
 
     asyncio.run(main())
 

@@ -135,12 +135,12 @@ class AsyncEngine:
 
     async def release_export(self, request_id: str) -> int:
         """Free the blocks an exported request holds; how many there were (0: none left)."""
-        return await self._in_engine(self.core.release_export, request_id)
+        return await self._in_engine(self.core.handoff.release_export, request_id)
 
     async def touch_export(self, request_id: str) -> list[int]:
         """An exported request's blocks, kept for another full hold (a pull is starting);
         KeyError if they were released or expired."""
-        return await self._in_engine(self.core.touch_export, request_id)
+        return await self._in_engine(self.core.handoff.touch_export, request_id)
 
     def kv_caches(self) -> tuple[Any, Any] | None:
         """The K and V cache tensors (None for the mock engine). Blocks held for export are
@@ -152,7 +152,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         try:
             give_up = loop.time() + IMPORT_ROOM_WAIT
-            while (plan := await self._in_engine(self.core.reserve_import, rid)) is None:
+            while (plan := await self._in_engine(self.core.handoff.reserve_import, rid)) is None:
                 if loop.time() > give_up:
                     raise TimeoutError(f"no free KV blocks within {IMPORT_ROOM_WAIT:.0f} s")
                 await asyncio.sleep(0.005)
@@ -161,10 +161,10 @@ class AsyncEngine:
             payload = await asyncio.wait_for(
                 source.fetch(params, indices), self.kv_transfer_timeout
             )
-            modelled = self.core.modelled_transfer_s(len(indices))
+            modelled = self.core.handoff.modelled_transfer_s(len(indices))
             if modelled > 0:  # the mock engine: the transfer takes the time its model says
                 await asyncio.sleep(max(0.0, modelled - (time.perf_counter() - started)))
-            await self._in_engine(self.core.finish_import, rid, payload, dst)
+            await self._in_engine(self.core.handoff.finish_import, rid, payload, dst)
         except (asyncio.CancelledError, EngineDeadError):
             raise  # the dead loop fails the stream too; nothing to fall back on
         except Exception as exc:
@@ -176,7 +176,7 @@ class AsyncEngine:
                 type(exc).__name__,
                 exc,
             )
-            self._commands.put(("call", (self.core.fallback_import, (rid,), None, None)))
+            self._commands.put(("call", (self.core.handoff.fallback_import, (rid,), None, None)))
         finally:
             task = loop.create_task(source.release(params))
             self._tasks.add(task)
@@ -270,7 +270,7 @@ class AsyncEngine:
                 block = not self.core.has_work()
                 if not self._apply_commands(block):
                     break
-                for rid in self.core.expire_exports():
+                for rid in self.core.handoff.expire_exports():
                     log.warning("request %s: no decode worker took its KV in time; freed", rid)
                 outputs = self.core.step() if self.core.has_work() else []
                 self._publish()  # before delivering: a caller that sees an output sees its stats
@@ -306,7 +306,7 @@ class AsyncEngine:
         most). False means stop."""
         while True:
             timeout = None
-            if block and (deadline := self.core.next_export_deadline()) is not None:
+            if block and (deadline := self.core.handoff.next_export_deadline()) is not None:
                 timeout = max(0.0, deadline - time.monotonic())
             try:
                 kind, arg = self._commands.get(block=block, timeout=timeout)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from numbers import Integral
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig
+from tandem.engine.kv_handoff import KvHandoff
 from tandem.engine.loader import load_config, resolve_dtype
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models.llama import head_dim_of
@@ -93,16 +93,14 @@ class EngineCore:
             head_dim=head_dim_of(hf),
             dtype=str(dtype).removeprefix("torch."),
         )
-        # Disaggregation. Prefill role: requests whose KV waits for a decode worker, with the
-        # monotonic time at which their blocks are freed anyway. Decode role: requests whose
-        # KV is being pulled, with the blocks reserved for it.
-        self.kv_export_ttl = config.kv_export_ttl
-        self.exporting: set[str] = set()
-        self.exports: dict[str, tuple[Sequence, float]] = {}
-        self.importing: dict[str, Sequence] = {}
-        self.kv_exports_expired = 0
-        self.kv_imports = 0
-        self.kv_import_fallbacks = 0
+        self.handoff = KvHandoff(
+            self.block_manager,
+            self.scheduler,
+            self.kv_layout,
+            config.kv_export_ttl,
+            self.kv_caches,
+            getattr(self.runner, "transfer_ms", None),
+        )
         log.info(
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len %d, dtype %s, %s",
             config.model,
@@ -246,9 +244,9 @@ class EngineCore:
         seqs[0].token_ids += request.output_token_ids  # a migrated request goes on after them
         self.requests[request.request_id] = seqs
         if request.kv_export:
-            self.exporting.add(request.request_id)
+            self.handoff.exporting.add(request.request_id)
         if request.kv_import is not None:
-            self._prepare_import(seqs[0], request.kv_import)
+            self.handoff.prepare_import(seqs[0], request.kv_import)
             return
         for seq in seqs:
             self.scheduler.add(seq)
@@ -257,10 +255,8 @@ class EngineCore:
         """Stop all of a request's sequences, or only sequence `index` of its `n`."""
         seqs = self.requests.get(request_id, [])
         outputs = []
-        importing = self.importing.pop(request_id, None)
+        importing = self.handoff.abort_import(request_id)
         if importing is not None:
-            self.block_manager.free_seq(importing)
-            importing.status = Status.FINISHED
             outputs.append(self._output(importing, [], "abort"))
         for seq in seqs:
             if not seq.is_finished and index in (None, seq.index):
@@ -268,7 +264,7 @@ class EngineCore:
                 outputs.append(self._output(seq, [], "abort"))
         if all(s.is_finished for s in seqs):
             self.requests.pop(request_id, None)
-            self.exporting.discard(request_id)
+            self.handoff.exporting.discard(request_id)
         return outputs
 
     def has_work(self) -> bool:
@@ -309,7 +305,7 @@ class EngineCore:
         return self.async_scheduling and all(
             not penalised(s.sampling)
             and s.sampling.logprobs is None
-            and s.request_id not in self.exporting
+            and s.request_id not in self.handoff.exporting
             for s in batch.seqs
         )
 
@@ -349,7 +345,7 @@ class EngineCore:
                 seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
             delta = [token]
-            export = reason is None and seq.request_id in self.exporting
+            export = reason is None and seq.request_id in self.handoff.exporting
             if reason or export:
                 if export:
                     self.scheduler.detach(seq)  # off the batch, its blocks kept for transfer
@@ -358,10 +354,10 @@ class EngineCore:
                 seqs_of_request = self.requests.get(seq.request_id, [])
                 if all(s.is_finished for s in seqs_of_request):
                     self.requests.pop(seq.request_id, None)
-                    self.exporting.discard(seq.request_id)
+                    self.handoff.exporting.discard(seq.request_id)
             out = self._output(seq, delta, reason, [logprob] if logprob is not None else None)
             if export:
-                out.kv_transfer = self._export(seq)
+                out.kv_transfer = self.handoff.export(seq)
             outputs.append(out)
         return outputs
 
@@ -386,108 +382,11 @@ class EngineCore:
             num_cached_tokens=seq.num_cached_tokens,
         )
 
-    # -- disaggregation ----------------------------------------------------------------
-
     def kv_caches(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The K and V caches, `[layers, blocks, block_size, kv_heads, head_dim]` (the layout
         `kv_layout` names); None for the mock engine, which holds no KV data."""
         attention = getattr(self.runner, "attention", None)
         return (attention.k_cache, attention.v_cache) if attention is not None else None
-
-    def _export(self, seq: Sequence) -> KvTransferParams:
-        """Hold a prefilled sequence's blocks until `release_export` or the deadline."""
-        self.exports[seq.request_id] = (seq, time.monotonic() + self.kv_export_ttl)
-        return KvTransferParams(
-            request_id=seq.request_id,
-            block_ids=list(seq.block_table),
-            num_tokens=seq.num_computed_tokens,
-            layout=self.kv_layout,
-            token_ids=seq.output_ids,
-            rng_state=None,  # unused: seeded noise follows from the tokens (sampling_noise)
-            expires_in=self.kv_export_ttl,
-        )
-
-    def release_export(self, request_id: str) -> int:
-        """Free an exported request's blocks (the decode side has them); how many were held."""
-        entry = self.exports.pop(request_id, None)
-        if entry is None:
-            return 0
-        seq = entry[0]
-        held = len(seq.block_table)
-        self.block_manager.free_seq(seq)
-        return held
-
-    def touch_export(self, request_id: str) -> list[int]:
-        """An exported request's blocks, its deadline pushed back by a full hold (a transfer
-        is starting). KeyError once released or expired: nobody may read them then."""
-        entry = self.exports.get(request_id)
-        if entry is None:
-            raise KeyError(f"request {request_id!r} holds no exported KV (released or expired)")
-        seq, deadline = entry
-        self.exports[request_id] = (seq, max(deadline, time.monotonic() + self.kv_export_ttl))
-        return list(seq.block_table)
-
-    def expire_exports(self, now: float | None = None) -> list[str]:
-        """Free the exports whose deadline passed: their decode worker never confirmed."""
-        now = time.monotonic() if now is None else now
-        expired = [rid for rid, (_, deadline) in self.exports.items() if deadline <= now]
-        for rid in expired:
-            self.release_export(rid)
-        self.kv_exports_expired += len(expired)
-        return expired
-
-    def next_export_deadline(self) -> float | None:
-        return min((d for _, d in self.exports.values()), default=None)
-
-    def modelled_transfer_s(self, num_blocks: int) -> float:
-        """The mock engine's modelled time to move `num_blocks` blocks; 0 for the real one."""
-        transfer_ms = getattr(self.runner, "transfer_ms", None)
-        if transfer_ms is None:
-            return 0.0
-        return transfer_ms(num_blocks * self.kv_layout.block_bytes) / 1000.0
-
-    def _prepare_import(self, seq: Sequence, params: KvTransferParams) -> None:
-        """Continue from the sampled tokens; seeded noise continues with them, as its position
-        is the number of output tokens (`params.rng_state` is ignored)."""
-        seq.token_ids += params.token_ids
-        self.importing[seq.request_id] = seq
-
-    def reserve_import(self, request_id: str) -> tuple[list[int], list[int]] | None:
-        """Allocate the blocks an imported prompt's KV goes into, reusing what this engine's
-        prefix cache already holds. Returns which of the source's blocks to pull (indices
-        into `block_ids`) and the local blocks they go to; None while no room is free."""
-        seq = self.importing.get(request_id)
-        if seq is None:
-            raise KeyError(f"request {request_id!r} is not importing")
-        if seq.block_table:
-            raise RuntimeError(f"request {request_id!r} already has its blocks")
-        prompt = seq.num_prompt_tokens
-        hits = self.block_manager.match_prefix(seq)[: prompt // self.config.block_size]
-        if not self.block_manager.allocate(seq, prompt - len(hits) * self.config.block_size, hits):
-            return None
-        return list(range(len(hits), len(seq.block_table))), seq.block_table[len(hits) :]
-
-    def finish_import(self, request_id: str, payload, dst: list[int]) -> None:
-        """The pulled blocks are in; `payload.write_into(k, v, dst)` copies them into the
-        cache. The sequence then joins the batch as if it had computed its prompt here."""
-        seq = self.importing[request_id]
-        caches = self.kv_caches()
-        if payload is not None and caches is not None:
-            payload.write_into(caches[0], caches[1], dst)
-        del self.importing[request_id]
-        seq.num_computed_tokens = seq.num_prompt_tokens
-        self.block_manager.commit(seq)
-        self.scheduler.add(seq)
-        self.kv_imports += 1
-
-    def fallback_import(self, request_id: str) -> None:
-        """The transfer failed: compute the prompt here instead (same tokens, same seed)."""
-        seq = self.importing.pop(request_id, None)
-        if seq is None:
-            return
-        self.block_manager.free_seq(seq)
-        self.scheduler.add(seq)
-        self.kv_import_fallbacks += 1
 
     def stats(self) -> LoadStats:
         bm = self.block_manager
@@ -500,9 +399,9 @@ class EngineCore:
             queued_prefill_tokens=self.scheduler.queued_prefill_tokens(),
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
-            kv_imports=self.kv_imports,
-            kv_import_fallbacks=self.kv_import_fallbacks,
-            kv_exports_expired=self.kv_exports_expired,
+            kv_imports=self.handoff.imports,
+            kv_import_fallbacks=self.handoff.import_fallbacks,
+            kv_exports_expired=self.handoff.exports_expired,
         )
 
     def take_kv_events(self) -> list[KvEvent]:

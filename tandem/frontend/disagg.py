@@ -9,16 +9,20 @@ the decode worker, as in aggregated serving.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import msgspec
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tandem.protocol import GenerateRequest
-from tandem.router.pool import WorkerPool
+from tandem.protocol import GenerateOutput, GenerateRequest, KvTransferParams
+from tandem.router.pool import NoWorkers, WorkerPool
+
+log = logging.getLogger(__name__)
 
 #: Decode workers above this KV usage have no room to prefill for a busy prefill pool.
 DECODE_ROOM_USAGE = 0.8
@@ -109,3 +113,37 @@ class DisaggCollector(Collector):
         for reason, n in sorted(self._fallbacks.items()):
             fallbacks.add_metric([reason], n)
         yield fallbacks
+
+
+async def prefill_then_decode(
+    engine: Any, request: GenerateRequest, hashes: list[int] | None
+) -> AsyncIterator[GenerateOutput]:
+    """Prefill (and first token) on a prefill worker, the rest on a decode worker. `engine`
+    is the RemoteEngine: its `stream_from(pool, request, hashes)`, pools, fallback counts and
+    `release_export` (of blocks no decode worker will take)."""
+    params: KvTransferParams | None = None
+    handed_over = False
+    export = msgspec.structs.replace(request, kv_export=True)
+    try:
+        try:
+            async for out in engine.stream_from(engine.prefill, export, hashes):
+                if out.kv_transfer is not None:
+                    params, out.kv_transfer = out.kv_transfer, None
+                yield out
+        except NoWorkers as exc:
+            if params is not None:
+                raise
+            engine.fallbacks["prefill_unavailable"] += 1
+            log.warning("request %s: %s; prefilling on a decode worker", request.request_id, exc)
+            async for out in engine.stream_from(engine.pool, request, hashes):
+                yield out
+            return
+        if params is None:  # finished with its first token: nothing to decode
+            return
+        imported = msgspec.structs.replace(request, kv_import=params)
+        async for out in engine.stream_from(engine.pool, imported, hashes):
+            handed_over = True  # the decode worker pulls and releases from now on
+            yield out
+    finally:
+        if params is not None and not handed_over:
+            engine.release_export(params)

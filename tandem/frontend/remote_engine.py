@@ -41,9 +41,12 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
-
-from tandem.frontend.disagg import DisaggCollector, DisaggConfig, DisaggPlanner
+from tandem.frontend.disagg import (
+    DisaggCollector,
+    DisaggConfig,
+    DisaggPlanner,
+    prefill_then_decode,
+)
 from tandem.frontend.migration import MIGRATION_LIMIT, Migration, WorkerLost
 from tandem.protocol import GenerateOutput, GenerateRequest, KvTransferParams, LoadStats
 from tandem.protocol.worker import (
@@ -181,61 +184,28 @@ class RemoteEngine:
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         if request.output_token_ids:  # migrated: recomputed where it goes on
-            outputs = self._stream(self.pool, request)
+            outputs = self.stream_from(self.pool, request)
             async with contextlib.aclosing(outputs):
                 async for out in outputs:
                     yield out
             return
         plan = self.planner.plan(request)
         if plan.path == "remote":
-            outputs = self._disaggregated(request, plan.hashes)
+            outputs = prefill_then_decode(self, request, plan.hashes)
         else:
-            outputs = self._stream(self.pool, request, plan.hashes)
+            outputs = self.stream_from(self.pool, request, plan.hashes)
         async with contextlib.aclosing(outputs):
             async for out in outputs:
                 yield out
 
-    async def _disaggregated(
-        self, request: GenerateRequest, hashes: list[int] | None
-    ) -> AsyncIterator[GenerateOutput]:
-        """Prefill (and first token) on a prefill worker, the rest on a decode worker."""
-        params: KvTransferParams | None = None
-        handed_over = False
-        export = msgspec.structs.replace(request, kv_export=True)
-        try:
-            try:
-                async for out in self._stream(self.prefill, export, hashes):
-                    if out.kv_transfer is not None:
-                        params, out.kv_transfer = out.kv_transfer, None
-                    yield out
-            except NoWorkers as exc:
-                if params is not None:
-                    raise
-                self.fallbacks["prefill_unavailable"] += 1
-                log.warning(
-                    "request %s: %s; prefilling on a decode worker", request.request_id, exc
-                )
-                async for out in self._stream(self.pool, request, hashes):
-                    yield out
-                return
-            if params is None:  # finished with its first token: nothing to decode
-                return
-            imported = msgspec.structs.replace(request, kv_import=params)
-            async for out in self._stream(self.pool, imported, hashes):
-                handed_over = True  # the decode worker pulls and releases from now on
-                yield out
-        finally:
-            if params is not None and not handed_over:
-                self._release(params)
-
-    def _release(self, params: KvTransferParams) -> None:
+    def release_export(self, params: KvTransferParams) -> None:
         """Free exported blocks that no decode worker will take (in the background)."""
 
         task = asyncio.get_running_loop().create_task(release_kv(self._client, params))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _stream(
+    async def stream_from(
         self, pool: WorkerPool, request: GenerateRequest, hashes: list[int] | None = None
     ) -> AsyncIterator[GenerateOutput]:
         """Run `request` on a worker of `pool`, retrying others while none has produced
