@@ -9,7 +9,8 @@ each phase: admitted requests' TTFT p50/p99, how many got 503 and how fast, the 
 The load generator's own event loop is busy with thousands of SSE events a second, so its
 timing of a 503 includes its own lag. A second, quiet process (this script with `--prober`)
 sends one small request every 50 ms during each phase and times the 503s it gets: "503 p99
-(prober)" is the server's rejection latency as a lightly loaded client sees it.
+(prober)" is the server's rejection latency as a lightly loaded client sees it; its served
+one-token requests give the TTFT ratio the same way.
 
     python benchmarks/overload.py [--duration 20] [--max-waiting 64]
 """
@@ -123,8 +124,11 @@ def start_prober(base: str, seconds: float) -> subprocess.Popen:
 
 def prober_rejections(proc: subprocess.Popen) -> dict[str, Any]:
     out, _ = proc.communicate(timeout=120)
-    times = [t for status, t in json.loads(out) if status == 503]
-    return {"rejected": len(times), "rejection_ms": describe(times, 1e3)}
+    replies = json.loads(out)
+    times = [t for status, t in replies if status == 503]
+    served = [t for status, t in replies if status == 200]  # one token: latency ~ TTFT
+    return {"rejected": len(times), "rejection_ms": describe(times, 1e3),
+            "served_ms": describe(served, 1e3)}  # fmt: skip
 
 
 def main() -> None:
@@ -172,6 +176,9 @@ def main() -> None:
               f" {min(limit):5.0f}-{max(limit):<5.0f}"
               f" {s['prober']['rejection_ms']['p99']:16.1f}")  # fmt: skip
     ratio = phases["3x"]["ttft_ms"]["p99"] / phases["0.25x"]["ttft_ms"]["p99"]
+    quiet = [phases[x]["prober"]["served_ms"]["p99"] for x in ("0.25x", "3x")]
+    print(f"prober (a quiet client, 16-token prompts, 1 token): served p99 {quiet[0]:.1f} ms"
+          f" unloaded, {quiet[1]:.1f} ms at 3x: {quiet[1] / quiet[0]:.2f}x")
     rss_all = [m for s in phases.values() for _, m in s["rss_mib"]]
     print(f"admitted TTFT p99 at 3x / unloaded: {ratio:.2f}x (target <= 2);"
           f" frontend RSS {rss_all[0]:.0f} -> {rss_all[-1]:.0f} MiB")
