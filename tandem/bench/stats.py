@@ -26,27 +26,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from tandem.bench.records import ERROR_CANCELLED, ERROR_HTTP, RequestRecord
 
 PERCENTILES = (50, 90, 99)
 ITL_STATS = ("mean", "p50", "p90", "p99", "max")
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The q-th percentile of sorted data, interpolating linearly between ranks.
-
-    Same definition as numpy's default (`method="linear"`): rank (n-1)·q/100.
-    """
-    n = len(sorted_values)
-    if n == 0:
-        return math.nan
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile, interpolating linearly between ranks (numpy's default); NaN for
+    no data."""
     if not 0 <= q <= 100:
         raise ValueError("percentile must be in [0, 100]")
-    pos = (n - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+    return float(np.percentile(values, q)) if len(values) else math.nan
 
 
 def describe(values: Iterable[float], scale: float = 1.0) -> dict[str, float | int]:

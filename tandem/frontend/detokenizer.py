@@ -2,14 +2,16 @@
 
 Decoding each new token on its own is wrong in two ways: a multi-byte UTF-8 character split
 over several byte-level tokens decodes to U+FFFD halves, and SentencePiece tokenizers drop or
-add spaces depending on what precedes a token. So, as vLLM does, we decode a short window of
-previous tokens plus the new ones and emit only the part of the text past the window's
-previously decoded text, and only once that text no longer ends in an incomplete character.
+add spaces depending on what precedes a token. `tokenizers`' `DecodeStream` does it right (a
+short window of previous tokens, text released once its characters are complete) in Rust:
+~0.7 us a token against ~5.5 us for the same algorithm in Python (/tmp bench on SmolLM2).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from tokenizers.decoders import DecodeStream
 
 REPLACEMENT = "\ufffd"
 # Prompt tokens decoded as context, so the first generated token gets the spacing it would
@@ -21,10 +23,9 @@ class IncrementalDetokenizer:
     """Turns a sequence's generated token ids into text deltas.
 
     The concatenation of every `push` and the final `flush` equals decoding the generated
-    tokens after the prompt's tail, and no delta ends in half a character: trailing U+FFFD
-    (bytes of a character still incomplete) is held back until more tokens settle it. Byte-level
-    BPE merges across character boundaries, so a character can stay incomplete over many
-    tokens; the text before it is released meanwhile.
+    tokens after the prompt's tail, and no delta ends in half a character: bytes of a
+    character still incomplete are held back until more tokens settle it (or `flush`, at the
+    end, releases them as U+FFFD, as a full decode would).
     """
 
     def __init__(
@@ -35,47 +36,44 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
     ) -> None:
         self._tokenizer = tokenizer
+        self._backend = tokenizer.backend_tokenizer  # a fast (Rust) tokenizer
         self._skip_special = skip_special_tokens
-        self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:])
-        # ids[prefix_offset:read_offset] is context whose text is settled ("prefix text");
-        # ids[read_offset:] are newer tokens, of whose text `_released` chars are emitted.
-        self._prefix_offset = 0
-        self._read_offset = len(self._ids)
-        self._prefix_len: int | None = None
-        self._released = 0
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        context = prompt_token_ids[-_PROMPT_CONTEXT:]
+        held = 0  # context tokens at the end whose text the stream still holds back
+        for token in context:
+            held = 0 if self._stream.step(self._backend, token) is not None else held + 1
+        # The prompt's own share of the held text (say, U+FFFD of bytes that never complete
+        # a character) comes out with the first generated text: drop it there.
+        self._drop = 0
+        if held:
+            self._drop = len(self._decode(context)) - len(self._decode(context[:-held]))
+        self._held: list[int] = []  # generated tokens whose text the stream holds back
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(
-            ids,
-            skip_special_tokens=self._skip_special,
-            clean_up_tokenization_spaces=False,
+            ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False
         )
 
     def push(self, token_ids: list[int]) -> str:
         """Add generated tokens; return the text that is now stable (maybe empty)."""
-        self._ids.extend(token_ids)
-        return self._advance(final=False)
+        out = []
+        for token in token_ids:
+            text = self._stream.step(self._backend, token)
+            if text is None:
+                self._held.append(token)
+            else:
+                out.append(text)
+                self._held.clear()
+        text = "".join(out)
+        if self._drop and text:
+            text, self._drop = text[self._drop :], max(0, self._drop - len(text))
+        return text
 
     def flush(self) -> str:
         """Return whatever text is still held back; call once when the sequence ends."""
-        return self._advance(final=True)
-
-    def _advance(self, *, final: bool) -> str:
-        if self._read_offset >= len(self._ids):
-            return ""
-        if self._prefix_len is None:
-            self._prefix_len = len(self._decode(self._ids[self._prefix_offset : self._read_offset]))
-        new_text = self._decode(self._ids[self._prefix_offset :])
-        stable = new_text if final else new_text.rstrip(REPLACEMENT)
-        start = self._prefix_len + self._released
-        out = stable[start:] if len(stable) > start else ""
-        if len(stable) == len(new_text):
-            # Everything decoded cleanly: slide the window so that decoding stays O(1) tokens.
-            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-            self._prefix_len, self._released = None, 0
-        else:
-            self._released += len(out)
-        return out
+        held, self._held = self._held, []
+        return self._decode(held) if held else ""
 
 
 class StopStringMatcher:
