@@ -10,12 +10,11 @@ import argparse
 import asyncio
 import logging
 import os
-import socket
 import sys
 from typing import Any
 
 from tandem.cli import main as cli
-from tandem.http.server import bind_socket, url_host
+from tandem.http.server import bind_or_report, url_host
 from tandem.runtime.nats_client import NATS_ENV
 
 log = logging.getLogger("tandem")
@@ -427,7 +426,7 @@ def run_router(args: argparse.Namespace) -> int:
     _use_cluster_secret(args)
     from tandem.router.service import serve_router
 
-    sock = _bind_or_none(args, "router")
+    sock = bind_or_report(args.host, args.port, "router")
     if sock is None:
         return 2
     with sock:
@@ -450,18 +449,6 @@ def _add_listen_flags(p: argparse.ArgumentParser, port: int) -> argparse._Argume
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
     net.add_argument("--port", type=cli._port, default=port, help="TCP port (%(default)s)")
     return net
-
-
-def _bind_or_none(args: argparse.Namespace, command: str) -> socket.socket | None:
-    """The listening socket, or None after telling why it cannot be had."""
-    try:
-        return bind_socket(args.host, args.port)
-    except OSError as exc:
-        print(
-            f"tandem {command}: error: cannot listen on {args.host}:{args.port}: {exc}",
-            file=sys.stderr,
-        )
-        return None
 
 
 def _setup_logging(level: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import uvicorn
 
 from tandem.engine.config import ATTENTION_BACKENDS
-from tandem.http.server import bind_socket, url_host
+from tandem.http.server import bind_or_report, url_host
 
 log = logging.getLogger("tandem")
 
@@ -348,13 +348,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         print("tandem serve: error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
         return 2
     # The port first: a clash is reported at once, not after loading or converting the model.
-    try:
-        sock = bind_socket(args.host, args.port)
-    except OSError as exc:
-        print(
-            f"tandem serve: error: cannot listen on {args.host}:{args.port}: {exc}",
-            file=sys.stderr,
-        )
+    sock = bind_or_report(args.host, args.port, "serve")
+    if sock is None:
         return 2
     with sock:
         try:

@@ -67,15 +67,10 @@ def run_worker(spec: WorkerSpec) -> int:
 def run_frontend(spec: FrontendSpec) -> int:
     """Serve HTTP until a signal stops it (0); 2 when the port cannot be had."""
     from tandem.frontend.service import serve_frontend
-    from tandem.http.server import bind_socket, url_host
+    from tandem.http.server import bind_or_report, url_host
 
-    try:
-        sock = bind_socket(spec.host, spec.port)
-    except OSError as exc:
-        print(
-            f"tandem frontend: error: cannot listen on {spec.host}:{spec.port}: {exc}",
-            file=sys.stderr,
-        )
+    sock = bind_or_report(spec.host, spec.port, "frontend")
+    if sock is None:
         return 2
     with sock:
         asyncio.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -54,6 +55,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def bind_or_report(host: str, port: int, command: str) -> socket.socket | None:
+    """`bind_socket`, or None after telling stderr why `tandem COMMAND` cannot listen."""
+    try:
+        return bind_socket(host, port)
+    except OSError as exc:
+        print(f"tandem {command}: error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return None
 
 
 def url_host(host: str) -> str:
