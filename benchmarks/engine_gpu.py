@@ -40,7 +40,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +64,7 @@ from tandem.bench.dummy_model import (
     num_parameters,
     write_model_folder,
 )
+from tandem.deploy.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -499,11 +499,6 @@ def summarize_traces(name: str, traces: list[Trace]) -> dict[str, Any]:
 
 # -- 4. tandem serve + tandem bench -----------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_command(*args: str) -> list[str]:

@@ -32,7 +32,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from tandem.bench.runner import Arrival, Bounds, run_load
 from tandem.bench.stats import Slo, summarize
 from tandem.bench.tokens import TokenSpace
 from tandem.bench.workloads import LengthDist, SyntheticWorkload
+from tandem.deploy.processes import free_port
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -68,12 +68,6 @@ def model_folder(arg: str | None, tmp: Path) -> tuple[Path, str]:
 
         print(f"demo model unavailable ({exc}); using a tiny random model", file=sys.stderr)
         return make_tiny_model(tmp / "tiny", "llama"), "tiny llama (random)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tandem.cli import main as cli
+from tandem.deploy.processes import free_port
 from tandem.engine import model_source
 from tandem.engine.model_source import ModelSourceError, resolve_model
 from tandem.engine.testing import make_tiny_model
@@ -228,17 +229,11 @@ def test_console_script_is_installed() -> None:
     assert "serve" in result.stdout and "bench" in result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_end_to_end(tmp_path: Path) -> None:
     """`tandem serve` in its own process: /health, one chat completion, API key, SIGTERM."""
     pytest.importorskip("tandem.frontend.server", reason="tandem.frontend.server not built yet")
     model = make_tiny_model(tmp_path / "tiny")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     env = {**os.environ, "TANDEM_API_KEY": "test-key"}
     with open(log_path, "w") as log:
