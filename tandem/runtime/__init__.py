@@ -27,7 +27,8 @@ from tandem.runtime.event_plane import EventPlane, MemoryEventPlane, Subscriptio
 from tandem.runtime.local_plane import LocalRequestClient, LocalRequestPlane, LocalRequestServer
 from tandem.runtime.messages import InstanceInfo
 from tandem.runtime.request_plane import RequestClient, RequestServer, ResponseStream
-from tandem.runtime.tcp_plane import TcpRequestClient, TcpRequestServer
+from tandem.runtime.tcp_client import TcpRequestClient
+from tandem.runtime.tcp_server import TcpRequestServer
 
 __all__ = [
     "DEFAULT_LEASE_TTL",

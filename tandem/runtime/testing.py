@@ -53,7 +53,7 @@ async def _serve_tokens(delay: float, host: str, nats_url: str | None, ttl: floa
 
     from tandem.runtime.addressing import new_instance_id
     from tandem.runtime.messages import InstanceInfo
-    from tandem.runtime.tcp_plane import TcpRequestServer
+    from tandem.runtime.tcp_server import TcpRequestServer
 
     server = TcpRequestServer(host)
 
