@@ -1,7 +1,7 @@
 """FrameProtocol's receive side, fed the way asyncio feeds a BufferedProtocol (`get_buffer`, then
 `buffer_updated`) with the byte stream cut at arbitrary places: every frame comes out whole and in
 order, whatever the cuts, small frames from the shared receive buffer and large ones from their
-own, and oversized frames are skipped with their first bytes reported."""
+own, and oversized frames are skipped with their stream id reported."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from tandem.runtime.framing import (
     LARGE_FRAME,
     PREFACE,
     RECV_BYTES,
-    REJECT_HEAD,
     FrameProtocol,
     cluster_token,
+    frame_header,
 )
 
 MAX_FRAME = 1 << 20
@@ -24,22 +24,22 @@ MAX_FRAME = 1 << 20
 class Recorder(FrameProtocol):
     def __init__(self) -> None:
         super().__init__(MAX_FRAME, expect_preface=True)
-        self.frames: list[bytes] = []
-        self.rejected: list[tuple[str, bytes]] = []
+        self.frames: list[tuple[int, bytes]] = []
+        self.rejected: list[tuple[str, int]] = []
         self.prefaced = False
 
     def preface_received(self) -> None:
         self.prefaced = True
 
-    def frame_received(self, frame: bytes | bytearray) -> None:
-        self.frames.append(bytes(frame))
+    def frame_received(self, stream_id: int, frame: bytes | bytearray) -> None:
+        self.frames.append((stream_id, bytes(frame)))
 
-    def frame_rejected(self, reason: str, head: bytes) -> None:
-        self.rejected.append((reason, head))
+    def frame_rejected(self, reason: str, stream_id: int) -> None:
+        self.rejected.append((reason, stream_id))
 
 
-def framed(payload: bytes) -> bytes:
-    return len(payload).to_bytes(4, "big") + payload
+def framed(payload: bytes, stream_id: int = 7) -> bytes:
+    return frame_header(len(payload), stream_id) + payload
 
 
 def feed(protocol: FrameProtocol, data: bytes, cuts: random.Random | int) -> None:
@@ -66,16 +66,17 @@ def payloads(rng: random.Random) -> list[bytes]:
 def test_frames_survive_any_cut_of_the_stream(seed: int) -> None:
     rng = random.Random(seed)
     sent = payloads(rng)
-    oversized = b"\x92\x05" + rng.randbytes(MAX_FRAME + 1 - 2)  # starts like a frame of stream 5
-    stream = b"".join(framed(p) for p in sent[:150]) + framed(oversized)
-    stream += b"".join(framed(p) for p in sent[150:])
+    oversized = rng.randbytes(MAX_FRAME + 1)
+    stream = b"".join(framed(p, i) for i, p in enumerate(sent[:150]))
+    stream += framed(oversized, 2**32 - 1)
+    stream += b"".join(framed(p, i) for i, p in enumerate(sent[150:], 150))
     protocol = Recorder()
     feed(protocol, PREFACE + cluster_token(None) + stream, rng)
     assert protocol.prefaced
-    assert protocol.frames == sent
-    [(reason, head)] = protocol.rejected
+    assert protocol.frames == list(enumerate(sent))
+    [(reason, stream_id)] = protocol.rejected
     assert f"frame of {MAX_FRAME + 1} bytes exceeds the limit" in reason
-    assert head == oversized[:REJECT_HEAD]
+    assert stream_id == 2**32 - 1
 
 
 def test_byte_by_byte_and_in_whole_buffers() -> None:
@@ -84,7 +85,7 @@ def test_byte_by_byte_and_in_whole_buffers() -> None:
     for cut in (1, RECV_BYTES):
         protocol = Recorder()
         feed(protocol, PREFACE + cluster_token(None) + b"".join(framed(p) for p in sent), cut)
-        assert protocol.frames == sent
+        assert [frame for _, frame in protocol.frames] == sent
 
 
 def test_a_stream_without_the_preface_is_refused() -> None:

@@ -22,8 +22,8 @@ from tandem.runtime import (
     TcpRequestClient,
     TcpRequestServer,
 )
-from tandem.runtime.framing import PREFACE, cluster_token, encode_frame
-from tandem.runtime.messages import DataFrame, EndFrame, Frame, RequestFrame
+from tandem.runtime.framing import PREFACE, cluster_token, encode_frame, frame_header
+from tandem.runtime.messages import DataFrame, EndFrame, ErrorFrame, Frame, RequestFrame
 from tandem.runtime.testing import spawn_token_server
 
 
@@ -290,17 +290,21 @@ def test_malformed_and_oversized_frames_are_rejected_server_keeps_serving(caplog
         host, port = server.address.rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(PREFACE + cluster_token(None))
-        writer.write(len(b"\xc1\xc1\xc1").to_bytes(4, "big") + b"\xc1\xc1\xc1")  # not msgpack
-        writer.write(encode_frame(encoder, [99, 1, 2]))  # msgpack, but no such frame type
+        writer.write(frame_header(3, 1) + b"\xc1\xc1\xc1")  # not msgpack
+        writer.write(encode_frame(encoder, 1, [99, 1, 2]))  # msgpack, but no such frame type
         big = 200 * 1024
-        writer.write(big.to_bytes(4, "big") + b"\0" * big)  # oversized: skipped, not buffered
+        writer.write(frame_header(big, 2) + b"\0" * big)  # oversized: skipped, not buffered
         payload = msgspec.Raw(encoder.encode({"n": 3, "tag": "raw"}))
-        writer.write(encode_frame(encoder, RequestFrame(1, "count", payload, None, 16)))
+        writer.write(encode_frame(encoder, 1, RequestFrame("count", payload, None, 16)))
         await writer.drain()
         frames = []
-        while not frames or not isinstance(frames[-1], EndFrame):
-            size = int.from_bytes(await reader.readexactly(4), "big")
-            frames.append(decoder.decode(await reader.readexactly(size)))
+        while not frames or not isinstance(frames[-1][1], EndFrame):
+            header = await reader.readexactly(8)
+            size, stream_id = int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+            frames.append((stream_id, decoder.decode(await reader.readexactly(size))))
+        [(_, rejected)] = [f for f in frames if f[0] == 2]  # the oversized frame's stream failed
+        assert isinstance(rejected, ErrorFrame) and rejected.code == "frame_too_large"
+        frames = [f for sid, f in frames if sid == 1]
         assert [msgspec.msgpack.decode(f.payload) for f in frames if isinstance(f, DataFrame)] == [
             {"i": i, "tag": "raw"} for i in range(3)
         ]

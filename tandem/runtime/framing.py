@@ -1,18 +1,19 @@
 """Length-prefixed frames over a byte stream, as an asyncio Protocol.
 
-A frame is a 4-byte big-endian length followed by that many bytes of msgpack. A connection opens
+A frame is an 8-byte header, the body's length and the id of the stream it belongs to (both
+big-endian u32), followed by that many bytes of msgpack. A connection opens
 with an 8-byte preface from the client (`PREFACE`), so something that is not a Tandem peer
 (a port scanner, an HTTP client) is turned away at once instead of being read as a frame length,
 then a 32-byte cluster token (`cluster_token`): a server given a cluster secret closes a
 connection whose token does not match it (a constant-time compare).
 
 Frames longer than `max_frame` are not buffered: their bytes are skipped as they arrive and the
-frame is reported to `frame_rejected` with its first bytes (from which the receiver can tell the
-stream it belonged to and fail just that stream), so the connection stays in sync and keeps
-serving. This is a BufferedProtocol (callbacks on received data) rather than StreamReader
-coroutines because many small frames (one per streamed token) arrive per read, and parsing them
-in one synchronous loop costs far less than two awaits per frame; buffered, so that the megabytes
-of a KV transfer are received straight into the buffer that is handed on.
+frame is reported to `frame_rejected` with its stream id (so the receiver fails just that
+stream), and the connection stays in sync and keeps serving. This is a BufferedProtocol
+(callbacks on received data) rather than StreamReader coroutines because many small frames (one
+per streamed token) arrive per read, and parsing them in one synchronous loop costs far less than
+two awaits per frame; buffered, so that the megabytes of a KV transfer are received straight into
+the buffer that is handed on.
 """
 
 from __future__ import annotations
@@ -61,24 +62,27 @@ def cluster_token(secret: str | None) -> bytes:
         return bytes(TOKEN_SIZE)
     return hashlib.sha256(b"tandem cluster secret\0" + secret.encode()).digest()
 
-PREFACE = b"TANDEM\x00\x02"
+PREFACE = b"TANDEM\x00\x03"
 TOKEN_SIZE = 32
 #: Where components read the cluster secret (`--cluster-secret` sets it for their children).
 SECRET_ENV = "TANDEM_CLUSTER_SECRET"
-HEADER_SIZE = 4
+HEADER_SIZE = 8  # body length, stream id
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
-REJECT_HEAD = 16
 FLUSH_BYTES = 256 * 1024
 RECV_BYTES = 256 * 1024
 LARGE_FRAME = RECV_BYTES // 4  # smaller frames always fit the receive buffer beside a tail
 
 
-def encode_frame(encoder: Any, message: Any) -> bytearray:
-    """`message` msgpack-encoded with its length prefix, in one buffer."""
+def encode_frame(encoder: Any, stream_id: int, message: Any) -> bytearray:
+    """`message` msgpack-encoded behind its header, in one buffer."""
     buf = bytearray(HEADER_SIZE)
     encoder.encode_into(message, buf, HEADER_SIZE)
-    buf[:HEADER_SIZE] = (len(buf) - HEADER_SIZE).to_bytes(HEADER_SIZE, "big")
+    buf[:HEADER_SIZE] = frame_header(len(buf) - HEADER_SIZE, stream_id)
     return buf
+
+
+def frame_header(size: int, stream_id: int) -> bytes:
+    return size.to_bytes(4, "big") + stream_id.to_bytes(4, "big")
 
 
 def set_keepalive(
@@ -125,10 +129,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._start = 0  # received bytes not yet parsed: self._rbuf[self._start : self._end]
         self._end = 0
         self._large: bytearray | None = None  # a large frame being received into its own buffer
+        self._large_stream = 0
         self._filled = 0  # bytes of it received so far
         self._skip = 0  # bytes of an oversized frame still to discard
-        self._head: bytearray | None = None  # the start of that frame, for frame_rejected
-        self._reason = ""
         self._need_preface = expect_preface
         self._paused = False
         self._wbuf: list[bytes | bytearray] = []
@@ -163,7 +166,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._filled += nbytes
             if self._filled == len(self._large):
                 frame, self._large = self._large, None
-                self.frame_received(frame)
+                self.frame_received(self._large_stream, frame)
             return
         self._end += nbytes
         if self._need_preface:
@@ -195,24 +198,19 @@ class FrameProtocol(asyncio.BufferedProtocol):
         while not self._closed:
             if self._skip:
                 n = min(self._skip, end - pos)
-                head = self._head
-                if head is not None:
-                    head += buf[pos : pos + min(n, REJECT_HEAD - len(head))]
-                    if len(head) >= REJECT_HEAD or n == self._skip:
-                        self._head = None
-                        self.frame_rejected(self._reason, bytes(head))
                 self._skip -= n
                 pos += n
                 if self._skip:
                     break
             if end - pos < HEADER_SIZE:
                 break
-            size = int.from_bytes(buf[pos : pos + HEADER_SIZE], "big")
+            size = int.from_bytes(buf[pos : pos + 4], "big")
+            stream_id = int.from_bytes(buf[pos + 4 : pos + HEADER_SIZE], "big")
             if size > self.max_frame:
                 pos += HEADER_SIZE
                 self._skip = size
-                self._head = bytearray()
-                self._reason = f"frame of {size} bytes exceeds the limit of {self.max_frame}"
+                reason = f"frame of {size} bytes exceeds the limit of {self.max_frame}"
+                self.frame_rejected(reason, stream_id)
                 continue
             start = pos + HEADER_SIZE
             have = end - start
@@ -220,11 +218,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 if size >= LARGE_FRAME:
                     self._large = bytearray(size)
                     self._large[:have] = view[start:end]
-                    self._filled = have
+                    self._large_stream, self._filled = stream_id, have
                     pos = end
                 break
             pos = start + size
-            self.frame_received(bytes(view[start:pos]))
+            self.frame_received(stream_id, bytes(view[start:pos]))
         self._start = pos
 
     def pause_writing(self) -> None:
@@ -242,13 +240,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     # ---- for subclasses ----------------------------------------------------------------------
 
-    def frame_received(self, frame: bytes | bytearray) -> None:
+    def frame_received(self, stream_id: int, frame: bytes | bytearray) -> None:
         """One whole frame; a large one arrives as the bytearray it was received into."""
         raise NotImplementedError
 
-    def frame_rejected(self, reason: str, head: bytes) -> None:
-        """An oversized frame was skipped; `head` is its first bytes (enough to find out which
-        stream it belonged to, so that stream can be failed instead of left waiting)."""
+    def frame_rejected(self, reason: str, stream_id: int) -> None:
+        """An oversized frame of `stream_id` is being skipped: fail that stream rather than
+        leave it waiting."""
         log.error("request plane: rejected a frame from %s: %s", self.peer, reason)
 
     def preface_received(self) -> None:

@@ -1,7 +1,8 @@
 """Runtime messages that cross process boundaries: plain msgspec Structs, msgpack on the wire.
 
 `InstanceInfo` is what discovery stores; the `*Frame` structs are the request plane's wire
-protocol (see `tcp_plane` for how they are used). Frames are `array_like` with small integer
+protocol (see `tcp_plane` for how they are used), each the body of a frame whose header says
+which stream it belongs to (`framing`). Frames are `array_like` with small integer
 tags, so a streamed token costs a few bytes of envelope, and their payloads are `msgspec.Raw`
 so the envelope is decoded once and the payload only by whoever knows its type.
 """
@@ -50,10 +51,9 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RequestFrame(msgspec.Struct, tag=1, array_like=True):
-    """Open stream `stream_id` on `endpoint`. `timeout` is the seconds left until the caller's
+    """Open the frame's stream on `endpoint`. `timeout` is the seconds left until the caller's
     deadline (relative, because clocks differ between hosts); `window` is the initial credit."""
 
-    stream_id: int
     endpoint: str
     payload: msgspec.Raw
     timeout: float | None
@@ -63,21 +63,18 @@ class RequestFrame(msgspec.Struct, tag=1, array_like=True):
 class DataFrame(msgspec.Struct, tag=2, array_like=True):
     """One response item of a stream."""
 
-    stream_id: int
     payload: msgspec.Raw
 
 
 class EndFrame(msgspec.Struct, tag=3, array_like=True):
     """The handler finished normally: no more items."""
 
-    stream_id: int
 
 
 class ErrorFrame(msgspec.Struct, tag=4, array_like=True):
     """The stream ended with an error. `code`: handler_error, no_endpoint, bad_request,
     deadline, overloaded, frame_too_large, shutdown."""
 
-    stream_id: int
     code: str
     message: str
 
@@ -85,13 +82,11 @@ class ErrorFrame(msgspec.Struct, tag=4, array_like=True):
 class CancelFrame(msgspec.Struct, tag=5, array_like=True):
     """The caller is no longer interested: cancel the handler."""
 
-    stream_id: int
 
 
 class CreditFrame(msgspec.Struct, tag=6, array_like=True):
     """The caller consumed `n` more items: the server may send `n` more."""
 
-    stream_id: int
     n: int
 
 

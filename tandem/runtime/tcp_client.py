@@ -42,7 +42,6 @@ from tandem.runtime.tcp_plane import (
     ENCODER,
     FRAME_DECODER,
     parse_address,
-    peek_stream_id,
 )
 
 log = logging.getLogger(__name__)
@@ -62,16 +61,16 @@ class _ClientConnection(FrameProtocol):
 
     def new_stream_id(self) -> int:
         sid = self._next_id
-        self._next_id += 1
+        self._next_id = sid % 0xFFFFFFFF + 1  # the header's u32, wrapping past 0
         return sid
 
-    def frame_received(self, frame: bytes | bytearray) -> None:
+    def frame_received(self, stream_id: int, frame: bytes | bytearray) -> None:
         try:
             msg = FRAME_DECODER.decode(frame)
         except msgspec.DecodeError as exc:
             log.error("request plane: malformed frame from %s dropped: %s", self.address, exc)
             return
-        stream = self.streams.get(msg.stream_id)
+        stream = self.streams.get(stream_id)
         if stream is None:
             return  # late frames of a stream we already cancelled
         if isinstance(msg, DataFrame):
@@ -83,9 +82,9 @@ class _ClientConnection(FrameProtocol):
         else:
             log.error("request plane: unexpected %s from %s", type(msg).__name__, self.address)
 
-    def frame_rejected(self, reason: str, head: bytes) -> None:
+    def frame_rejected(self, reason: str, stream_id: int) -> None:
         log.error("request plane: rejected a frame from %s: %s", self.address, reason)
-        call = self.streams.get(peek_stream_id(head) or 0)
+        call = self.streams.get(stream_id)
         if call is not None:
             call.queue.push(RemoteError(f"response rejected: {reason}", code="frame_too_large"))
             call.cancel()
@@ -129,7 +128,7 @@ class _Call:
 
     def cancel(self) -> None:
         if not self.finished:
-            self.conn.send(encode_frame(ENCODER, CancelFrame(self.sid)))
+            self.conn.send(encode_frame(ENCODER, self.sid, CancelFrame()))
         self.finish()
 
     def finish(self) -> None:
@@ -174,7 +173,7 @@ class TcpResponseStream(ResponseStream):
         sid = conn.new_stream_id()
         payload = msgspec.Raw(ENCODER.encode(self._payload))
         request = encode_frame(
-            ENCODER, RequestFrame(sid, self._endpoint, payload, remaining, self._window)
+            ENCODER, sid, RequestFrame(self._endpoint, payload, remaining, self._window)
         )
         if len(request) > self._client.max_frame:
             raise FrameTooLarge(f"request of {len(request)} bytes exceeds {self._client.max_frame}")
@@ -213,7 +212,7 @@ class TcpResponseStream(ResponseStream):
         if type(item) is msgspec.Raw:
             self._consumed += 1
             if self._consumed >= self._credit_batch and not call.finished:
-                call.conn.send(encode_frame(ENCODER, CreditFrame(call.sid, self._consumed)))
+                call.conn.send(encode_frame(ENCODER, call.sid, CreditFrame(self._consumed)))
                 self._consumed = 0
             try:
                 if self._response_type is None:

@@ -2,11 +2,12 @@
 This module holds the wire's shared pieces; `tcp_server` and `tcp_client` the two ends.
 
 Wire: the client sends `framing.PREFACE` and its cluster token, then both sides exchange
-length-prefixed msgpack frames (`messages.Frame`). Client stream ids are per connection. A call is
+frames whose header carries the stream id and whose body is a msgpack `messages.Frame`.
+Client stream ids are per connection. A call on stream `id` is
 
-    client → RequestFrame(id, endpoint, payload, timeout, window)
-    server → DataFrame(id, item) ...  then EndFrame(id) or ErrorFrame(id, code, message)
-    client → CreditFrame(id, n) as it consumes;  CancelFrame(id) if it stops early
+    client → [id] RequestFrame(endpoint, payload, timeout, window)
+    server → [id] DataFrame(item) ...  then [id] EndFrame() or [id] ErrorFrame(code, message)
+    client → [id] CreditFrame(n) as it consumes;  [id] CancelFrame() if it stops early
 
 **Backpressure** is credit-based per stream, so one slow consumer never stalls the other streams
 on its connection and never makes either side buffer without bound:
@@ -51,39 +52,9 @@ class FrameTooLargeOut(Exception):
     pass
 
 
-def data_frame_prefix(stream_id: int) -> bytes:
-    """The msgpack bytes of `DataFrame(stream_id, ...)` up to its payload: a 3-element array,
-    the tag, the stream id. Lets the server encode each item once, straight into its frame."""
-    return ENCODER.encode(DataFrame(stream_id, msgspec.Raw(b"\xc0")))[:-1]
-
-
-def peek_stream_id(head: bytes) -> int | None:
-    """The stream id of a frame from its first bytes (`[tag, stream_id, ...]` in msgpack), or
-    None if they do not look like a frame."""
-    if len(head) < 3:
-        return None
-    first = head[0]
-    if 0x90 <= first <= 0x9F:
-        pos = 1
-    elif first == 0xDC:
-        pos = 3
-    elif first == 0xDD:
-        pos = 5
-    else:
-        return None
-    if pos >= len(head) or head[pos] > 0x7F:  # the tag: a small positive int
-        return None
-    pos += 1
-    if pos >= len(head):
-        return None
-    marker = head[pos]
-    if marker <= 0x7F:
-        return marker
-    sizes = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
-    size = sizes.get(marker)
-    if size is None or pos + 1 + size > len(head):
-        return None
-    return int.from_bytes(head[pos + 1 : pos + 1 + size], "big")
+#: The msgpack bytes of `DataFrame(...)` up to its payload (a 2-element array and the tag):
+#: the server encodes each item once, straight into its frame behind these.
+DATA_FRAME_PREFIX = ENCODER.encode(DataFrame(msgspec.Raw(b"\xc0")))[:-1]
 
 
 def is_loopback(host: str) -> bool:

@@ -17,6 +17,7 @@ from tandem.runtime.framing import (
     cluster_secret,
     cluster_token,
     encode_frame,
+    frame_header,
     tls_context,
 )
 from tandem.runtime.messages import (
@@ -35,12 +36,11 @@ from tandem.runtime.request_plane import (
 )
 from tandem.runtime.tcp_plane import (
     ANY_DECODER,
+    DATA_FRAME_PREFIX,
     ENCODER,
     FRAME_DECODER,
     FrameTooLargeOut,
-    data_frame_prefix,
     is_loopback,
-    peek_stream_id,
 )
 
 log = logging.getLogger(__name__)
@@ -72,38 +72,36 @@ class _ServerConnection(FrameProtocol):
             if stream.task is not None:
                 stream.task.cancel()
 
-    def frame_received(self, frame: bytes | bytearray) -> None:
+    def frame_received(self, stream_id: int, frame: bytes | bytearray) -> None:
         try:
             msg = FRAME_DECODER.decode(frame)
         except msgspec.DecodeError as exc:
             log.error("request plane: malformed frame from %s dropped: %s", self.peer, exc)
             return
         if isinstance(msg, CreditFrame):
-            stream = self.streams.get(msg.stream_id)
+            stream = self.streams.get(stream_id)
             if stream is not None and msg.n > 0:
                 stream.credit += msg.n
                 if stream.credit_event is not None:
                     stream.credit_event.set()
         elif isinstance(msg, RequestFrame):
-            self._open(msg)
+            self._open(stream_id, msg)
         elif isinstance(msg, CancelFrame):
-            stream = self.streams.get(msg.stream_id)
+            stream = self.streams.get(stream_id)
             if stream is not None and stream.task is not None:
                 stream.task.cancel()
         else:
             log.error("request plane: unexpected %s from %s", type(msg).__name__, self.peer)
 
-    def frame_rejected(self, reason: str, head: bytes) -> None:
-        super().frame_rejected(reason, head)
-        sid = peek_stream_id(head)
-        if sid is not None and sid not in self.streams:
-            self._error(sid, "frame_too_large", f"request rejected: {reason}")
+    def frame_rejected(self, reason: str, stream_id: int) -> None:
+        super().frame_rejected(reason, stream_id)
+        if stream_id not in self.streams:
+            self._error(stream_id, "frame_too_large", f"request rejected: {reason}")
 
     def _error(self, stream_id: int, code: str, message: str) -> None:
-        self.send(encode_frame(ENCODER, ErrorFrame(stream_id, code, message)))
+        self.send(encode_frame(ENCODER, stream_id, ErrorFrame(code, message)))
 
-    def _open(self, msg: RequestFrame) -> None:
-        sid = msg.stream_id
+    def _open(self, sid: int, msg: RequestFrame) -> None:
         if sid in self.streams:
             log.error("request plane: %s reused open stream id %d", self.peer, sid)
             return
@@ -142,8 +140,7 @@ class _ServerConnection(FrameProtocol):
         timeout: float | None,
     ) -> None:
         max_frame = self.max_frame
-        prefix = data_frame_prefix(sid)
-        offset = HEADER_SIZE + len(prefix)
+        offset = HEADER_SIZE + len(DATA_FRAME_PREFIX)
 
         async def emit(item: Any) -> None:
             while stream.credit <= 0:
@@ -151,11 +148,11 @@ class _ServerConnection(FrameProtocol):
                     stream.credit_event = asyncio.Event()
                 stream.credit_event.clear()
                 await stream.credit_event.wait()
-            # DataFrame(sid, item) encoded in one pass: the fixed prefix, then the item.
+            # DataFrame(item) encoded in one pass: the fixed prefix, then the item.
             frame = bytearray(offset)
             ENCODER.encode_into(item, frame, offset)
-            frame[:HEADER_SIZE] = (len(frame) - HEADER_SIZE).to_bytes(HEADER_SIZE, "big")
-            frame[HEADER_SIZE:offset] = prefix
+            frame[:HEADER_SIZE] = frame_header(len(frame) - HEADER_SIZE, sid)
+            frame[HEADER_SIZE:offset] = DATA_FRAME_PREFIX
             if len(frame) > max_frame:
                 raise FrameTooLargeOut(f"response item of {len(frame)} bytes exceeds {max_frame}")
             stream.credit -= 1
@@ -179,7 +176,7 @@ class _ServerConnection(FrameProtocol):
             log.warning("handler %r failed: %s", name, describe(exc), exc_info=True)
             self._error(sid, "handler_error", describe(exc))
         else:
-            self.send(encode_frame(ENCODER, EndFrame(sid)))
+            self.send(encode_frame(ENCODER, sid, EndFrame()))
         finally:
             if self.streams.get(sid) is stream:
                 del self.streams[sid]
