@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tandem.cli import bench, serve
 from tandem.cli import main as cli
 from tandem.deploy.processes import free_port
 from tandem.engine import model_source
@@ -46,7 +47,7 @@ def test_serve_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (args.dtype, args.device, args.seed, args.max_waiting) == ("auto", None, 0, 256)
     assert args.api_key is None
     assert args.enable_prefix_caching is True
-    assert args.run is cli._run_serve
+    assert args.run is serve.run_serve
 
 
 def test_serve_all_flags() -> None:
@@ -137,10 +138,10 @@ def test_bench_is_delegated_to_tandem_bench_cli(monkeypatch: pytest.MonkeyPatch)
 def test_bench_missing_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli, "_optional_module", lambda name: None)
+    monkeypatch.setattr(bench, "optional_module", lambda name: None)
     assert cli.main(["bench", "--anything"]) == 2
     assert "tandem.bench.cli" in capsys.readouterr().err
-    assert cli._optional_module("tandem.no_such_package.cli") is None
+    assert bench.optional_module("tandem.no_such_package.cli") is None
 
 
 # -- model resolution ---------------------------------------------------------------------------

@@ -6,8 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tandem.cli.distributed import local_specs
 from tandem.cli.main import parse_args
+from tandem.cli.serve import local_specs
 from tandem.deploy.specs import decode, encode
 
 

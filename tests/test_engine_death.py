@@ -16,8 +16,8 @@ import threading
 import pytest
 from nats_support import needs_nats
 
-from tandem.cli.distributed import local_specs
 from tandem.cli.main import parse_args
+from tandem.cli.serve import local_specs
 from tandem.deploy import supervisor
 from tandem.deploy.processes import NatsServer
 from tandem.engine import async_engine
