@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from tandem.engine.kv_handoff import KvHandoff
 from tandem.engine.loader import load_config, resolve_dtype
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models.llama import head_dim_of
+from tandem.engine.request_checks import RequestLimits, check_request
 from tandem.engine.sampler import penalised
 from tandem.engine.scheduler import ScheduledBatch, Scheduler
 from tandem.engine.sequence import PENDING, Sequence, Status
@@ -27,24 +27,10 @@ from tandem.protocol import (
     GenerateRequest,
     KvEvent,
     KvLayout,
-    KvTransferParams,
     LoadStats,
-    SamplingParams,
 )
 
 log = logging.getLogger(__name__)
-
-#: `kv_import.rng_state` is ignored (seeded noise follows from the tokens), but still bounded.
-MAX_RNG_STATE_BYTES = 4096
-
-
-def _all_ids_below(ids: list, end: int) -> bool:
-    """Every item is an integer (numpy's too, not a bool) in [0, end)."""
-    return all(
-        (type(t) is int or (isinstance(t, Integral) and not isinstance(t, bool))) and 0 <= t < end
-        for t in ids
-    )
-
 
 def eos_token_ids(model_path: str, hf_config) -> set[int]:
     ids: set[int] = set()
@@ -93,6 +79,8 @@ class EngineCore:
             head_dim=head_dim_of(hf),
             dtype=str(dtype).removeprefix("torch."),
         )
+        self.limits = RequestLimits(hf.vocab_size, self.max_model_len, config.max_logprobs,
+                                    config.block_size, self.kv_layout)  # fmt: skip
         self.handoff = KvHandoff(
             self.block_manager,
             self.scheduler,
@@ -145,91 +133,8 @@ class EngineCore:
         return min(model_max, kv_tokens)
 
     def validate(self, request: GenerateRequest) -> None:
-        """Raise ValueError if the request can never be served.
-
-        This is the engine's boundary: whatever passes must not fail inside a step, where
-        one bad request would take every other one down with the loop. So every field is
-        checked for type and range here, whoever built the request (frontend, worker, test).
-        """
-        if not isinstance(request.request_id, str) or not request.request_id:
-            raise ValueError("request_id must be a non-empty string")
-        if request.lora_name is not None and not isinstance(request.lora_name, str):
-            raise ValueError("lora_name must be a string")
-        prompt = request.prompt_token_ids
-        if not isinstance(prompt, list):
-            raise ValueError("prompt_token_ids must be a list of token ids")
-        n = len(prompt)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n} tokens, but max_model_len is {self.max_model_len} "
-                "(prompt plus at least one generated token must fit)"
-            )
-        vocab = self.hf_config.vocab_size
-        if not _all_ids_below(prompt, vocab):
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        if not isinstance(request.sampling, SamplingParams):
-            raise ValueError("sampling must be SamplingParams")
-        request.sampling.validate(self.config.max_logprobs, vocab)
-        if (request.kv_export or request.kv_import) and request.sampling.n != 1:
-            raise ValueError("disaggregated prefill serves n == 1 only")
-        self._validate_outputs(request, n)
-        params = request.kv_import
-        if params is not None:
-            if request.kv_export:
-                raise ValueError("a request cannot both export and import its KV cache")
-            self._validate_kv_import(params, n, request.sampling)
-
-    def _validate_outputs(self, request: GenerateRequest, n: int) -> None:
-        index = request.sequence_index
-        if not isinstance(index, int) or not 0 <= index < 2**31:
-            raise ValueError("sequence_index must be an integer in [0, 2**31)")
-        if index and request.sampling.n != 1:
-            raise ValueError("sequence_index needs n == 1 (one sequence of a split request)")
-        outputs = request.output_token_ids
-        if not isinstance(outputs, list):
-            raise ValueError("output_token_ids must be a list of token ids")
-        if not outputs:
-            return
-        if request.sampling.n != 1 or request.kv_export or request.kv_import is not None:
-            raise ValueError("output_token_ids (migration) needs n == 1 and no KV transfer")
-        vocab = self.hf_config.vocab_size
-        if not _all_ids_below(outputs, vocab):
-            raise ValueError(f"output_token_ids must lie in [0, {vocab})")
-        if len(outputs) >= request.sampling.max_tokens or n + len(outputs) >= self.max_model_len:
-            raise ValueError(
-                f"output_token_ids has {len(outputs)} tokens: no room left to generate "
-                f"(max_tokens {request.sampling.max_tokens}, max_model_len {self.max_model_len})"
-            )
-
-    def _validate_kv_import(self, params: KvTransferParams, n: int, sampling) -> None:
-        """A `kv_import` comes from another process: check each field it is read for."""
-        if not isinstance(params, KvTransferParams):
-            raise ValueError("kv_import must be KvTransferParams")
-        if params.num_tokens != n or not isinstance(params.token_ids, list) or not params.token_ids:
-            raise ValueError("kv_import must cover the prompt and carry the sampled token")
-        vocab = self.hf_config.vocab_size
-        if not _all_ids_below(params.token_ids, vocab):
-            raise ValueError(f"kv_import.token_ids must lie in [0, {vocab})")
-        sampled = len(params.token_ids)
-        if sampled >= sampling.max_tokens or n + sampled >= self.max_model_len:
-            raise ValueError(
-                f"kv_import.token_ids has {sampled} tokens: no room left to generate "
-                f"(max_tokens {sampling.max_tokens}, max_model_len {self.max_model_len})"
-            )
-        if not isinstance(params.block_ids, list) or not _all_ids_below(params.block_ids, 2**31):
-            raise ValueError("kv_import.block_ids must be a list of block ids in [0, 2**31)")
-        if -(-n // self.config.block_size) != len(params.block_ids):
-            raise ValueError(f"kv_import lists {len(params.block_ids)} blocks for {n} tokens")
-        rng = params.rng_state
-        if rng is not None and (not isinstance(rng, bytes) or len(rng) > MAX_RNG_STATE_BYTES):
-            raise ValueError(f"kv_import.rng_state must be at most {MAX_RNG_STATE_BYTES} bytes")
-        if not isinstance(params.layout, KvLayout):
-            raise ValueError("kv_import.layout must be a KvLayout")
-        reason = self.kv_layout.mismatch(params.layout)
-        if reason is not None:
-            raise ValueError(f"cannot import this KV cache: {reason}")
+        """Raise ValueError if the request can never be served (`request_checks`)."""
+        check_request(request, self.limits)
 
     def add_request(self, request: GenerateRequest) -> None:
         self.validate(request)
