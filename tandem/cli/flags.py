@@ -105,6 +105,23 @@ def add_log_level(group: Any) -> None:
     )
 
 
+def add_client_limits(group: Any) -> None:
+    """What one client may send: the HTTP server's (`serve`, `frontend`) abuse limits."""
+    group.add_argument(
+        "--max-client-rate",
+        type=non_negative_float,
+        default=0.0,
+        help="generation requests a second one client address may send; beyond, 429 with"
+        " Retry-After (0: no limit)",
+    )
+    group.add_argument(
+        "--max-request-bytes",
+        type=int_at_least(1),
+        default=8 * 2**20,
+        help="largest request body; a larger one gets 413 before it is parsed (%(default)s)",
+    )
+
+
 def add_listen_flags(p: argparse.ArgumentParser, default_port: int) -> argparse._ArgumentGroup:
     """`--host` and `--port` of an HTTP server; the group, for the caller's further flags."""
     net = p.add_argument_group("server")

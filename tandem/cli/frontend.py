@@ -9,6 +9,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from tandem.cli.flags import (
+    add_client_limits,
     add_frontend_flags,
     add_listen_flags,
     add_log_level,
@@ -16,7 +17,6 @@ from tandem.cli.flags import (
     add_runtime_flags,
     disagg_config,
     int_at_least,
-    non_negative_float,
     router_options,
     setup_logging,
     use_cluster_secret,
@@ -58,19 +58,7 @@ def add_frontend(subparsers: Any) -> None:
         default=256,
         help="requests that may wait in the workers' queues before 503 (%(default)s)",
     )
-    net.add_argument(
-        "--max-client-rate",
-        type=non_negative_float,
-        default=0.0,
-        help="generation requests a second one client address may send; beyond, 429 with"
-        " Retry-After (0: no limit)",
-    )
-    net.add_argument(
-        "--max-request-bytes",
-        type=int_at_least(1),
-        default=8 * 2**20,
-        help="largest request body; a larger one gets 413 before it is parsed (%(default)s)",
-    )
+    add_client_limits(net)
     net.add_argument(
         "--min-workers",
         type=int_at_least(1),

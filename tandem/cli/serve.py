@@ -26,11 +26,11 @@ from tandem.cli.engine_flags import (
     engine_config,
 )
 from tandem.cli.flags import (
+    add_client_limits,
     add_frontend_flags,
     add_log_level,
     add_router_flags,
     int_at_least,
-    non_negative_float,
     port,
     positive_float,
     setup_logging,
@@ -85,19 +85,7 @@ def add_serve(subparsers: Any) -> None:
         help="sequences (each prompt times n) that may wait for the engine; a request that"
         " would go beyond gets 503 with Retry-After, before it is tokenized (%(default)s)",
     )
-    net.add_argument(
-        "--max-client-rate",
-        type=non_negative_float,
-        default=0.0,
-        help="generation requests a second one client address may send; beyond, 429 with"
-        " Retry-After (0: no limit)",
-    )
-    net.add_argument(
-        "--max-request-bytes",
-        type=int_at_least(1),
-        default=8 * 2**20,
-        help="largest request body; a larger one gets 413 before it is parsed (%(default)s)",
-    )
+    add_client_limits(net)
     add_log_level(net)
 
     dist = p.add_argument_group("distributed mode")
