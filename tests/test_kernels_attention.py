@@ -25,7 +25,7 @@ except ImportError:
 
 from tandem.engine.kernels.attention import choose_num_splits, paged_attention
 from tandem.engine.kernels.attention_reference import paged_attention_reference
-from tandem.engine.kernels.kv_store import rope_store_kv, store_kv
+from tandem.engine.kernels.kv_store import NewKV, rope_store_kv, store_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
@@ -264,6 +264,40 @@ def test_store_then_attend_round_trip():
     store_kv(torch.stack(k_new).to(DEVICE), torch.stack(v_new).to(DEVICE), batch.k_cache,
              batch.v_cache, flat.to(torch.int32))  # fmt: skip
     torch.testing.assert_close(batch.run(paged_attention), ref)  # ...and store them again
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_with_new_kv_is_rope_store_then_attend(dtype, splits):
+    """A decode step given unrotated q, k and v: the one launch leaves the caches as
+    `rope_store_kv` does and attends as the store-then-attend pair, padding rows included."""
+    seqs = [(37, 1), (1, 1), (250, 1), (0, 1), (16, 1)]
+    heads, kv_heads, head_dim, block = 4, 2, 32, 16
+    batch = Batch(seqs, heads=heads, kv_heads=kv_heads, head_dim=head_dim, block_size=block,
+                  dtype=dtype).to(DEVICE)  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(len(seqs), kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+            for _ in range(2))  # fmt: skip
+    positions = torch.tensor([max(s - 1, 0) for s, _ in seqs], device=DEVICE)
+    slots = [int(batch.block_tables[i, (s - 1) // block]) * block + (s - 1) % block if s else -1
+             for i, (s, _) in enumerate(seqs)]  # fmt: skip
+    slots = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
+    freqs = torch.outer(torch.arange(512.0), 1e4 ** -(torch.arange(0, head_dim, 2) / head_dim))
+    table = torch.cat([freqs.cos(), freqs.sin()], -1).to(DEVICE)
+    caches = (batch.k_cache.clone(), batch.v_cache.clone())
+    q = batch.q.clone()
+    rope_store_kv(q, k, v, *caches, slots, positions, table)
+    want = paged_attention(q, *caches, torch.empty_like(q), **batch.meta, num_splits=splits)
+    got = batch.run(paged_attention, num_splits=splits,
+                    new_kv=NewKV(k, v, slots, positions, table))  # fmt: skip
+    # A GPU may contract the rotation's products into FMAs differently: one rounding apart.
+    rtol = 2**-7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(batch.k_cache, caches[0], rtol=rtol, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(batch.v_cache, caches[1], rtol=0, atol=0, equal_nan=True)
+    assert got[3].eq(0).all()
+    torch.testing.assert_close(got, want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+    with pytest.raises(ValueError, match="decode-only"):
+        batch.run(paged_attention, max_query_len=2, new_kv=NewKV(k, v, slots, positions, table))
 
 
 def test_choose_num_splits():

@@ -29,3 +29,25 @@ def test_the_profiling_step_keeps_every_position_inside_max_model_len():
     step = build_step(batch, 16)
     assert max(step.positions) == 1151
     assert profile_batch(100, 4096, 16).num_tokens == [100]
+
+
+
+def test_a_short_max_model_len_below_the_token_budget_sizes_and_serves_on_gpu(tiny_llama):
+    """The profiling step of an engine whose max_model_len is below its token budget (the
+    case that read RoPE rows past the table) runs, sizes the cache and the engine answers."""
+    import pytest
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("the memory profile runs on a GPU")
+    from test_engine_vs_hf import prompts, run
+
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.core import EngineCore
+
+    core = EngineCore(EngineConfig(model=str(tiny_llama), device="cuda", dtype="bfloat16",
+                                   max_model_len=64, max_num_batched_tokens=256,
+                                   gpu_memory_utilization=0.05))  # fmt: skip
+    assert core.block_manager.num_blocks > 0
+    got, _ = run(core, prompts([20, 30]), 4)
+    assert [len(tokens) for tokens in got] == [4, 4]

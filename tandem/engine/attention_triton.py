@@ -15,7 +15,7 @@ import torch
 import triton
 
 from tandem.engine.kernels.attention import choose_num_splits, paged_attention
-from tandem.engine.kernels.kv_store import rope_store_kv, store_kv
+from tandem.engine.kernels.kv_store import NewKV, rope_store_kv, store_kv
 from tandem.engine.step_inputs import DeviceStep, StepInputs
 
 
@@ -70,13 +70,17 @@ class TritonAttention:
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """With `rope` (positions, cos/sin table), q and k are rotated here, in the launch
-        that stores K and V; without, they come rotated."""
+        that stores K and V (in a decode step, the attention launch itself); without, they
+        come rotated."""
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        new_kv = None
         if rope is None:
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        elif meta.max_query_len == 1:  # the attention launch rotates and stores too
+            new_kv = NewKV(k, v, meta.slot_mapping, *rope)
         else:
             rope_store_kv(q, k, v, k_cache, v_cache, meta.slot_mapping, *rope)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return paged_attention(
             q,
             k_cache,
@@ -89,12 +93,14 @@ class TritonAttention:
             max_query_len=meta.max_query_len,
             num_splits=meta.num_splits,
             num_decodes=meta.num_decodes,
+            new_kv=new_kv,
         )
 
     def warm_up(self, num_heads: int, max_query_len: int) -> None:
         """Compile every kernel variant a step can need before serving starts, where a first
         compile costs a second of a live stream: one per prefill tile shape (which follows
-        the longest query) and per split-K factor, on an empty batch."""
+        the longest query) and per split-K factor (decodes with and without their KV store
+        fused in), on an empty batch."""
         kv_heads, head_dim = self.num_kv_heads, self.k_cache.shape[-1]
         dev, rows = self.k_cache.device, 16
         fused = torch.zeros(rows, (num_heads + 2 * kv_heads) * head_dim, dtype=self.k_cache.dtype,
@@ -106,10 +112,20 @@ class TritonAttention:
         group = num_heads // kv_heads
         tiles = {triton.next_power_of_2(m * group): m for m in range(max_query_len, 1, -1)}
         shapes = [(m, 1) for m in sorted(tiles.values())] + [(1, s) for s in (1, 2, 4, 8, 16)]
+        kv = fused[:, num_heads * head_dim :].view(rows, 2 * kv_heads, head_dim)
+        table = torch.zeros((1, head_dim), dtype=torch.float32, device=dev)
+        new_kv = NewKV(kv[:, :kv_heads], kv[:, kv_heads:], zeros, zeros, table)
+        # Decodes store their KV inside attention, so only mixed steps use the KV store.
+        slots = torch.full((rows,), -1, dtype=torch.int32, device=dev)
+        positions = torch.zeros(rows, dtype=torch.int32, device=dev)
+        rope_store_kv(q, new_kv.k, new_kv.v, self.k_cache[0], self.v_cache[0], slots,
+                      positions, table)  # fmt: skip
         for query_len, splits in shapes:
-            paged_attention(q, self.k_cache[0], self.v_cache[0], out, query_start_loc=zeros,
-                            seq_lens=zeros[:2], block_tables=tables, scale=self.scale,
-                            max_query_len=query_len, num_splits=splits)  # fmt: skip
+            for fresh in (None, new_kv) if query_len == 1 else (None,):
+                paged_attention(q, self.k_cache[0], self.v_cache[0], out, query_start_loc=zeros,
+                                seq_lens=zeros[:2], block_tables=tables, scale=self.scale,
+                                max_query_len=query_len, num_splits=splits,
+                                new_kv=fresh)  # fmt: skip
         torch.cuda.synchronize(dev)
 
     # -- CUDA graphs: decode steps of up to `max_seqs` sequences --------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from tandem.engine.kernels.pdl import launch_options, pdl_prologue
+
 try:
     import triton
     import triton.language as tl
@@ -20,7 +22,10 @@ except ImportError:  # a CPU-only install: torch's argmax serves
 CHUNK = 4096
 
 
-def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, n, s_x, num_chunks, BLOCK: tl.constexpr):
+def _chunk_max_kernel(
+    x_ptr, val_ptr, idx_ptr, n, s_x, num_chunks, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    pdl_prologue(PDL)
     row, chunk = tl.program_id(0), tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row.to(tl.int64) * s_x + offs, mask=offs < n, other=float("-inf"))
@@ -29,7 +34,9 @@ def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, n, s_x, num_chunks, BLOCK: tl.con
     tl.store(idx_ptr + row * num_chunks + chunk, chunk * BLOCK + at)
 
 
-def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, num_chunks, BLOCK: tl.constexpr):
+def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, num_chunks, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):  # fmt: skip
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < num_chunks
@@ -59,7 +66,9 @@ def two_pass_argmax(x: torch.Tensor) -> torch.Tensor:
     vals = torch.empty(rows, num_chunks, dtype=torch.float32, device=x.device)
     idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=x.device)
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
-    _chunk_max_kernel[(rows, num_chunks)](x, vals, idx, n, x.stride(0), num_chunks, BLOCK=CHUNK)
+    pdl = launch_options(x)
+    _chunk_max_kernel[(rows, num_chunks)](x, vals, idx, n, x.stride(0), num_chunks, BLOCK=CHUNK,
+                                          **pdl)  # fmt: skip
     block = triton.next_power_of_2(num_chunks)
-    _best_chunk_kernel[(rows,)](vals, idx, out, num_chunks, BLOCK=block)
+    _best_chunk_kernel[(rows,)](vals, idx, out, num_chunks, BLOCK=block, **pdl)
     return out

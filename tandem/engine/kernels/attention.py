@@ -29,6 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.engine.kernels.kv_store import NewKV, rope_store
+from tandem.engine.kernels.pdl import launch_options, pdl_prologue
+
 _LOG2E = 1.4426950408889634
 
 
@@ -83,13 +86,16 @@ def _attend(
 @triton.jit(do_not_specialize=["first_seq", "num_seqs", "s_bt"])
 def _paged_attn_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, part_ptr, lse_ptr,
+    k_ptr, v_ptr, slot_ptr, pos_ptr, cs_ptr,
     first_seq, num_seqs, num_heads, qk_scale,
     s_qt, s_qh, s_qd, s_ot, s_oh, s_od, s_cb, s_co, s_ch, s_cd, s_bt,
+    s_kt, s_kh, s_vt, s_vh, s_cs,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, NEW_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_prologue(PDL)
     kv_head = tl.program_id(1)
     # This launch serves sequences [first_seq, first_seq + num_seqs): offsets taken here, not
     # by slicing the tensors, keep every pointer as aligned as its buffer.
@@ -131,8 +137,6 @@ def _paged_attn_kernel(
     row_mask = row_ok[:, None] & (offs_d < HEAD_D)[None, :]
     q_rows = (q_start + tok) * s_qt + head * s_qh
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * s_qd, mask=row_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
 
     # Keys [0, n_full * BLOCK_N) are visible to every row: no masks there.
     last_tok = tl.minimum(q0 + BLOCK_Q, q_len) - 1
@@ -141,10 +145,20 @@ def _paged_attn_kernel(
     n_full = tl.minimum(tl.maximum(ctx + q0 + 1, 0) // BLOCK_N, n_tiles)
     t_lo = 0
     t_hi = n_tiles
+    per_split = n_tiles
     if NUM_SPLITS > 1:
         per_split = tl.cdiv(n_tiles, NUM_SPLITS)
         t_lo = tl.program_id(2) * per_split
         t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    if NEW_KV:  # decode: RoPE on q and on this token's key, stored before it is read back
+        q = rope_store(
+            q, q_ptr + q_rows[:, None], row_mask, q_start, kv_head, s_qd, k_ptr, v_ptr,
+            slot_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, s_kt, s_kh, s_vt, s_vh, s_cs, s_cb,
+            s_co, s_ch, s_cd, (t_lo <= n_tiles - 1) & (n_tiles - 1 < t_hi),
+            HEAD_D, BLOCK_D, BLOCK_SIZE,
+        )  # fmt: skip
+    if UPCAST:
+        q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -178,8 +192,9 @@ def _paged_attn_kernel(
 def _combine_splits_kernel(
     out_ptr, part_ptr, lse_ptr, qsl_ptr, num_heads, s_ot, s_oh, s_od,
     NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_prologue(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = tl.load(qsl_ptr + seq)
@@ -252,6 +267,7 @@ def paged_attention(
     max_query_len: int,
     num_splits: int = 1,
     num_decodes: int = 0,
+    new_kv: NewKV | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries over their sequences' paged K/V; writes `out`.
 
@@ -261,11 +277,20 @@ def paged_attention(
     get decode-sized tiles in a launch of their own instead of 128-row query tiles (a mixed
     batch of 200 decodes and a 1024-token chunk ran 1.4x faster so on an H200). Rows past
     `query_start_loc[-1]` are left untouched; a sequence with `seq_len == 0` gives zeros.
+    With `new_kv`, a decode-only batch's q arrives unrotated and its keys and values are not
+    yet stored: the same launch does what `kv_store.rope_store_kv` would (one launch a layer
+    fewer), except that q is rotated in registers, not in place.
     """
     num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
     assert k_cache.stride() == v_cache.stride() and block_tables.stride(1) == 1
+    if new_kv is not None:
+        if max_query_len > 1:
+            raise ValueError("new_kv is for decode-only batches")
+        _launch(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale,
+                0, num_seqs, num_tokens, 1, num_splits, new_kv)  # fmt: skip
+        return out
     if max_query_len > 1 and 0 < num_decodes < num_seqs:
         n = num_decodes
         _launch(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale,
@@ -280,7 +305,7 @@ def paged_attention(
 
 def _launch(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale: float,
             first_seq: int, num_seqs: int, num_rows: int, max_query_len: int,
-            num_splits: int) -> None:  # fmt: skip
+            num_splits: int, new_kv: NewKV | None = None) -> None:  # fmt: skip
     """One kernel launch over sequences [first_seq, first_seq + num_seqs), whose queries span
     at most `num_rows` rows."""
     num_tokens, num_heads, head_dim = q.shape
@@ -311,19 +336,27 @@ def _launch(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, s
         lse = torch.empty((num_tokens, num_heads, splits), dtype=torch.float32, device=q.device)
     else:
         part = lse = out  # unused
+    if new_kv is not None:
+        k, v, slots, positions, table = new_kv.check(q)
+        extra = (k, v, slots, positions, table)
+        extra_strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), table.stride(0))
+    else:
+        extra, extra_strides = (q, q, seq_lens, seq_lens, q), (0,) * 5
     _paged_attn_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, part, lse,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, part, lse, *extra,
         first_seq, num_seqs, num_heads, scale * _LOG2E,
-        *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0),
+        *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0), *extra_strides,
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         HEAD_D=head_dim, BLOCK_SIZE=block_size, DECODE=decode, NUM_SPLITS=splits,
-        PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=num_stages,
+        PRECISION=precision, UPCAST=upcast, NEW_KV=new_kv is not None, num_warps=num_warps,
+        num_stages=num_stages, **launch_options(q),
     )  # fmt: skip
     if splits > 1:
         _combine_splits_kernel[(num_seqs, num_heads)](
             out, part, lse, query_start_loc, num_heads, *out.stride(),
             NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_D=head_dim,
             BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1 if head_dim <= 64 else 2,
+            **launch_options(q),
         )  # fmt: skip
 
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tandem.engine.kernels.pdl import launch_options, pdl_prologue
+
 try:
     import triton
     import triton.language as tl
@@ -109,7 +111,9 @@ if HAS_TRITON:
         eps,
         HAS_RESIDUAL: tl.constexpr,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl_prologue(PDL)
         # One program per row; rows are indexed (outer, inner) so that a [T, heads, dim] view
         # with any token and head strides (Qwen3's per-head q/k norm) needs no copy.
         outer = tl.program_id(0).to(tl.int64)
@@ -142,7 +146,9 @@ if HAS_TRITON:
         stride_out,
         n_inter,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl_prologue(PDL)
         # 2D grid: rows × column blocks, so that a few decode rows still fill the GPU.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -211,6 +217,7 @@ def rms_norm(
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         num_warps=_num_warps(block),
+        **launch_options(x),
     )
     return out if residual is None else (out, res_out)
 
@@ -256,5 +263,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         n_inter,
         BLOCK=block,
         num_warps=_num_warps(block),
+        **launch_options(x),
     )
     return out

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from tandem.engine.kernels.pdl import launch_options, pdl_prologue
+
 try:
     import triton
     import triton.language as tl
@@ -25,8 +27,9 @@ MAX_ROWS = 16
 def _skinny_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_prologue(PDL)
     n0 = tl.program_id(0) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -86,7 +89,7 @@ def skinny_linear(
         x, weight, bias if bias is not None else weight, out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=MAX_ROWS, HAS_BIAS=bias is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(x),
     )  # fmt: skip
     return out
 
