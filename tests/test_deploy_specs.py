@@ -18,7 +18,7 @@ def test_serve_flags_reach_the_children_specs(tmp_path):
         "--migration-limit", "0", "--max-local-prefill-length", "99", "--port", "8123",
         "--api-key", "k", "--drain-timeout", "4",
     ])  # fmt: skip
-    workers, frontend = local_specs(args, tmp_path, "tiny", "cpu")("nats://h:1")
+    workers, [frontend] = local_specs(args, tmp_path, "tiny", "cpu")("nats://h:1")
     assert [w.role for w in workers] == ["prefill", "decode", "decode"]
     for w in workers:
         assert decode("worker", encode(w)) == w
@@ -28,7 +28,11 @@ def test_serve_flags_reach_the_children_specs(tmp_path):
     assert (frontend.policy, frontend.migration_limit, frontend.port) == ("round_robin", 0, 8123)
     assert frontend.disagg.max_local_prefill_length == 99 and frontend.api_key == "k"
     assert (frontend.min_workers, frontend.min_prefill_workers) == (2, 1)
-    assert frontend.tokenizer == str(tmp_path)
+    assert frontend.tokenizer == str(tmp_path) and not frontend.reuse_port
+    args = parse_args(["serve", str(tmp_path), "--api-server-count", "3", "--engine", "mock"])
+    workers, frontends = local_specs(args, tmp_path, "tiny", "cpu")("nats://h:1")
+    assert len(workers) == 1 and len(frontends) == 3
+    assert all(f.reuse_port and f.port == frontends[0].port for f in frontends)
 
 
 def test_a_child_refuses_a_bad_spec_naming_the_field():

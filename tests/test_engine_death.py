@@ -341,9 +341,9 @@ class FakeProc:
 
 def test_supervisor_restarts_with_backoff_and_resets_the_budget(tmp_path, monkeypatch):
     args = parse_args(["serve", str(tmp_path), "--workers", "1", "--engine", "mock"])
-    workers, frontend = local_specs(args, tmp_path, "tiny", "cpu")("nats://x")
+    workers, frontends = local_specs(args, tmp_path, "tiny", "cpu")("nats://x")
     now = [1000.0]
-    cluster = supervisor.Supervisor(workers, frontend, clock=lambda: now[0])
+    cluster = supervisor.Supervisor(workers, frontends, clock=lambda: now[0])
     spawned: list[FakeProc] = []
 
     def spawn(kind, spec):
@@ -375,7 +375,7 @@ def test_supervisor_restarts_with_backoff_and_resets_the_budget(tmp_path, monkey
     assert cluster.check() == 1
 
     # Healthy for a minute between crashes: the budget starts over each time.
-    cluster = supervisor.Supervisor(workers, frontend, clock=lambda: now[0])
+    cluster = supervisor.Supervisor(workers, frontends, clock=lambda: now[0])
     monkeypatch.setattr(cluster, "_spawn", spawn)
     cluster.start()
     for _ in range(2 * supervisor.MAX_RESTARTS):

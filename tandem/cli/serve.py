@@ -97,6 +97,14 @@ def add_serve(subparsers: Any) -> None:
         " nats-server and a frontend process, and supervises them (%(default)s)",
     )
     dist.add_argument(
+        "--api-server-count",
+        type=int_at_least(1),
+        default=1,
+        help="frontend (HTTP) processes sharing the port, each with its own router fed by the"
+        " same KV events (vLLM's flag); above 1 runs the local multi-process mode as --workers"
+        " does (%(default)s)",
+    )
+    dist.add_argument(
         "--prefill-workers",
         type=int_at_least(1),
         metavar="P",
@@ -161,7 +169,7 @@ def run_serve(args: argparse.Namespace) -> int:
         except ModelSourceError as exc:
             print(f"tandem serve: error: {exc}", file=sys.stderr)
             return 2
-        if args.workers > 1 or args.nats or args.prefill_workers:
+        if args.workers > 1 or args.nats or args.prefill_workers or args.api_server_count > 1:
             from tandem.deploy.supervisor import run_local
             from tandem.engine.model_source import default_served_model_name
 
@@ -226,9 +234,9 @@ async def _serve_http(
 
 def local_specs(
     args: argparse.Namespace, model_path: Path, served: str, device: str
-) -> Callable[[str], tuple[list[WorkerSpec], FrontendSpec]]:
+) -> Callable[[str], tuple[list[WorkerSpec], list[FrontendSpec]]]:
     """For `tandem serve --workers N` (or P prefill + D decode workers): a function of the NATS
-    URL giving the worker specs and the frontend spec that the supervisor starts. A function,
+    URL giving the worker specs and the frontend specs that the supervisor starts. A function,
     because the supervisor knows the URL only once it has started nats-server."""
     from tandem.deploy.specs import WorkerSpec
 
@@ -238,7 +246,7 @@ def local_specs(
         roles = ["aggregated"] * args.workers
     engine = engine_config(args, model_path, device)
 
-    def specs_for(nats: str) -> tuple[list[WorkerSpec], FrontendSpec]:
+    def specs_for(nats: str) -> tuple[list[WorkerSpec], list[FrontendSpec]]:
         workers = [
             WorkerSpec(engine=engine, served=served, nats=nats, role=role,
                        drain_timeout=args.drain_timeout, log_level=args.log_level)
@@ -248,7 +256,8 @@ def local_specs(
             args, nats, served=served, tokenizer=str(model_path),
             min_workers=args.decode_workers or args.workers,
             min_prefill_workers=args.prefill_workers or 0,
+            reuse_port=args.api_server_count > 1,
         )  # fmt: skip
-        return workers, frontend
+        return workers, [frontend] * args.api_server_count
 
     return specs_for

@@ -69,7 +69,7 @@ def run_frontend(spec: FrontendSpec) -> int:
     from tandem.frontend.service import serve_frontend
     from tandem.http.server import bind_or_report, url_host
 
-    sock = bind_or_report(spec.host, spec.port, "frontend")
+    sock = bind_or_report(spec.host, spec.port, "frontend", spec.reuse_port)
     if sock is None:
         return 2
     with sock:

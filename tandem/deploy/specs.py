@@ -55,6 +55,7 @@ class FrontendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     router_options: dict[str, Any] = msgspec.field(default_factory=dict)
     disagg: DisaggConfig = msgspec.field(default_factory=DisaggConfig)
     migration_limit: int = MIGRATION_LIMIT
+    reuse_port: bool = False  # several frontend processes share `port`
 
 
 SPECS: dict[str, type[WorkerSpec] | type[FrontendSpec]] = {

@@ -2,12 +2,12 @@
 `--prefill-workers P --decode-workers D`): distributed mode on one machine.
 
 It starts a local nats-server (unless given a NATS URL), one child per worker spec and one for
-the frontend spec (`python -m tandem.deploy.child KIND`, the spec on its stdin), and supervises
+each frontend spec (`python -m tandem.deploy.child KIND`, the spec on its stdin), and supervises
 them: a worker that exits on its own (a crash, or its engine died: it exits non-zero after
 leaving discovery) is restarted after a backoff of 1, 2, 4, ... seconds (capped); a worker
 that keeps dying (MAX_RESTARTS restarts without HEALTHY_SECONDS of uptime in between) stops
 everything, rather than serving on with fewer workers than asked for; a worker that stayed up
-HEALTHY_SECONDS has its restart budget reset. The frontend exiting stops everything.
+HEALTHY_SECONDS has its restart budget reset. A frontend exiting stops everything.
 SIGTERM or Ctrl-C stops the children with SIGTERM (workers drain), waits, then SIGKILLs what
 is left.
 """
@@ -39,18 +39,19 @@ STOP_SLACK = 5.0
 
 
 class Supervisor:
-    """The child processes of one local deployment: workers and a frontend."""
+    """The child processes of one local deployment: workers and frontends (several share one
+    port, each with its own router fed by the same KV events)."""
 
     def __init__(
         self,
         workers: list[WorkerSpec],
-        frontend: FrontendSpec,
+        frontends: list[FrontendSpec],
         *,
         drain_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.worker_specs = workers
-        self.frontend_spec = frontend
+        self.frontend_specs = frontends
         self.roles = [w.role for w in workers]
         self.drain_timeout = drain_timeout
         self._clock = clock
@@ -58,7 +59,7 @@ class Supervisor:
         self.restarts = [0] * len(self.roles)
         self.started = [0.0] * len(self.roles)  # when each worker was (re)started
         self.restart_at: dict[int, float] = {}  # exited workers waiting out their backoff
-        self.frontend: subprocess.Popen[bytes] | None = None
+        self.frontends: list[subprocess.Popen[bytes]] = []
 
     def _spawn_worker(self, i: int) -> subprocess.Popen[bytes]:
         self.started[i] = self._clock()
@@ -71,11 +72,12 @@ class Supervisor:
 
     def start(self) -> None:
         self.workers = [self._spawn_worker(i) for i in range(len(self.roles))]
-        self.frontend = self._spawn("frontend", self.frontend_spec)
+        self.frontends = [self._spawn("frontend", spec) for spec in self.frontend_specs]
         log.info(
-            "started %s and a frontend against %s",
+            "started %s and %d frontend(s) against %s",
             ", ".join(f"{self.roles.count(r)} {r} worker(s)" for r in dict.fromkeys(self.roles)),
-            self.frontend_spec.nats,
+            len(self.frontends),
+            self.frontend_specs[0].nats,
         )
 
     def _spawn(self, kind: str, spec: WorkerSpec | FrontendSpec) -> subprocess.Popen[bytes]:
@@ -92,10 +94,11 @@ class Supervisor:
 
     def check(self) -> int | None:
         """Restart crashed workers; the exit status to stop with, or None to keep going."""
-        assert self.frontend is not None
-        if (code := self.frontend.poll()) is not None:
-            log.error("the frontend exited with status %s; stopping", code)
-            return 1
+        assert self.frontends
+        for proc in self.frontends:
+            if (code := proc.poll()) is not None:
+                log.error("a frontend exited with status %s; stopping", code)
+                return 1
         now = self._clock()
         for i, proc in enumerate(self.workers):
             if i in self.restart_at:
@@ -135,7 +138,7 @@ class Supervisor:
 
     def stop(self) -> None:
         """SIGTERM everyone, wait (workers drain), SIGKILL the rest."""
-        procs = [p for p in [self.frontend, *self.workers] if p is not None]
+        procs = [*self.frontends, *self.workers]
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -150,7 +153,7 @@ class Supervisor:
 
 
 def run_local(
-    specs_for: Callable[[str], tuple[list[WorkerSpec], FrontendSpec]],
+    specs_for: Callable[[str], tuple[list[WorkerSpec], list[FrontendSpec]]],
     nats_url: str | None = None,
     drain_timeout: float = 30.0,
 ) -> int:
@@ -171,8 +174,8 @@ def run_local(
             nats = NatsServer().start()
             nats_url = nats.url
             log.info("started nats-server at %s", nats_url)
-        workers, frontend = specs_for(nats_url)
-        supervisor = Supervisor(workers, frontend, drain_timeout=drain_timeout)
+        workers, frontends = specs_for(nats_url)
+        supervisor = Supervisor(workers, frontends, drain_timeout=drain_timeout)
         supervisor.start()
         while not stopping:
             code = supervisor.check()

@@ -41,14 +41,18 @@ class ReadyServer(uvicorn.Server):
             await done
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A socket bound (not yet listening) to host:port; uvicorn listens on it later."""
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A socket bound (not yet listening) to host:port; uvicorn listens on it later. With
+    `reuse_port`, other processes may bind the same port too and the kernel spreads new
+    connections over them (SO_REUSEPORT: several frontends behind one port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket says it is TCP; without it the first SSE chunk on a reused connection
     # can wait ~40 ms for a delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
@@ -57,10 +61,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind_or_report(host: str, port: int, command: str) -> socket.socket | None:
+def bind_or_report(
+    host: str, port: int, command: str, reuse_port: bool = False
+) -> socket.socket | None:
     """`bind_socket`, or None after telling stderr why `tandem COMMAND` cannot listen."""
     try:
-        return bind_socket(host, port)
+        return bind_socket(host, port, reuse_port)
     except OSError as exc:
         print(f"tandem {command}: error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return None
