@@ -308,6 +308,9 @@ class StreamClient:
         else:
             rec.output_tokens = sum(counts) if counts else len(times)
         rec.itl_s = inter_token_latencies(times, rec.output_tokens, counts)
+        rec.chunk_times_s = [t - start for t in times]
+        if counts is not None and len(counts) == len(times):
+            rec.chunk_tokens = counts
         if parts is not None:
             rec.output_text = "".join(parts)
         if ids:

@@ -63,6 +63,10 @@ class RequestRecord:
     # Not exported: the answer, for multi-turn sessions.
     output_text: str | None = None
     output_token_ids: list[int] | None = None
+    # Not exported: arrival of each output chunk, seconds after the request was written, and
+    # its token count where the server said (else None), for the spread of arrivals.
+    chunk_times_s: list[float] | None = None
+    chunk_tokens: list[int] | None = None
 
     @property
     def ok(self) -> bool:
