@@ -13,12 +13,12 @@ from test_distributed_serve import Cluster
 
 pytestmark = needs_nats
 
-COUNTERS = ("decisions", "request_blocks", "overlap_blocks", "snapshots")
+COUNTERS = ("decisions", "request_blocks", "overlap_blocks")
 
 
 def router_counters(base: str) -> tuple[float, ...]:
-    """One frontend's (decisions, request blocks, overlap blocks, KV snapshots), over a fresh
-    connection so that the kernel may hand it to either process."""
+    """One frontend's (decisions, request blocks, overlap blocks), over a fresh connection so
+    that the kernel may hand it to either process."""
     text = httpx.get(f"{base}/metrics", headers={"Connection": "close"}, timeout=5).text
     values = []
     for name in COUNTERS:
@@ -28,16 +28,20 @@ def router_counters(base: str) -> tuple[float, ...]:
     return tuple(values)
 
 
+def index_blocks(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", headers={"Connection": "close"}, timeout=5).text
+    match = re.search(r"^tandem_router_index_blocks (\S+)$", text, re.M)
+    assert match, "tandem_router_index_blocks missing"
+    return float(match.group(1))
+
+
 def test_two_frontends_share_a_port_and_route_alike(tmp_path):
     cluster = Cluster(tmp_path, "--router-mode", "kv", "--api-server-count", "2")
     try:
         cluster.wait_for_workers(2, timeout=180)
         deadline = time.monotonic() + 60
-        # Both frontends up, and each has its snapshot of both workers' KV blocks (a worker
-        # that joins a router is synced from a snapshot, then follows its events).
-        while cluster.log().count("serving 'tiny' at") < 2 or any(
-            router_counters(cluster.base)[3] < 2 for _ in range(20)
-        ):
+        # Both frontends up (and subscribed to the KV events) before anything is cached.
+        while cluster.log().count("serving 'tiny' at") < 2:
             assert time.monotonic() < deadline, cluster.log()
             time.sleep(0.2)
         prompt = " ".join(f"word{i}" for i in range(40))
@@ -49,7 +53,9 @@ def test_two_frontends_share_a_port_and_route_alike(tmp_path):
             assert reply.status_code == 200, reply.text
 
         complete()  # its prefix is now cached on one worker, and both routers hear of it
-        time.sleep(1.0)
+        while not all(index_blocks(cluster.base) > 0 for _ in range(20)):
+            assert time.monotonic() < deadline, "the KV events never reached both routers"
+            time.sleep(0.2)
         repeats = 12
         for _ in range(repeats):
             # Apart by more than the workers' 0.1 s load reports: a router counts the load a
@@ -59,7 +65,7 @@ def test_two_frontends_share_a_port_and_route_alike(tmp_path):
             complete()
         seen = {router_counters(cluster.base) for _ in range(40)}
         assert len(seen) == 2, f"expected two frontends' counters, got {seen}"
-        decisions, request_blocks, overlap, _ = (sum(c[i] for c in seen) for i in range(4))
+        decisions, request_blocks, overlap = (sum(c[i] for c in seen) for i in range(3))
         assert decisions == repeats + 1 and all(c[0] > 0 for c in seen), seen
         blocks = request_blocks / (repeats + 1)
         assert blocks >= 4

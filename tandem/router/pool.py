@@ -3,9 +3,9 @@
 It watches discovery for `<namespace>.backend.generate` instances and keeps the ones whose
 model card agrees with the first one seen (model name, block size; others are refused with an
 error log line). It follows the workers' published load and KV events on the event plane and
-feeds them to the router; when a worker joins, and whenever its event ids show a gap (events
-lost), it asks that worker for a snapshot of its blocks over the request plane, holding the
-worker's newer events until the snapshot is in.
+feeds them to the router; when a worker's event ids show a gap (events lost, or this pool
+started after the worker), it asks that worker for a snapshot of its blocks over the request
+plane, holding the worker's newer events until the snapshot is in.
 
 The frontend's `RemoteEngine` and the standalone `tandem router` both stand on it.
 """
@@ -232,9 +232,6 @@ class WorkerPool:
             assert self.router is not None
             self.router.add_worker(iid)
             log.info("worker %s at %s joined (%d live)", iid, info.address, len(self.workers))
-            # What it cached before this pool heard of it (a frontend started after it, or a
-            # second one) comes in a snapshot now, not at its next event batch.
-            self._start_resync(iid)
         else:
             state.info, state.card = info, card
         self._suspect.pop(iid, None)
@@ -300,13 +297,12 @@ class WorkerPool:
         if held is not None:
             held.append(batch)
         elif not self.router.apply_events(wid, batch.events):
-            self._start_resync(wid)
-
-    def _start_resync(self, wid: str) -> None:
-        self._resyncing[wid] = []
-        task = asyncio.get_running_loop().create_task(self._resync(wid), name=f"kv-snapshot-{wid}")
-        self._tasks.append(task)  # a reference, so the loop does not drop it midway
-        task.add_done_callback(self._forget_task)
+            self._resyncing[wid] = []
+            task = asyncio.get_running_loop().create_task(
+                self._resync(wid), name=f"kv-snapshot-{wid}"
+            )
+            self._tasks.append(task)  # a reference, so the loop does not drop it midway
+            task.add_done_callback(self._forget_task)
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         with contextlib.suppress(ValueError):
