@@ -145,7 +145,6 @@ def _paged_attn_kernel(
     n_full = tl.minimum(tl.maximum(ctx + q0 + 1, 0) // BLOCK_N, n_tiles)
     t_lo = 0
     t_hi = n_tiles
-    per_split = n_tiles
     if NUM_SPLITS > 1:
         per_split = tl.cdiv(n_tiles, NUM_SPLITS)
         t_lo = tl.program_id(2) * per_split
@@ -337,8 +336,7 @@ def _launch(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, s
     else:
         part = lse = out  # unused
     if new_kv is not None:
-        k, v, slots, positions, table = new_kv.check(q)
-        extra = (k, v, slots, positions, table)
+        extra = k, v, _, _, table = new_kv.check(q)
         extra_strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), table.stride(0))
     else:
         extra, extra_strides = (q, q, seq_lens, seq_lens, q), (0,) * 5

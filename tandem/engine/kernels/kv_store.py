@@ -94,8 +94,8 @@ def rope_store(
     vc_ptr, s_kt, s_kh, s_vt, s_vh, s_cs, s_cb, s_co, s_ch, s_cd, owns_slot,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
-    """Rotate-half RoPE on the loaded q rows (as `kv_store.rope_store_kv` computes it: float32,
-    one rounding) and, in the program whose KV tiles hold the token's slot, rotate its key and
+    """Rotate-half RoPE on the loaded q rows (as `rope_store_kv` computes it: float32, one
+    rounding) and, in the program whose KV tiles hold the token's slot, rotate its key and
     store key and value there. A barrier then makes the stores visible to the whole program."""
     half = HEAD_D // 2
     d = tl.arange(0, BLOCK_D)
