@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 32, 8, 128, 16, torch.bfloat16
+#: (BLOCK_N, num_warps, num_stages) of decode tiles that `--sweep` tries.
+DECODE_SWEEP = [(bn, w, s) for bn in (16, 32, 64, 128) for w in (1, 2, 4) for s in (1, 2, 3)]
 
 
 def bench(fn) -> float:
@@ -151,7 +153,7 @@ def run_case(name, seq_lens, q_lens, splits_options, sweep: bool):
     record("sdpa (contiguous)" + (", 2 calls" if mixed else ""), bench(base_fn))
     configs = [None]
     if sweep and decode:
-        configs += [(bn, w, s) for bn in (16, 32, 64, 128) for w in (1, 2, 4) for s in (1, 2, 3)]
+        configs += DECODE_SWEEP
     if sweep and not decode:
         configs += [(bm, bn, w, s) for bm in (64, 128) for bn in (64, 128) for w in (4, 8)
                     for s in (2, 3)]  # fmt: skip
@@ -163,7 +165,7 @@ def run_case(name, seq_lens, q_lens, splits_options, sweep: bool):
             else:
                 ka._prefill_config = lambda d, t, m, c=cfg: c
         # In a mixed batch `splits_options` holds num_decodes values instead.
-        for splits in splits_options if cfg is None else splits_options[-1:]:
+        for splits in splits_options:
             extra = {"num_decodes": splits} if mixed else {"num_splits": splits}
 
             def fn(extra=extra):
@@ -202,6 +204,7 @@ def main() -> None:
         ("decode b1 ctx256", [256], [1], [1, 2, 4, 8]),
         ("decode b64 ctx256", [256] * 64, [1] * 64,
          sorted({1, choose_num_splits(64, KV_HEADS, 256, sms)})),
+        ("decode b64 ctx192", [192] * 64, [1] * 64, [1, 2]),
         ("decode b256 ctx192", [192] * 256, [1] * 256,
          sorted({1, choose_num_splits(256, KV_HEADS, 192, sms)})),
         ("prefill 8192", [8192], [8192], [1]),

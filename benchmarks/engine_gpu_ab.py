@@ -3,10 +3,13 @@
     python benchmarks/engine_gpu_ab.py OFF [engine_gpu.py flags...]
 
 OFF is a comma-separated list: `pdl` (programmatic dependent launch), `kv` (a decode step's
-RoPE and KV store as their own launch, not inside attention), or `none` (the code as is).
-It patches the engine in this process only; nothing else changes.
+RoPE and KV store as their own launch, not inside attention), `rowsN` (the skinny Triton
+linear for batches up to N rows, tiles for more than 16 rows from `--tiles JSON`, the best
+of a `linear_shapes.py --sweep`), or `none` (the code as is). It patches the engine in this
+process only; nothing else changes.
 """
 
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -14,6 +17,46 @@ from pathlib import Path
 import torch
 
 off = set(sys.argv.pop(1).split(","))
+tiles = {}
+if "--tiles" in sys.argv:  # the faster of cuBLAS and the best tile, per shape
+    at = sys.argv.index("--tiles")
+    tiles = {(r["n"], r["k"]): (tuple(r["triton_best_config"])
+                                if r["triton_best_us"] < r["cublas_us"] else None)
+             for r in json.loads(Path(sys.argv[at + 1]).read_text())
+             if r["batch"] > 16 and "triton_best_config" in r}  # fmt: skip
+    del sys.argv[at : at + 2]
+for item in [o for o in off if o.startswith("rows")]:
+    from tandem.engine.kernels import skinny_linear as sl
+
+    sl.MAX_ROWS = int(item[4:])
+    skinny = sl.skinny_linear
+
+    def tiled(x, weight, out=None, bias=None, *, config=None, _skinny=skinny):
+        if config is None and x.shape[0] > 16:
+            config = tiles.get(tuple(weight.shape), ())
+            if config is None:
+                return torch.nn.functional.linear(x, weight, bias)
+        return _skinny(x, weight, out, bias, config=config or None)
+
+    sl.skinny_linear = tiled
+if "--attention-tiles" in sys.argv:  # the best decode tile and split count at batch 64
+    at = sys.argv.index("--attention-tiles")
+    rows = json.loads(Path(sys.argv[at + 1]).read_text())["rows"]
+    del sys.argv[at : at + 2]
+    best = min((r for r in rows if r["case"].startswith("decode b64")
+                and r["impl"].startswith("triton")), key=lambda r: r["ms"])  # fmt: skip
+    print("attention at batch 64:", best["impl"], best["ms"], "ms", flush=True)
+    from tandem.engine import attention_triton as atn
+    from tandem.engine.kernels import attention as ka
+
+    label = best["impl"].split()
+    splits = int(label[1].split("=")[1])
+    if "cfg=" in best["impl"]:
+        cfg = tuple(int(v) for v in best["impl"].split("cfg=(")[1].rstrip(")").split(","))
+        default = ka._decode_config
+        ka._decode_config = lambda d, t, c=cfg: c if t != torch.float32 else default(d, t)
+    choose = atn.choose_num_splits
+    atn.choose_num_splits = lambda b, h, n, sms: splits if b >= 32 else choose(b, h, n, sms)
 if "pdl" in off:
     from tandem.engine.kernels import pdl
 

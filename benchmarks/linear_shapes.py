@@ -8,7 +8,7 @@ that no weight sits in L2 between calls.
     python benchmarks/linear_shapes.py                 # on a GPU, ~30 s
     python benchmarks/linear_shapes.py --batch 1 64 --blas cublas cublaslt
 
-At batches up to 16 it also times Tandem's skinny Triton linear
+At batches up to 64 it also times Tandem's skinny Triton linear
 (`tandem.engine.kernels.skinny_linear`) with the tiles the engine picks; `--sweep` tries
 others and reports the best per shape.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.engine.kernels.skinny_linear import MAX_ROWS, skinny_linear, tile_config
+from tandem.engine.kernels.skinny_linear import TILE_ROWS, skinny_linear, tile_config
 
 SHAPES = {  # name: (out_features, in_features), Llama-3.1-8B with fused QKV and gate/up
     "qkv": (6144, 4096),
@@ -40,6 +40,15 @@ SKINNY_CONFIGS = [
     for w in (4, 8)
     for st in (3, 5)
     if bn * bk <= 16384
+]
+#: Tiles tried at 32-64 rows, where x's tile is as large as the weight's.
+WIDE_CONFIGS = [
+    (bn, bk, w, st)
+    for bn in (16, 32, 64, 128)
+    for bk in (64, 128, 256)
+    for w in (4, 8)
+    for st in (3, 4, 5, 6)
+    if bn * bk <= 16384 and (64 + bn) * bk * 2 * st <= 200 * 1024
 ]
 
 
@@ -112,18 +121,20 @@ def main() -> int:
                 seconds = time_linear(m, n, k)
                 row[f"{lib}_us"] = round(seconds * 1e6, 2)
                 row[f"{lib}_GBps"] = round((n * k + m * k + m * n) * 2 / seconds / 1e9)
-            if args.skinny and m <= MAX_ROWS:
-                seconds = time_linear(m, n, k, skinny=tile_config(n, k))  # the engine's
+            if args.skinny and m <= TILE_ROWS:
+                seconds, _ = timed_skinny(m, n, k, tile_config(n, k))  # the engine's
                 row["triton_us"] = round(seconds * 1e6, 2)
                 row["triton_GBps"] = round((n * k + m * k + m * n) * 2 / seconds / 1e9)
                 if args.sweep:
-                    best = min(timed_skinny(m, n, k, c) for c in SKINNY_CONFIGS)
+                    configs = SKINNY_CONFIGS if m <= 16 else WIDE_CONFIGS
+                    best = min(timed_skinny(m, n, k, c) for c in configs)
                     row["triton_best_us"] = round(best[0] * 1e6, 2)
                     row["triton_best_config"] = list(best[1])
             rows.append(row)
             print("  ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     for m in args.batch:
-        libs = [*args.blas, *(["triton"] if args.skinny and m <= MAX_ROWS else [])]
+        libs = [*args.blas, *(["triton"] if args.skinny and m <= TILE_ROWS else []),
+                *(["triton_best"] if args.sweep and args.skinny and m <= TILE_ROWS else [])]
         for lib in libs:
             total = sum(r[f"{lib}_us"] * (1 if r["linear"] == "lm_head" else 32) for r in rows
                         if r["batch"] == m)  # fmt: skip

@@ -22,7 +22,7 @@ DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 @pytest.mark.skipif(sl.triton is None and os.environ.get("CI") != "true", reason="no triton")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("rows", [1, 5, 16, 33, 64])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("config", [None, (32, 128, 4, 2)])
 def test_matches_matmul(dtype: torch.dtype, rows: int, bias: bool, config) -> None:

@@ -5,7 +5,7 @@ cuBLAS reaches ~60-75 % of the copy bandwidth on the small projections of an 8B 
 (o_proj, qkv) and splits K with a separate reduce kernel. Here each program owns `BLOCK_N`
 output features and walks all of K in `BLOCK_K` steps, pipelined, so no reduce is needed and
 hundreds of programs keep every SM streaming; the few rows of x ride along in one padded
-16-row tensor-core tile.
+tensor-core tile of 16 to 64 rows.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ try:
 except ImportError:  # a CPU-only install: `linear` falls back to torch
     triton = None
 
-#: Rows up to which the skinny kernel is used; one 16-row tile covers them.
+#: Rows up to which the engine sends a linear to the skinny kernel.
 MAX_ROWS = 16
+#: Rows one launch can hold: x rides in one tile of the next power of two >= 16 rows.
+TILE_ROWS = 64
 
 
 def _skinny_linear_kernel(
@@ -77,18 +79,19 @@ def skinny_linear(
     *,
     config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """`x @ weight.T (+ bias)` for `x` of at most `MAX_ROWS` rows, contiguous in K; half or
+    """`x @ weight.T (+ bias)` for `x` of at most `TILE_ROWS` rows, contiguous in K; half or
     bfloat16. The grid depends on shapes only (CUDA-graph safe)."""
     m, k = x.shape
     n = weight.shape[0]
-    assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
+    assert m <= TILE_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps, num_stages = config or tile_config(n, k)
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=MAX_ROWS, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=max(16, triton.next_power_of_2(m)),
+        HAS_BIAS=bias is not None,
         num_warps=num_warps, num_stages=num_stages, **launch_options(x),
     )  # fmt: skip
     return out
