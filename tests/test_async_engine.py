@@ -142,3 +142,27 @@ def test_abort_one_of_n_sequences(engine):
         await settle(engine)
 
     asyncio.run(main())
+
+
+def test_a_consumer_that_fell_behind_gets_queued_tokens_as_one_output(engine):
+    """Same tokens as a prompt consumer's, in fewer outputs; each of n=2 sequences apart."""
+
+    async def main():
+        prompt = dict(max_tokens=12, n=2, seed=5, temperature=1.0)
+        fast = [o async for o in engine.generate(request("c1", **prompt))]
+        slow = []
+        async for o in engine.generate(request("c2", **prompt)):
+            slow.append(o)
+            if len(slow) == 1:
+                await asyncio.sleep(0.5)  # the engine finishes both sequences meanwhile
+
+        def by_index(outs):
+            return {i: [t for o in outs if o.index == i for t in o.token_ids] for i in (0, 1)}
+
+        assert by_index(slow) == by_index(fast)
+        assert all(len(tokens) == 12 for tokens in by_index(slow).values())
+        assert len(slow) <= 4 < len(fast)
+        assert sorted(o.index for o in slow if o.finish_reason == "length") == [0, 1]
+        await settle(engine)
+
+    asyncio.run(main())

@@ -27,6 +27,7 @@ from tandem.protocol import (
     KvSnapshot,
     KvTransferParams,
     LoadStats,
+    coalesce,
 )
 
 log = logging.getLogger(__name__)
@@ -122,12 +123,16 @@ class AsyncEngine:
             if request.kv_import is not None:
                 await self._import(request.request_id, request.kv_import, kv_source)
             while remaining:
-                out = await outputs.get()
-                if isinstance(out, BaseException):
-                    raise out
-                if out.finish_reason is not None or out.kv_transfer is not None:
-                    remaining -= 1
-                yield out
+                items = [await outputs.get()]
+                while not outputs.empty():  # what queued up goes out merged (`coalesce`)
+                    items.append(outputs.get_nowait())
+                errors = [i for i, item in enumerate(items) if isinstance(item, BaseException)]
+                for out in coalesce(items[: errors[0]] if errors else items):
+                    if out.finish_reason is not None or out.kv_transfer is not None:
+                        remaining -= 1
+                    yield out
+                if errors:
+                    raise items[errors[0]]
         finally:
             self._streams.pop(request.request_id, None)
             if remaining:

@@ -48,7 +48,13 @@ from tandem.frontend.disagg import (
     prefill_then_decode,
 )
 from tandem.frontend.migration import MIGRATION_LIMIT, Migration, WorkerLost
-from tandem.protocol import GenerateOutput, GenerateRequest, KvTransferParams, LoadStats
+from tandem.protocol import (
+    GenerateOutput,
+    GenerateRequest,
+    KvTransferParams,
+    LoadStats,
+    coalesce,
+)
 from tandem.protocol.worker import (
     CANCEL_ENDPOINT,
     DEFAULT_NAMESPACE,
@@ -261,12 +267,7 @@ class RemoteEngine:
             worker.requests += 1
             pool.first_token(rid)
             try:
-                yield first
-                while True:
-                    try:
-                        out = await _next(stream, self.output_timeout)
-                    except StopAsyncIteration:
-                        break
+                async for out in _coalesced(stream, first, self.output_timeout):
                     yield out
             except _OutputTimeout as exc:
                 pool.suspect(worker.info.instance_id)
@@ -368,6 +369,32 @@ class _OutputTimeout(Exception):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"no output within {seconds:.0f} s")
         self.seconds = seconds
+
+
+async def _coalesced(
+    stream: ResponseStream, out: GenerateOutput, timeout: float | None
+) -> AsyncIterator[GenerateOutput]:
+    """`out`, then the rest of the stream, what already arrived behind an output merged into
+    it (`coalesce`): a frontend that falls behind catches up in fewer chunks. The end or an
+    error that arrived behind held tokens comes after they are yielded."""
+    while True:
+        items, error = [out], None
+        while stream.buffered():
+            try:
+                items.append(await anext(stream))
+            except Exception as exc:
+                error = exc
+                break
+        for merged in coalesce(items):
+            yield merged
+        if isinstance(error, StopAsyncIteration):
+            return
+        if error is not None:
+            raise error
+        try:
+            out = await _next(stream, timeout)
+        except StopAsyncIteration:
+            return
 
 
 async def _next(stream: ResponseStream, timeout: float | None) -> GenerateOutput:

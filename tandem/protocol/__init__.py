@@ -19,6 +19,8 @@ from tandem.protocol.generate import (
     GenerateRequest,
     SamplingParams,
     TokenLogprob,
+    coalesce,
+    merge_output,
 )
 from tandem.protocol.hashing import block_hashes, lora_seed
 from tandem.protocol.transfer import KvLayout, KvTransferParams
@@ -40,5 +42,7 @@ __all__ = [
     "Tier",
     "TokenLogprob",
     "block_hashes",
+    "coalesce",
     "lora_seed",
+    "merge_output",
 ]

@@ -169,3 +169,39 @@ class GenerateOutput(msgspec.Struct, omit_defaults=True, kw_only=True):
     num_cached_tokens: int = 0
     error: str | None = None
     kv_transfer: KvTransferParams | None = None
+
+
+def merge_output(into: GenerateOutput, out: GenerateOutput) -> bool:
+    """Append `out` to `into` when it continues the same sequence and `into` is not its last
+    output; False (nothing changed) otherwise. A consumer that fell behind takes the tokens
+    already queued as one output: one frame, one SSE chunk, instead of one per token."""
+    if (
+        out.index != into.index
+        or out.request_id != into.request_id
+        or into.finish_reason is not None
+        or into.kv_transfer is not None
+        or into.error is not None
+    ):
+        return False
+    into.token_ids += out.token_ids
+    if out.logprobs:
+        into.logprobs = (into.logprobs or []) + out.logprobs
+    into.finish_reason = out.finish_reason
+    into.stop_token_id = out.stop_token_id
+    into.num_cached_tokens = max(into.num_cached_tokens, out.num_cached_tokens)
+    into.error = out.error
+    into.kv_transfer = out.kv_transfer
+    return True
+
+
+def coalesce(outputs: list[GenerateOutput]) -> list[GenerateOutput]:
+    """`outputs` (one stream's, in order) with each merged into the previous output of its
+    sequence where `merge_output` allows; sequences of n stay apart, each in order."""
+    merged: list[GenerateOutput] = []
+    last: dict[int, GenerateOutput] = {}
+    for out in outputs:
+        previous = last.get(out.index)
+        if previous is None or not merge_output(previous, out):
+            merged.append(out)
+            last[out.index] = out
+    return merged

@@ -207,6 +207,9 @@ class LocalResponseStream(ResponseStream):
             item = msgspec.convert(item, rtype)
         return item
 
+    def buffered(self) -> int:
+        return len(self._call.queue) if self._call is not None else 0
+
     def cancel(self) -> None:
         self._finished = True
         if self._call is not None:

@@ -103,6 +103,11 @@ class ResponseStream(ABC):
     def cancel(self) -> None:
         """Stop the stream now; the remote handler is cancelled. Idempotent."""
 
+    def buffered(self) -> int:
+        """Items that arrived and that `__anext__` returns without waiting (the last may be
+        the end of the stream or an error)."""
+        return 0
+
     async def aclose(self) -> None:
         self.cancel()
 

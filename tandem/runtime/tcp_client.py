@@ -226,6 +226,9 @@ class TcpResponseStream(ResponseStream):
             raise StopAsyncIteration
         raise item
 
+    def buffered(self) -> int:
+        return len(self._call.queue) if self._call is not None else 0
+
     def cancel(self) -> None:
         self._closed = True
         if self._call is not None:
