@@ -7,7 +7,6 @@ It follows the workers of a namespace as a frontend's embedded router does, so o
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import Any
 
 from tandem.cli.flags import (
@@ -19,6 +18,7 @@ from tandem.cli.flags import (
     setup_logging,
     use_cluster_secret,
 )
+from tandem.runtime import event_loop
 
 
 def add_router(subparsers: Any) -> None:
@@ -50,7 +50,7 @@ def run_router(args: argparse.Namespace) -> int:
     if sock is None:
         return 2
     with sock:
-        asyncio.run(
+        event_loop.run(
             serve_router(
                 args.nats,
                 sock,

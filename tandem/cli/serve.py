@@ -9,7 +9,6 @@ or prefill and decode workers, or `--nats`, it hands specs for `tandem worker` a
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import socket
@@ -36,6 +35,7 @@ from tandem.cli.flags import (
     setup_logging,
 )
 from tandem.cli.frontend import frontend_spec
+from tandem.runtime import event_loop
 
 if TYPE_CHECKING:
     from tandem.deploy.specs import FrontendSpec, WorkerSpec
@@ -194,7 +194,7 @@ def serve_embedded(
     log.info("loading %s on %s (dtype %s)", model_path, device, args.dtype)
     engine = AsyncEngine(config)
     try:
-        asyncio.run(_serve_http(args, engine, str(model_path), served_name, sock))
+        event_loop.run(_serve_http(args, engine, str(model_path), served_name, sock))
     finally:
         engine.shutdown()
 

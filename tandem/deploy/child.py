@@ -7,13 +7,13 @@ frontend), configured by the JSON spec (`tandem.deploy.specs`) on its stdin.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 import msgspec
 
 from tandem.deploy.specs import FrontendSpec, WorkerSpec, decode
+from tandem.runtime import event_loop
 
 log = logging.getLogger("tandem")
 
@@ -46,7 +46,7 @@ def run_worker(spec: WorkerSpec) -> int:
     log.info("loading %s on %s (dtype %s)", config.model, config.device, config.dtype)
     engine = AsyncEngine(config)
     try:
-        return asyncio.run(
+        return event_loop.run(
             serve_worker(
                 engine,
                 model_card(engine, spec.served, role=spec.role),
@@ -73,7 +73,7 @@ def run_frontend(spec: FrontendSpec) -> int:
     if sock is None:
         return 2
     with sock:
-        asyncio.run(
+        event_loop.run(
             serve_frontend(
                 spec.nats,
                 sock,
