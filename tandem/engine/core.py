@@ -21,7 +21,7 @@ from tandem.engine.models.llama import head_dim_of
 from tandem.engine.request_checks import RequestLimits, check_request
 from tandem.engine.sampler import penalised
 from tandem.engine.scheduler import ScheduledBatch, Scheduler
-from tandem.engine.sequence import PENDING, Sequence, Status
+from tandem.engine.sequence import PENDING, RUNNING, Sequence
 from tandem.protocol import (
     GenerateOutput,
     GenerateRequest,
@@ -182,7 +182,8 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not self._overlappable(batch):
             outputs = self._resolve()
-            batch = _without_finished(batch)
+            if outputs:  # only the resolved step can have finished some since scheduling
+                batch = _without_finished(batch)
             return outputs + (self._run(batch) if batch else [])
         launched = self.runner.launch(batch, self._in_flight) if batch else None
         outputs = self._resolve()
@@ -314,7 +315,7 @@ class EngineCore:
 
     @property
     def running_sequences(self) -> list[Sequence]:
-        return [s for seqs in self.requests.values() for s in seqs if s.status is Status.RUNNING]
+        return [s for seqs in self.requests.values() for s in seqs if s.status is RUNNING]
 
 
 def _without_finished(batch: ScheduledBatch) -> ScheduledBatch:

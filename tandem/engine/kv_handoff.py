@@ -18,7 +18,7 @@ import torch
 
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.scheduler import Scheduler
-from tandem.engine.sequence import Sequence, Status
+from tandem.engine.sequence import FINISHED, Sequence
 from tandem.protocol import KvLayout, KvTransferParams
 
 
@@ -150,5 +150,5 @@ class KvHandoff:
         seq = self.importing.pop(request_id, None)
         if seq is not None:
             self.block_manager.free_seq(seq)
-            seq.status = Status.FINISHED
+            seq.status = FINISHED
         return seq

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tandem.engine.block_manager import BlockManager
-from tandem.engine.sequence import PENDING, Sequence, Status
+from tandem.engine.sequence import FINISHED, PENDING, RUNNING, WAITING, Sequence
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Scheduler:
                 seq.num_cached_tokens = len(hits) * self.bm.block_size
                 self.bm.prefix_queries += seq.num_tokens
                 self.bm.prefix_hits += seq.num_cached_tokens
-            seq.status = Status.RUNNING
+            seq.status = RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
@@ -101,21 +101,21 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence wherever it is and release its blocks."""
-        if seq.status is Status.RUNNING:
+        if seq.status is RUNNING:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING:
+        elif seq.status is WAITING:
             self.waiting.remove(seq)
-        seq.status = Status.FINISHED
+        seq.status = FINISHED
         self.bm.free_seq(seq)
 
     def detach(self, seq: Sequence) -> None:
         """Take a running sequence off the batch and keep its blocks (its KV is exported)."""
         self.running.remove(seq)
-        seq.status = Status.FINISHED
+        seq.status = FINISHED
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free_seq(seq)
-        seq.status = Status.WAITING
+        seq.status = WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -22,6 +22,11 @@ class Status(Enum):
     FINISHED = "finished"
 
 
+#: The members as module constants: `Status.FINISHED` looks the member up on every use,
+#: which showed as 13 % of a batch-256 mock step.
+WAITING, RUNNING, FINISHED = Status.WAITING, Status.RUNNING, Status.FINISHED
+
+
 class Sequence:
     def __init__(
         self,
@@ -38,7 +43,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt)
         self.sampling = sampling
         self.lora_name = lora_name
-        self.status = Status.WAITING
+        self.status = WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.pending_index = 0  # overlapped steps: row of its PENDING token in the sampled ids
@@ -66,7 +71,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is Status.FINISHED
+        return self.status is FINISHED
 
     def __repr__(self) -> str:
         return (
