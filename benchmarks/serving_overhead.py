@@ -149,6 +149,8 @@ def start_server(model: Path, args: argparse.Namespace, profile_dir: Path, profi
         cmd += ["--mock-speedup", str(args.mock_speedup)]
     if args.workers > 1:
         cmd += ["--workers", str(args.workers)]
+    if args.api_server_count > 1:
+        cmd += ["--api-server-count", str(args.api_server_count)]
     env = dict(os.environ)
     (profile_dir / "shim").mkdir(exist_ok=True)
     (profile_dir / "shim" / "sitecustomize.py").write_text(SHIM)
@@ -368,6 +370,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int,
                     help="requests per level (default: max(256, 10 x concurrency))")
     ap.add_argument("--workers", type=int, default=1, help="tandem serve --workers N (1: embedded)")
+    ap.add_argument("--api-server-count", type=int, default=1,
+                    help="tandem serve --api-server-count N (frontend processes; needs --workers)")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--step-ms", type=float, default=None,
                       help="model every step at this many ms (default 0: no sleep at all)")
