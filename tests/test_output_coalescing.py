@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from tandem.frontend.remote_engine import _coalesced
+from tandem.frontend.streams import coalesced
 from tandem.protocol import GenerateOutput, TokenLogprob, merge_output
 from tandem.runtime import LocalRequestPlane, RemoteError, TcpRequestClient, TcpRequestServer
 
@@ -71,7 +71,7 @@ def test_a_stream_that_fell_behind_comes_as_one_output(kind: str) -> None:
         req = GenerateOutput(request_id="r", token_ids=[10, 11, 12, 13, 14, 15])
         stream = client.call(server.address, "tokens", req, response_type=GenerateOutput)
         first = await behind(stream, 6)  # five outputs and the end
-        got = [o async for o in _coalesced(stream, first, timeout=5.0)]
+        got = [o async for o in coalesced(stream, first, timeout=5.0)]
         assert [o.token_ids for o in got] == [[10, 11, 12, 13, 14, 15]]
         assert got[0].finish_reason == "length"
 
@@ -79,7 +79,7 @@ def test_a_stream_that_fell_behind_comes_as_one_output(kind: str) -> None:
         first = await behind(stream, 3)  # two outputs and the error
         seen = []
         with pytest.raises(RemoteError, match="broken engine"):
-            async for o in _coalesced(stream, first, timeout=5.0):
+            async for o in coalesced(stream, first, timeout=5.0):
                 seen.append(o.token_ids)
         assert seen == [[1, 2, 3]]  # the tokens before the failure reach the caller
         await client.close()

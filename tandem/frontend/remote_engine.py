@@ -48,12 +48,12 @@ from tandem.frontend.disagg import (
     prefill_then_decode,
 )
 from tandem.frontend.migration import MIGRATION_LIMIT, Migration, WorkerLost
+from tandem.frontend.streams import OutputTimeout, coalesced, next_output
 from tandem.protocol import (
     GenerateOutput,
     GenerateRequest,
     KvTransferParams,
     LoadStats,
-    coalesce,
 )
 from tandem.protocol.worker import (
     CANCEL_ENDPOINT,
@@ -228,11 +228,11 @@ class RemoteEngine:
                 self._streams[rid] = stream
                 self._addresses[rid] = worker.info.address
                 try:
-                    first = await _next(stream, self.first_output_timeout)
+                    first = await next_output(stream, self.first_output_timeout)
                 except StopAsyncIteration:  # aborted before the first output
                     self._forget(rid, stream)
                     return
-                except _OutputTimeout as exc:
+                except OutputTimeout as exc:
                     self._forget(rid, stream)  # cancels the call: the worker aborts it
                     pool.suspect(worker.info.instance_id)
                     log.error(
@@ -267,9 +267,9 @@ class RemoteEngine:
             worker.requests += 1
             pool.first_token(rid)
             try:
-                async for out in _coalesced(stream, first, self.output_timeout):
+                async for out in coalesced(stream, first, self.output_timeout):
                     yield out
-            except _OutputTimeout as exc:
+            except OutputTimeout as exc:
                 pool.suspect(worker.info.instance_id)
                 raise WorkerLost(
                     f"the worker serving this request ({worker.info.instance_id}) sent nothing"
@@ -363,51 +363,6 @@ class RemoteEngine:
             del self._streams[rid]
             self._addresses.pop(rid, None)
         stream.cancel()
-
-
-class _OutputTimeout(Exception):
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"no output within {seconds:.0f} s")
-        self.seconds = seconds
-
-
-async def _coalesced(
-    stream: ResponseStream, out: GenerateOutput, timeout: float | None
-) -> AsyncIterator[GenerateOutput]:
-    """`out`, then the rest of the stream, what already arrived behind an output merged into
-    it (`coalesce`): a frontend that falls behind catches up in fewer chunks. The end or an
-    error that arrived behind held tokens comes after they are yielded."""
-    while True:
-        items, error = [out], None
-        while stream.buffered():
-            try:
-                items.append(await anext(stream))
-            except Exception as exc:
-                error = exc
-                break
-        for merged in coalesce(items):
-            yield merged
-        if isinstance(error, StopAsyncIteration):
-            return
-        if error is not None:
-            raise error
-        try:
-            out = await _next(stream, timeout)
-        except StopAsyncIteration:
-            return
-
-
-async def _next(stream: ResponseStream, timeout: float | None) -> GenerateOutput:
-    """The stream's next output; `_OutputTimeout` after `timeout` seconds (None: wait)."""
-    if timeout is None:
-        return await anext(stream)
-    try:
-        async with asyncio.timeout(timeout) as scope:
-            return await anext(stream)
-    except TimeoutError:
-        if scope.expired():
-            raise _OutputTimeout(timeout) from None
-        raise  # the call's own deadline
 
 
 def _unavailable(exc: RemoteError) -> bool:

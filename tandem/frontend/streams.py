@@ -1,4 +1,5 @@
-"""Async iteration over engine output streams: closing them, merging several into one."""
+"""Async iteration over engine output streams: closing them, merging several into one,
+reading a worker's with a timeout and with what already arrived coalesced."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tandem.protocol import GenerateOutput
+from tandem.protocol import GenerateOutput, coalesce
+from tandem.runtime import ResponseStream
 
 
 async def aclose_stream(it: Any) -> None:
@@ -48,3 +50,50 @@ async def merge_streams(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class OutputTimeout(Exception):
+    """A worker stream sent nothing for `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no output within {seconds:.0f} s")
+        self.seconds = seconds
+
+
+async def coalesced(
+    stream: ResponseStream, out: GenerateOutput, timeout: float | None
+) -> AsyncIterator[GenerateOutput]:
+    """`out`, then the rest of the stream, what already arrived behind an output merged into
+    it (`coalesce`): a frontend that falls behind catches up in fewer chunks. The end or an
+    error that arrived behind held tokens comes after they are yielded."""
+    while True:
+        items, error = [out], None
+        while stream.buffered():
+            try:
+                items.append(await anext(stream))
+            except Exception as exc:
+                error = exc
+                break
+        for merged in coalesce(items):
+            yield merged
+        if isinstance(error, StopAsyncIteration):
+            return
+        if error is not None:
+            raise error
+        try:
+            out = await next_output(stream, timeout)
+        except StopAsyncIteration:
+            return
+
+
+async def next_output(stream: ResponseStream, timeout: float | None) -> GenerateOutput:
+    """The stream's next output; `OutputTimeout` after `timeout` seconds (None: wait)."""
+    if timeout is None:
+        return await anext(stream)
+    try:
+        async with asyncio.timeout(timeout) as scope:
+            return await anext(stream)
+    except TimeoutError:
+        if scope.expired():
+            raise OutputTimeout(timeout) from None
+        raise  # the call's own deadline
