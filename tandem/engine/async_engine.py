@@ -37,9 +37,8 @@ IMPORT_ROOM_WAIT = 2.0
 #: How long a call into the engine thread (snapshot, export touch/release, import steps) may
 #: wait for its answer: it runs between two steps, so this only passes if the loop is wedged.
 CALL_TIMEOUT = 30.0
-#: KV events kept for `take_kv_events`. With nobody taking them (embedded mode, or a publisher
-#: that fell behind) the oldest are dropped: a consumer then sees a gap in the event ids and
-#: fetches a snapshot, as DESIGN.md specifies.
+#: KV events kept for `take_kv_events`; untaken (embedded, or a publisher behind), the oldest
+#: go: a consumer then sees a gap in the event ids and fetches a snapshot (DESIGN.md).
 KV_EVENT_BUFFER = 10_000
 
 
@@ -100,10 +99,9 @@ class AsyncEngine:
         """Stream outputs until every one of the request's `n` sequences has finished (or,
         for a `kv_export` request, until its KV is handed over in `kv_transfer`).
 
-        Raises ValueError before yielding anything if the request can never be served.
-        Leaving the loop early (break, cancellation, a client gone) aborts the request.
-        A `kv_import` request pulls its blocks from `kv_source` first; if that fails, its
-        prompt is computed here (logged, and counted in the stats' `kv_import_fallbacks`).
+        Raises ValueError before yielding anything if the request can never be served;
+        leaving early (break, cancellation, a client gone) aborts it. A `kv_import` request
+        pulls its blocks from `kv_source`, or computes its prompt here if that fails (logged).
         """
         if self._ended:
             raise self._dead_error()
@@ -123,16 +121,16 @@ class AsyncEngine:
             if request.kv_import is not None:
                 await self._import(request.request_id, request.kv_import, kv_source)
             while remaining:
-                items = [await outputs.get()]
-                while not outputs.empty():  # what queued up goes out merged (`coalesce`)
+                items = [await outputs.get()]  # and what queued behind it, merged (`coalesce`)
+                while not outputs.empty() and not isinstance(items[-1], BaseException):
                     items.append(outputs.get_nowait())
-                errors = [i for i, item in enumerate(items) if isinstance(item, BaseException)]
-                for out in coalesce(items[: errors[0]] if errors else items):
+                error = items.pop() if isinstance(items[-1], BaseException) else None
+                for out in coalesce(items):
                     if out.finish_reason is not None or out.kv_transfer is not None:
                         remaining -= 1
                     yield out
-                if errors:
-                    raise items[errors[0]]
+                if error is not None:
+                    raise error
         finally:
             self._streams.pop(request.request_id, None)
             if remaining:

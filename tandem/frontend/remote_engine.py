@@ -49,12 +49,7 @@ from tandem.frontend.disagg import (
 )
 from tandem.frontend.migration import MIGRATION_LIMIT, Migration, WorkerLost
 from tandem.frontend.streams import OutputTimeout, coalesced, next_output
-from tandem.protocol import (
-    GenerateOutput,
-    GenerateRequest,
-    KvTransferParams,
-    LoadStats,
-)
+from tandem.protocol import GenerateOutput, GenerateRequest, KvTransferParams, LoadStats
 from tandem.protocol.worker import (
     CANCEL_ENDPOINT,
     DEFAULT_NAMESPACE,
