@@ -5,8 +5,10 @@
 OFF is a comma-separated list: `pdl` (programmatic dependent launch), `kv` (a decode step's
 RoPE and KV store as their own launch, not inside attention), `rowsN` (the skinny Triton
 linear for batches up to N rows, tiles for more than 16 rows from `--tiles JSON`, the best
-of a `linear_shapes.py --sweep`), or `none` (the code as is). It patches the engine in this
-process only; nothing else changes.
+of a `linear_shapes.py --sweep`), `splitk` (o_proj and down at 17-64 rows through cuBLAS, not
+split-K partial sums left for the residual norm; `--split-tiles JSON` instead sets their
+tiles to the best of a `linear_shapes.py --splits` sweep), or `none` (the code as is). It
+patches the engine in this process only; nothing else changes.
 """
 
 import json
@@ -57,6 +59,22 @@ if "--attention-tiles" in sys.argv:  # the best decode tile and split count at b
         ka._decode_config = lambda d, t, c=cfg: c if t != torch.float32 else default(d, t)
     choose = atn.choose_num_splits
     atn.choose_num_splits = lambda b, h, n, sms: splits if b >= 32 else choose(b, h, n, sms)
+if "splitk" in off:
+    from tandem.engine.kernels import skinny_linear as sl
+
+    sl.linear_into_residual = lambda x, weight: sl.linear(x, weight, None)
+if "--split-tiles" in sys.argv:  # the best split-K tile per narrow shape, at the largest batch
+    at = sys.argv.index("--split-tiles")
+    rows = [r for r in json.loads(Path(sys.argv[at + 1]).read_text()) if "triton_split_config" in r]
+    del sys.argv[at : at + 2]
+    rows.sort(key=lambda r: r["batch"])
+    best = {(r["n"], r["k"]): r["triton_split_config"] for r in rows}
+    print("split-K tiles:", best, flush=True)
+    from tandem.engine.kernels import skinny_linear as sl
+
+    default_split = sl.split_config
+    sl.split_config = lambda n, k: ((tuple(best[n, k][:4]), best[n, k][4]) if (n, k) in best
+                                    else default_split(n, k))  # fmt: skip
 if "pdl" in off:
     from tandem.engine.kernels import pdl
 

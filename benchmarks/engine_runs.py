@@ -168,7 +168,7 @@ def profile_decode(bench: EngineBench, prompts: list[list[int]], steps: int) -> 
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     gpu = sum(e.self_device_time_total for e in events) / steps / 1e6
     launches = sum(e.count for e in events) / steps
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:20]
     kernels = {e.key[:80]: e.self_device_time_total / steps / 1e3 for e in top}
     busy, span = _busy_span([e.time_range for e in prof.events() if e.device_type.name == "CUDA"])
     log(

@@ -52,16 +52,26 @@ WIDE_CONFIGS = [
 ]
 
 
+#: Split-K tiles tried for the narrow layers (o_proj, down) at 32-64 rows.
+SPLIT_CONFIGS = [
+    (bn, bk, 4, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for st in (3, 4, 5, 6)
+    if (64 + bn) * bk * 2 * st <= 200 * 1024
+]  # fmt: skip
+
+
 def time_linear(
-    m: int, n: int, k: int, copies: int = 4, calls: int = 20, skinny: tuple | None = None
+    m: int, n: int, k: int, copies: int = 4, calls: int = 20, skinny: tuple | None = None,
+    splits: int = 1,
 ) -> float:
     """Seconds per call of [m, k] x [n, k]^T (torch.matmul, or the skinny Triton kernel with
-    config `skinny`), replayed from one CUDA graph."""
+    config `skinny` and K cut in `splits`), replayed from one CUDA graph."""
     weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-    outs = [torch.empty(m, n, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+    shape, dtype = ((m, n), torch.bfloat16) if splits == 1 else ((splits, m, n), torch.float32)
+    outs = [torch.empty(shape, dtype=dtype, device="cuda") for _ in range(copies)]
     if skinny is not None:
-        got = skinny_linear(x, weights[0], config=skinny)
+        got = skinny_linear(x, weights[0], config=skinny, splits=splits)
+        got = got if splits == 1 else got.sum(0).to(x.dtype)
         want = torch.matmul(x, weights[0].t())
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-1)
 
@@ -70,7 +80,8 @@ def time_linear(
             if skinny is None:
                 torch.matmul(x, weights[i % copies].t(), out=outs[i % copies])
             else:
-                skinny_linear(x, weights[i % copies], outs[i % copies], config=skinny)
+                skinny_linear(x, weights[i % copies], outs[i % copies], config=skinny,
+                              splits=splits)
 
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
@@ -92,12 +103,12 @@ def time_linear(
     return best
 
 
-def timed_skinny(m: int, n: int, k: int, config: tuple) -> tuple[float, tuple]:
+def timed_skinny(m: int, n: int, k: int, config: tuple, splits: int = 1) -> tuple[float, tuple]:
     """(seconds, config); a config over the shared-memory limit times as infinity."""
     from triton.runtime.errors import OutOfResources
 
     try:
-        return time_linear(m, n, k, skinny=config), config
+        return time_linear(m, n, k, skinny=config, splits=splits), config
     except OutOfResources:
         return float("inf"), config
 
@@ -108,6 +119,8 @@ def main() -> int:
     p.add_argument("--blas", nargs="+", default=["cublas", "cublaslt"])
     p.add_argument("--sweep", action="store_true",
                    help="also sweep the skinny kernel's tile shapes")
+    p.add_argument("--splits", type=int, nargs="*", default=[],
+                   help="sweep split-K tiles (K cut in so many) of o_proj, down at > 16 rows")
     p.add_argument("--no-skinny", dest="skinny", action="store_false",
                    help="skip the skinny Triton linear's sweep")
     p.add_argument("--output", type=Path, default=Path("results/linear_shapes.json"))
@@ -130,6 +143,11 @@ def main() -> int:
                     best = min(timed_skinny(m, n, k, c) for c in configs)
                     row["triton_best_us"] = round(best[0] * 1e6, 2)
                     row["triton_best_config"] = list(best[1])
+                if args.splits and m > 16 and n <= k:
+                    best = min((timed_skinny(m, n, k, c, s)[0], (*c, s))
+                               for c in SPLIT_CONFIGS for s in args.splits)  # fmt: skip
+                    row["triton_split_us"] = round(best[0] * 1e6, 2)
+                    row["triton_split_config"] = list(best[1])
             rows.append(row)
             print("  ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     for m in args.batch:

@@ -98,6 +98,25 @@ def test_rms_norm_matches_twin(dtype: torch.dtype, hidden: int, tokens: int) -> 
 
 
 @needs_triton
+@pytest.mark.parametrize("parts", [1, 3])
+def test_rms_norm_sums_a_linears_partial_sums_first(parts: int) -> None:
+    """A split-K linear's float32 parts: the kernel adds them, rounds once to the residual's
+    dtype and goes on as with that linear's output; without a residual it refuses them."""
+    from tandem.engine.kernels.skinny_linear import PartialSums
+
+    split = PartialSums(randn(parts, 5, 576, dtype=torch.float32, seed=4))
+    residual = randn(5, 576, dtype=torch.float16, seed=5)
+    weight = randn(576, dtype=torch.float16, seed=6)
+    out, new_residual = fused.rms_norm(split, weight, EPS, residual)
+    ref, ref_residual = fused.rms_norm_torch(split.total(torch.float16), weight, EPS, residual)
+    assert_mostly_equal(new_residual, ref_residual)  # the parts' sum order may differ
+    assert_mostly_equal(out, ref)
+    assert fused.rms_norm_torch(split, weight, EPS, residual)[1].equal(ref_residual)
+    with pytest.raises(ValueError, match="partial sums need the residual"):
+        fused.rms_norm(split, weight, EPS)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
 def test_rms_norm_per_head_on_strided_view(dtype: torch.dtype) -> None:
     """Qwen3's q/k norm: rows of head_dim inside a view of the fused qkv output."""

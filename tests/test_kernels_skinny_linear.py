@@ -58,3 +58,42 @@ def test_fused_model_linears_match_torch() -> None:
     layer.fused = True
     got = layer(x)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(sl.triton is None and os.environ.get("CI") != "true", reason="no triton")
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("rows", [17, 64])
+def test_split_k_partial_sums_add_up_to_the_matmul(splits: int, rows: int) -> None:
+    """K cut in pieces, the last one short: the float32 parts sum to x @ W.T."""
+    gen = torch.Generator().manual_seed(splits)
+    n, k = (96, 520) if DEVICE == "cpu" else (4096, 14336)
+    x = torch.randn(rows, k, generator=gen).to(DEVICE, torch.float16)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, torch.float16)
+    parts = sl.skinny_linear(x, w, config=(32, 128, 4, 2), splits=splits)
+    assert parts.dtype == torch.float32 and parts.shape == (splits, rows, n)
+    torch.testing.assert_close(parts.sum(0), x.float() @ w.float().T, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the model takes the kernel on CUDA only")
+@pytest.mark.parametrize("rows", [17, 64])
+def test_a_fused_mlp_at_17_to_64_rows_feeds_partial_sums_to_the_residual_norm(rows: int) -> None:
+    """down returns partial sums there; the next residual norm adds them up: the same
+    (normed, residual) as the unfused MLP and norm to bf16 rounding."""
+    from transformers import LlamaConfig
+
+    from tandem.engine.models.llama import MLP, RMSNorm
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=3584)
+    mlp = MLP(config).to(DEVICE, torch.bfloat16)
+    norm = RMSNorm(1024, 1e-5).to(DEVICE, torch.bfloat16)
+    for param in [*mlp.parameters(), *norm.parameters()]:
+        torch.nn.init.normal_(param, std=0.02 if param.dim() == 2 else 1.0)
+    x = torch.randn(rows, 1024, device=DEVICE, dtype=torch.bfloat16)
+    residual = torch.randn_like(x)
+    want = norm(mlp(x), residual)
+    for module in [*mlp.modules(), norm]:
+        module.fused = True
+    assert isinstance(mlp(x), sl.PartialSums)
+    got = norm(mlp(x), residual)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)

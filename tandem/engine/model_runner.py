@@ -118,7 +118,8 @@ class ModelRunner:
         if on_gpu:
             started = time.perf_counter()
             self.attention.warm_up(self.hf.num_attention_heads, self.config.max_num_batched_tokens)
-            log.info("attention kernels ready in %.1f s", time.perf_counter() - started)
+            self.model.warm_up_linears()
+            log.info("Triton kernels ready in %.1f s", time.perf_counter() - started)
         if on_gpu and not self.config.enforce_eager:
             from tandem.engine.cuda_graphs import DecodeGraphs
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.engine.kernels.pdl import launch_options, pdl_prologue
+from tandem.engine.kernels.skinny_linear import PartialSums
 
 try:
     import triton
@@ -54,8 +55,11 @@ def rms_norm_torch(
     """RMSNorm over the last dim, as Hugging Face's LlamaRMSNorm computes it.
 
     With `residual`, first `x = x + residual` in the model dtype (the decoder layer's skip
-    connection) and return `(normed, x)`: the sum is the next layer's residual.
+    connection) and return `(normed, x)`: the sum is the next layer's residual. x may be a
+    linear's `PartialSums`, rounded to the model dtype once summed.
     """
+    if isinstance(x, PartialSums):
+        x = x.total(residual.dtype)
     if residual is not None:
         x = x + residual
         residual = x
@@ -95,13 +99,14 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_xp"])  # rows x hidden: any batch, one variant
     def _rms_norm_kernel(
         x_ptr,
         res_ptr,
         w_ptr,
         out_ptr,
         res_out_ptr,
+        stride_xp,
         stride_x0,
         stride_x1,
         stride_r0,
@@ -110,6 +115,7 @@ if HAS_TRITON:
         n_cols,
         eps,
         HAS_RESIDUAL: tl.constexpr,
+        PARTS: tl.constexpr,
         BLOCK: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -121,7 +127,14 @@ if HAS_TRITON:
         row_out = outer * n_inner + inner
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(x_ptr + outer * stride_x0 + inner * stride_x1 + cols, mask=mask, other=0.0)
+        x_row = x_ptr + outer * stride_x0 + inner * stride_x1 + cols
+        if PARTS > 0:  # a linear's float32 partial sums: its output, rounded as cuBLAS would
+            x = tl.load(x_row, mask=mask, other=0.0)
+            for p in tl.static_range(1, PARTS):
+                x += tl.load(x_row + p * stride_xp, mask=mask, other=0.0)
+            x = x.to(res_out_ptr.dtype.element_ty)
+        else:
+            x = tl.load(x_row, mask=mask, other=0.0)
         if HAS_RESIDUAL:
             r = tl.load(
                 res_ptr + outer * stride_r0 + inner * stride_r1 + cols, mask=mask, other=0.0
@@ -182,19 +195,26 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `rms_norm_torch`: one program per row, the residual add fused in.
 
-    x: [..., hidden] (a 3D [T, heads, dim] view may have any token and head strides); the
-    outputs are new contiguous tensors of x's shape.
+    x: [..., hidden] (a 3D [T, heads, dim] view may have any token and head strides), or a
+    linear's `PartialSums` that the residual add sums first; the outputs are new contiguous
+    tensors of the residual's shape.
     """
     _require_triton()
+    parts = None
+    if isinstance(x, PartialSums):
+        if residual is None:
+            raise ValueError("partial sums need the residual they are added to")
+        parts, x = x.parts, x.parts[0]
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"weight shape {tuple(weight.shape)} != ({n},)")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+    dtype = x.dtype if parts is None else residual.dtype
+    if residual is not None and (residual.shape != x.shape or residual.dtype != dtype):
         raise ValueError("residual must have x's shape and dtype")
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, dtype), device=x.device)
     res_out = None
     if residual is not None:
-        res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        res_out = torch.empty(x.shape, dtype=dtype, device=x.device)
     if x.numel() == 0:
         return out if residual is None else (out, res_out)
     x3 = _rows3(x)
@@ -207,6 +227,7 @@ def rms_norm(
         weight.contiguous(),
         out,
         res_out if res_out is not None else out,
+        parts.stride(0) if parts is not None else 0,
         x3.stride(0),
         x3.stride(1),
         r3.stride(0),
@@ -215,6 +236,7 @@ def rms_norm(
         n,
         eps,
         HAS_RESIDUAL=residual is not None,
+        PARTS=parts.shape[0] if parts is not None else 0,
         BLOCK=block,
         num_warps=_num_warps(block),
         **launch_options(x),

@@ -52,8 +52,12 @@ class Linear(nn.Linear):
     """nn.Linear whose GPU path sends decode-sized batches to the skinny Triton kernel."""
 
     fused = False
+    #: Its output only feeds the residual add (o_proj, down): it may return `PartialSums`.
+    into_residual = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | skinny_linear.PartialSums:
+        if self.fused and self.into_residual and self.bias is None:
+            return skinny_linear.linear_into_residual(x, self.weight)
         if self.fused:
             return skinny_linear.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -88,6 +92,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj.into_residual = True
         self.qk_norm = config.model_type == "qwen3"
         self.fused = False
         if self.qk_norm:
@@ -117,6 +122,7 @@ class MLP(nn.Module):
         self.inter = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = Linear(self.inter, config.hidden_size, bias=False)
+        self.down_proj.into_residual = True
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +184,23 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if hasattr(module, "fused"):
                 module.fused = on
+
+    @torch.inference_mode()
+    def warm_up_linears(self) -> None:
+        """Compile the skinny linear's variants a step can need (row tiles of 16, 32 and 64,
+        split-K partial sums and the residual norm that adds them) before serving starts:
+        a compile mid-serving stalls every live stream for about a second."""
+        hidden = self.config.hidden_size
+        for rows in (1, 32, 64):
+            x = self.norm.weight.new_zeros(rows, hidden)
+            self.compute_logits(x)
+            for layer in self.layers[:1]:
+                attention, mlp = layer.self_attn, layer.mlp
+                for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
+                               mlp.down_proj):  # fmt: skip
+                    out = linear(x.new_zeros(rows, linear.in_features))
+                    if isinstance(out, skinny_linear.PartialSums):
+                        self.norm(out, x)
 
     def set_attention(self, backend: AttentionBackend | None) -> None:
         for layer in self.layers:
