@@ -12,6 +12,7 @@ from typing import Any
 
 from jinja2 import Environment, TemplateError, meta
 
+from tandem.frontend.bpe_encoder import bpe_encoder
 from tandem.frontend.openai_types import ChatCompletionRequest, CompletionRequest, TextPart
 from tandem.http.errors import APIError, bad_request
 from tandem.protocol import SamplingParams
@@ -87,6 +88,9 @@ class Preprocessor:
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs
         self.vocab_size = len(tokenizer)
+        self.encode = bpe_encoder(tokenizer) or (
+            lambda text, special=True: tokenizer.encode(text, add_special_tokens=special)
+        )
         self.template_kwargs = CHAT_TEMPLATE_FLAGS | template_variables(
             getattr(tokenizer, "chat_template", None)
         )
@@ -122,7 +126,7 @@ class Preprocessor:
                 f"Could not apply the chat template: {exc}", param="messages"
             ) from exc
         # The template already wrote BOS and friends; adding them again would double them.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode(text, False)
 
     def _template_kwargs(self, kwargs: dict[str, Any] | None) -> dict[str, Any]:
         """Only allowed keys with JSON scalar values: a client must not bring its own template
@@ -195,7 +199,7 @@ class Preprocessor:
             if isinstance(item, str):
                 if not item:
                     raise bad_request("'prompt' must not be empty.", param=where)
-                ids = self.tokenizer.encode(item)
+                ids = self.encode(item)
                 texts.append(item)
             else:
                 if not item:
