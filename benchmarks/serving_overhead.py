@@ -101,6 +101,10 @@ def model_folder(arg: str | None, tmp: Path) -> tuple[Path, str]:
         return make_tiny_model(tmp / "tiny", "llama"), "tiny llama (random)"
 
 
+#: The mock server's KV blocks (of 16 tokens) per worker.
+NUM_GPU_BLOCKS = 16384
+
+
 def zero_profile(tmp: Path, step_ms: float) -> Path:
     profile = tmp / "profile.json"
     profile.write_text(json.dumps({"prefill": [[1, step_ms]], "decode": [[1, 1, step_ms]]}))
@@ -140,7 +144,7 @@ if os.environ.get("TANDEM_BENCH_NO_LATENCY_LIMIT"):
 def start_server(model: Path, args: argparse.Namespace, profile_dir: Path, profile: Path | None):
     port = free_port()
     cmd = [sys.executable, "-m", "tandem.cli.main", "serve", str(model), "--engine", "mock",
-           "--port", str(port), "--num-gpu-blocks", "16384", "--log-level", "warning",
+           "--port", str(port), "--num-gpu-blocks", str(NUM_GPU_BLOCKS), "--log-level", "warning",
            "--max-num-seqs", str(max(256, *args.concurrency)),
            "--max-waiting", str(max(256, 2 * max(args.concurrency)))]  # fmt: skip
     if profile is not None:
@@ -346,6 +350,18 @@ UNITS = (f"{'':>4} {'':>5} {'':>6} {'':>6} {'p50ms':>6} {'p50':>5} {'p50ms':>6}"
          f" | {'CPU us per streamed token':^51} | {'p50':>5} {'p50':>5} {'ms':>4}")  # fmt: skip
 
 
+def modelled_decode_ms(args: argparse.Namespace, concurrency: int) -> float:
+    """The default step model's pure decode step for one worker's share of the requests,
+    halfway through their outputs: what ITL p50 should be when the serving path costs
+    nothing (a quarter or so of steps also carry a prefill; they are above the median)."""
+    from tandem.engine.mock.perf_model import PolynomialPerfModel
+
+    batch = -(-concurrency // max(1, args.workers))
+    context = batch * (args.input_len + args.output_len // 2)
+    usage = context / (NUM_GPU_BLOCKS * 16)
+    return PolynomialPerfModel().decode_ms(batch, context, usage) / args.mock_speedup
+
+
 def print_row(r: dict) -> None:
     u, sp = r["cpu_us_per_token"], r["arrival_spread"]
     print(
@@ -427,6 +443,11 @@ def main() -> None:
                 row = run_level(url, info.model, space, roles, args, c, n, args.output_len, c)
                 rows.append(row)
                 print_row(row)
+                if args.mock_speedup is not None:
+                    row["modelled_decode_ms"] = modelled_decode_ms(args, c)
+                    ratio = row["itl_ms"]["p50"] / row["modelled_decode_ms"]
+                    print(f"  ITL p50 = {ratio:.3f} x the modelled decode step"
+                          f" ({row['modelled_decode_ms']:.2f} ms)")  # fmt: skip
         finally:
             proc.terminate()
             proc.wait(timeout=60)
