@@ -42,7 +42,8 @@ def bpe_encoder(tokenizer: Any) -> Encode | None:
         return None
     try:
         import tiktoken
-    except ImportError:
+    except ImportError:  # a dependency of Tandem's: a broken install, not a choice
+        log.warning("prompts keep Hugging Face's encoder: tiktoken is not installed")
         return None
     spec = json.loads(backend.to_str())
     pattern = _pattern(spec)
