@@ -1,0 +1,170 @@
+"""The disk tier: one checksummed file per KV block, under a folder named by the model and
+cache geometry, bounded in bytes, found again by a restarted worker.
+
+A file is written under a temporary name and renamed into place, so a crash leaves either
+the whole block or a temporary file that the next start deletes. Every read checks the
+header (magic, version, geometry fingerprint, the block's hash, the size) and an XXH3
+checksum of the contents; a file that fails is deleted and reported as `CorruptBlock`: the
+caller recomputes the block, never uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import torch
+import xxhash
+
+from tandem.kvbm.host import block_shape
+from tandem.protocol import KvBlock, KvEvent, KvLayout, KvRemoved, KvStored
+from tandem.transfer.blocks import DTYPES
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"TDKV"
+VERSION = 1
+#: magic, version, geometry fingerprint, sequence hash, local hash, payload bytes, checksum
+HEADER = struct.Struct("<4sHxxQQQQQ")
+SUFFIX = ".kv"
+
+
+class CorruptBlock(OSError):
+    """A block file that is torn, altered or not of this cache: deleted, to be recomputed."""
+
+
+def fingerprint(model: str, layout: KvLayout) -> int:
+    """The identity of what a block's bytes mean: the model and the cache geometry."""
+    return xxhash.xxh3_64_intdigest(model.encode() + b"\0" + msgspec.json.encode(layout))
+
+
+class DiskTier:
+    """Blocks of `layout` in `root/<fingerprint>/`, at most `capacity_bytes` of them (LRU).
+
+    Reads and writes are synchronous: the engine runs them on its I/O threads."""
+
+    tier = "disk"
+
+    def __init__(
+        self,
+        root: str | Path,
+        model: str,
+        layout: KvLayout,
+        capacity_bytes: int,
+        emit: Callable[[KvEvent], None],
+    ) -> None:
+        self.layout = layout
+        self.fingerprint = fingerprint(model, layout)
+        self.folder = Path(root) / f"{self.fingerprint:016x}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.payload_bytes = layout.block_bytes
+        self.capacity = capacity_bytes // (HEADER.size + self.payload_bytes)
+        if self.capacity < 1:
+            raise ValueError(f"a disk tier of {capacity_bytes} bytes holds no block")
+        self.emit = emit
+        self.files: OrderedDict[int, int] = OrderedDict()  # sequence hash -> local hash, LRU first
+        self._scan()
+
+    def __contains__(self, sequence_hash: int) -> bool:
+        return sequence_hash in self.files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, sequence_hash: int) -> Path:
+        return self.folder / f"{sequence_hash:016x}{SUFFIX}"
+
+    def put(self, sequence_hash: int, local_hash: int, contents: torch.Tensor) -> None:
+        """Write a block (one already here only turns most recent), evicting the least recent
+        beyond the capacity."""
+        if sequence_hash in self.files:
+            self.files.move_to_end(sequence_hash)
+            return
+        payload = contents.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+        if len(payload) != self.payload_bytes:
+            raise ValueError(f"a block of {len(payload)} bytes, not {self.payload_bytes}")
+        header = HEADER.pack(MAGIC, VERSION, self.fingerprint, sequence_hash, local_hash,
+                             len(payload), xxhash.xxh3_64_intdigest(payload))  # fmt: skip
+        while len(self.files) >= self.capacity:
+            self._drop(next(iter(self.files)))
+        final = self.path(sequence_hash)
+        temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        with open(temporary, "wb") as f:
+            f.write(header)
+            f.write(payload)
+        os.replace(temporary, final)
+        self.files[sequence_hash] = local_hash
+        block = KvBlock(sequence_hash, local_hash)
+        self.emit(KvStored(event_id=0, parent_sequence_hash=None, blocks=[block], tier="disk"))
+
+    def get(self, sequence_hash: int) -> torch.Tensor:
+        """The block's contents, checked; CorruptBlock (the file deleted) if they fail."""
+        if sequence_hash not in self.files:
+            raise KeyError(f"block {sequence_hash:#x} is not in the disk tier")
+        try:
+            data = self.path(sequence_hash).read_bytes()
+            self._check(data, sequence_hash)
+        except (OSError, CorruptBlock) as exc:
+            self._drop(sequence_hash)
+            raise CorruptBlock(f"disk block {sequence_hash:#x} dropped: {exc}") from exc
+        self.files.move_to_end(sequence_hash)
+        payload = bytearray(memoryview(data)[HEADER.size :])
+        flat = torch.frombuffer(payload, dtype=torch.uint8)
+        return flat.view(DTYPES[self.layout.dtype]).view(block_shape(self.layout))
+
+    def snapshot(self) -> list[int]:
+        return list(self.files)
+
+    def _check(self, data: bytes, sequence_hash: int) -> None:
+        if len(data) != HEADER.size + self.payload_bytes:
+            raise CorruptBlock(f"{len(data)} bytes, not {HEADER.size + self.payload_bytes}")
+        magic, version, fp, seq, _, size, checksum = HEADER.unpack_from(data)
+        if (magic, version, fp, seq, size) != (MAGIC, VERSION, self.fingerprint, sequence_hash,
+                                               self.payload_bytes):  # fmt: skip
+            raise CorruptBlock("its header is not this block's")
+        if xxhash.xxh3_64_intdigest(memoryview(data)[HEADER.size :]) != checksum:
+            raise CorruptBlock("its checksum does not match its contents")
+
+    def _drop(self, sequence_hash: int) -> None:
+        self.files.pop(sequence_hash, None)
+        self.path(sequence_hash).unlink(missing_ok=True)
+        self.emit(KvRemoved(event_id=0, sequence_hashes=[sequence_hash], tier="disk"))
+
+    def _scan(self) -> None:
+        """Find the blocks a previous run left (oldest first) and publish them; delete its
+        temporary files and files of the wrong size, and the oldest beyond the capacity."""
+        found = []
+        for entry in os.scandir(self.folder):
+            path = Path(entry.path)
+            if entry.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+                continue
+            stat = entry.stat()
+            try:
+                sequence_hash = int(entry.name.removesuffix(SUFFIX), 16)
+                if not entry.name.endswith(SUFFIX) or stat.st_size != (
+                    HEADER.size + self.payload_bytes
+                ):
+                    raise ValueError(entry.name)
+                with open(path, "rb") as f:
+                    local_hash = HEADER.unpack(f.read(HEADER.size))[4]
+            except (ValueError, OSError, struct.error):
+                log.warning("disk tier: dropping %s (not a whole block file)", path)
+                path.unlink(missing_ok=True)
+                continue
+            found.append((stat.st_mtime_ns, sequence_hash, local_hash))
+        for _, sequence_hash, local_hash in sorted(found):
+            self.files[sequence_hash] = local_hash
+        while len(self.files) > self.capacity:
+            oldest = next(iter(self.files))
+            self.files.pop(oldest)
+            self.path(oldest).unlink(missing_ok=True)
+        if self.files:  # published again: routers may send this worker their prefixes
+            log.info("disk tier: %d blocks found in %s", len(self.files), self.folder)
+            blocks = [KvBlock(h, local) for h, local in self.files.items()]
+            self.emit(KvStored(event_id=0, parent_sequence_hash=None, blocks=blocks, tier="disk"))
