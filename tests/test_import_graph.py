@@ -18,7 +18,8 @@ ROOT = Path(tandem.__file__).parent
 ALLOWED = {
     "protocol": set(),
     "runtime": {"protocol"},
-    "engine": {"protocol"},
+    "kvbm": {"protocol"},
+    "engine": {"protocol", "kvbm"},
     "transfer": {"protocol"},
     "http": set(),
     "worker": {"protocol", "runtime", "transfer", "engine"},

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from tandem.cli.flags import (
     fraction,
     int_at_least,
+    non_negative_float,
     positive_float,
     power_of_two,
 )
@@ -117,6 +118,27 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="reuse the KV blocks of prompt prefixes seen before (default: on)",
     )
     eng.add_argument(
+        "--kv-offloading-size",
+        type=non_negative_float,
+        default=0.0,
+        metavar="GIB",
+        help="host-memory KV tier: prefix blocks evicted from the device pool are kept here"
+        " and loaded back on a prefix hit (0: off) (%(default)s)",
+    )
+    eng.add_argument(
+        "--kv-disk-path",
+        metavar="DIR",
+        help="disk KV tier: a folder for blocks evicted from host memory (or from the device"
+        " without --kv-offloading-size); a restarted worker finds them again",
+    )
+    eng.add_argument(
+        "--kv-disk-size",
+        type=non_negative_float,
+        default=0.0,
+        metavar="GIB",
+        help="the disk tier's bound (needed with --kv-disk-path)",
+    )
+    eng.add_argument(
         "--kv-export-ttl",
         type=positive_float,
         default=30.0,
@@ -165,6 +187,9 @@ def engine_config(args: argparse.Namespace, model_path: Path, device: str) -> En
         num_gpu_blocks=args.num_gpu_blocks,
         enable_prefix_caching=args.enable_prefix_caching,
         kv_export_ttl=args.kv_export_ttl,
+        kv_offloading_size=args.kv_offloading_size,
+        kv_disk_path=args.kv_disk_path,
+        kv_disk_size=args.kv_disk_size,
         seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend,

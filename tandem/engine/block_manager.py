@@ -3,25 +3,32 @@
 A block is identified, once full and computed, by its sequence hash (DESIGN.md), so any
 later sequence whose prompt starts with the same tokens reuses it. Blocks nobody references
 stay cached on the free list in LRU order and are evicted only when a fresh block is needed.
-Every block that enters or leaves the cache becomes a KV event for routers.
+Every block that enters or leaves the cache becomes a KV event for routers. With `tiers`
+(tandem.kvbm), an evicted block is copied down to host or disk first, and a prefix lookup
+goes on there once the device has no more of it, loading what it finds into device blocks.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from tandem.engine.sequence import Sequence
 from tandem.protocol import KvBlock, KvCleared, KvEvent, KvRemoved, KvSnapshot, KvStored
 from tandem.protocol.hashing import chain_hash, local_hash, lora_seed
 
+if TYPE_CHECKING:
+    from tandem.kvbm.tiers import KvTiers
+
 
 class Block:
-    __slots__ = ("block_id", "hash", "ref_count")
+    __slots__ = ("block_id", "hash", "local", "ref_count")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_count = 0
         self.hash: int | None = None
+        self.local = 0  # its local hash, once `hash` is set
 
 
 class BlockManager:
@@ -37,6 +44,7 @@ class BlockManager:
         self._next_event_id = 0
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of which found cached
+        self.tiers: KvTiers | None = None  # set by the engine once its KV caches exist
 
     @property
     def num_free_blocks(self) -> int:
@@ -58,12 +66,45 @@ class BlockManager:
             return []
         self.update_hashes(seq, (seq.num_tokens - 1) // self.block_size)
         hits = []
-        for h in seq.block_hashes[: (seq.num_tokens - 1) // self.block_size]:
+        wanted = seq.block_hashes[: (seq.num_tokens - 1) // self.block_size]
+        for h in wanted:
             block_id = self.cached.get(h)
             if block_id is None:
                 break
             hits.append(block_id)
+        if self.tiers is not None and len(hits) < len(wanted):
+            hits += self._onboard(seq, hits, len(wanted))
         return hits
+
+    def _onboard(self, seq: Sequence, hits: list[int], wanted: int) -> list[int]:
+        """Load the blocks after the device hits that the tiers hold into fresh device blocks,
+        cached and unreferenced like any device hit. The hits are held meanwhile so that
+        taking fresh blocks cannot evict them."""
+        for bid in hits:
+            self._ref(bid)
+        loaded: list[int] = []
+        for i in range(len(hits), wanted):
+            h = seq.block_hashes[i]
+            if h not in self.tiers or len(self.free) == 0:
+                break
+            contents = self.tiers.fetch(h)
+            if contents is None:
+                break
+            bid = self._take_fresh()
+            self.tiers.write(bid, contents)
+            block = self.blocks[bid]
+            block.hash, block.local = h, seq.local_hashes[i]
+            self.cached[h] = bid
+            loaded.append(bid)
+        for bid in hits + loaded:
+            self._unref(bid)
+        if loaded:
+            first = len(hits)
+            parent = seq.block_hashes[first - 1] if first else None
+            blocks = [KvBlock(seq.block_hashes[i], seq.local_hashes[i])
+                      for i in range(first, first + len(loaded))]  # fmt: skip
+            self.emit(KvStored(event_id=0, parent_sequence_hash=parent, blocks=blocks))
+        return loaded
 
     def update_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
         """Extend seq.block_hashes to cover its first `num_full_blocks` blocks."""
@@ -121,24 +162,19 @@ class BlockManager:
             h = seq.block_hashes[i]
             if h in self.cached:  # another sequence computed the same block first
                 continue
-            block.hash = h
+            block.hash, block.local = h, seq.local_hashes[i]
             self.cached[h] = block.block_id
             if not new:
                 parent = seq.block_hashes[i - 1] if i > 0 else None
             new.append(KvBlock(h, seq.local_hashes[i]))
         seq.num_committed_blocks = full
         if new:
-            self._emit(KvStored(event_id=0, parent_sequence_hash=parent, blocks=new))
+            self.emit(KvStored(event_id=0, parent_sequence_hash=parent, blocks=new))
 
     def free_seq(self, seq: Sequence) -> None:
         """Release every block of `seq`; cached ones stay findable until evicted."""
         for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[bid] = None
-                if block.hash is None:  # worthless: reuse it before any cached block
-                    self.free.move_to_end(bid, last=False)
+            self._unref(bid)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
@@ -150,13 +186,14 @@ class BlockManager:
         for block in self.blocks:
             block.hash = None
         self.cached.clear()
-        self._emit(KvCleared(event_id=0))
+        self.emit(KvCleared(event_id=0))
         return True
 
     def snapshot(self) -> KvSnapshot:
         """Every cached block, as of the last event emitted (the router's resync point)."""
+        tiers = self.tiers.snapshot() if self.tiers is not None else {}
         return KvSnapshot(
-            last_event_id=self._next_event_id - 1, blocks={"device": list(self.cached)}
+            last_event_id=self._next_event_id - 1, blocks={"device": list(self.cached), **tiers}
         )
 
     def take_events(self) -> list[KvEvent]:
@@ -169,22 +206,33 @@ class BlockManager:
             del self.free[block_id]
         block.ref_count += 1
 
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None
+            if block.hash is None:  # worthless: reuse it before any cached block
+                self.free.move_to_end(block_id, last=False)
+
     def _take_fresh(self) -> int:
         block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:
+            if self.tiers is not None:
+                self.tiers.offload(block_id, block.hash, block.local)
             del self.cached[block.hash]
             removed = block.hash
             block.hash = None
             last = self.events[-1] if self.events else None
-            if isinstance(last, KvRemoved):
+            if isinstance(last, KvRemoved) and last.tier == "device":
                 last.sequence_hashes.append(removed)
             else:
-                self._emit(KvRemoved(event_id=0, sequence_hashes=[removed]))
+                self.emit(KvRemoved(event_id=0, sequence_hashes=[removed]))
         block.ref_count = 1
         return block_id
 
-    def _emit(self, event: KvEvent) -> None:
+    def emit(self, event: KvEvent) -> None:
+        """Number an event in this worker's one sequence (every tier's) and queue it."""
         event.event_id = self._next_event_id
         self._next_event_id += 1
         self.events.append(event)

@@ -29,6 +29,11 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # KV tiers under the device pool (tandem.kvbm): host memory and a disk folder, in GiB
+    # (0: off). Evicted prefix blocks go down; prefix hits there are loaded back.
+    kv_offloading_size: float = 0.0
+    kv_disk_path: str | None = None
+    kv_disk_size: float = 0.0
     # Disaggregation: seconds a prefill worker holds exported KV for a decode worker to pull.
     kv_export_ttl: float = 30.0
     seed: int = 0

@@ -22,6 +22,7 @@ from tandem.engine.request_checks import RequestLimits, check_request
 from tandem.engine.sampler import penalised
 from tandem.engine.scheduler import ScheduledBatch, Scheduler
 from tandem.engine.sequence import PENDING, RUNNING, Sequence
+from tandem.kvbm.tiers import KvTiers
 from tandem.protocol import (
     GenerateOutput,
     GenerateRequest,
@@ -79,6 +80,7 @@ class EngineCore:
             head_dim=head_dim_of(hf),
             dtype=str(dtype).removeprefix("torch."),
         )
+        self.block_manager.tiers = self._make_tiers()
         self.limits = RequestLimits(hf.vocab_size, self.max_model_len, config.max_logprobs,
                                     config.block_size, self.kv_layout)  # fmt: skip
         self.handoff = KvHandoff(
@@ -287,6 +289,23 @@ class EngineCore:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
         )
+
+    def _make_tiers(self) -> KvTiers | None:
+        """The host and disk KV tiers the config asks for, under this engine's caches."""
+        c = self.config
+        if bool(c.kv_disk_path) != bool(c.kv_disk_size):
+            raise ValueError("--kv-disk-path and --kv-disk-size go together")
+        if not (c.kv_offloading_size or c.kv_disk_path):
+            return None
+        caches = self.kv_caches()
+        if caches is None or not c.enable_prefix_caching:
+            raise ValueError("KV tiers need the real engine with prefix caching on")
+        gib = 2**30
+        return KvTiers.build(
+            self.kv_layout, c.model, caches, self.block_manager.emit,
+            host_bytes=int(c.kv_offloading_size * gib), disk_path=c.kv_disk_path,
+            disk_bytes=int(c.kv_disk_size * gib),
+        )  # fmt: skip
 
     def kv_caches(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The K and V caches, `[layers, blocks, block_size, kv_heads, head_dim]` (the layout

@@ -23,7 +23,6 @@ import xxhash
 
 from tandem.kvbm.host import block_shape
 from tandem.protocol import KvBlock, KvEvent, KvLayout, KvRemoved, KvStored
-from tandem.transfer.blocks import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ class DiskTier:
         self.files.move_to_end(sequence_hash)
         payload = bytearray(memoryview(data)[HEADER.size :])
         flat = torch.frombuffer(payload, dtype=torch.uint8)
-        return flat.view(DTYPES[self.layout.dtype]).view(block_shape(self.layout))
+        return flat.view(getattr(torch, self.layout.dtype)).view(block_shape(self.layout))
 
     def snapshot(self) -> list[int]:
         return list(self.files)

@@ -8,7 +8,6 @@ from collections.abc import Callable
 import torch
 
 from tandem.protocol import KvBlock, KvEvent, KvLayout, KvRemoved, KvStored
-from tandem.transfer.blocks import DTYPES
 
 #: Called with (sequence_hash, local_hash, contents) for a block about to leave the host
 #: tier, before its slot is reused: where the disk tier takes it.
@@ -45,7 +44,7 @@ class HostTier:
             )
         self.layout = layout
         shape = (self.capacity, *block_shape(layout))
-        self.data = torch.empty(shape, dtype=DTYPES[layout.dtype], pin_memory=pin_memory)
+        self.data = torch.empty(shape, dtype=getattr(torch, layout.dtype), pin_memory=pin_memory)
         self.slots: OrderedDict[int, int] = OrderedDict()  # sequence hash -> slot, LRU first
         self.local_hashes: dict[int, int] = {}
         self.free_slots = list(range(self.capacity - 1, -1, -1))
