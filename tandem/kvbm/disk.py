@@ -31,6 +31,7 @@ VERSION = 1
 #: magic, version, geometry fingerprint, sequence hash, local hash, payload bytes, checksum
 HEADER = struct.Struct("<4sHxxQQQQQ")
 SUFFIX = ".kv"
+EVENT_BLOCKS = 4096
 
 
 class CorruptBlock(OSError):
@@ -166,4 +167,6 @@ class DiskTier:
         if self.files:  # published again: routers may send this worker their prefixes
             log.info("disk tier: %d blocks found in %s", len(self.files), self.folder)
             blocks = [KvBlock(h, local) for h, local in self.files.items()]
-            self.emit(KvStored(event_id=0, parent_sequence_hash=None, blocks=blocks, tier="disk"))
+            for i in range(0, len(blocks), EVENT_BLOCKS):  # each event well under NATS's 1 MB
+                self.emit(KvStored(event_id=0, parent_sequence_hash=None,
+                                   blocks=blocks[i : i + EVENT_BLOCKS], tier="disk"))  # fmt: skip
