@@ -1,8 +1,8 @@
 """KV tiers on and off, side by side: multi-turn sessions whose histories outgrow the device
 pool, on the real engine (the demo model on CPU by default).
 
-    python benchmarks/kv_tiers.py                      # ~2-4 minutes on 2 CPU cores
-    python benchmarks/kv_tiers.py --users 4 --turns 4 --pool-blocks 64 --disk
+    python benchmarks/kv_tiers.py --disk               # ~2 minutes on 2 CPU cores
+    python benchmarks/kv_tiers.py --users 4 --turns 4 --message-len 192 --pool-blocks 64
 
 Each user's turn is its whole history (earlier turns and answers) plus a new message; users
 take turns round-robin, one request at a time, so every turn's TTFT is its prefill alone.
@@ -72,8 +72,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF model folder (default: the demo model)")
     p.add_argument("--users", type=int, default=5)
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--message-len", type=int, default=192)
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--message-len", type=int, default=96)
     p.add_argument("--answer-len", type=int, default=16)
     p.add_argument("--pool-blocks", type=int, default=64, help="device KV blocks of 16 tokens")
     p.add_argument("--batch-tokens", type=int, default=2048)
