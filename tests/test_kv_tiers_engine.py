@@ -62,6 +62,11 @@ def test_evicted_prefixes_come_back_from_the_tiers_with_the_same_outputs(
     assert stored == {"device", *tiers.split("+")}
     snapshot = eng.block_manager.snapshot()
     assert set(snapshot.blocks) == {"device", *tiers.split("+")}
+    stats = eng.stats()
+    assert (stats.kv_host_hits, stats.kv_disk_hits) == (hits["host"], hits["disk"])
+    exported = _scrape(eng)
+    assert exported[("tandem_kv_tier_hits_total", "host")] == hits["host"]
+    assert exported[("tandem_kv_tier_hits_total", "disk")] == hits["disk"]
 
 
 def test_a_corrupt_disk_block_is_recomputed_and_a_restart_finds_the_disk_tier(
@@ -89,6 +94,19 @@ def test_a_corrupt_disk_block_is_recomputed_and_a_restart_finds_the_disk_tier(
     assert run(restarted, "b", PROMPT) == want
     assert restarted.block_manager.prefix_hits - before == 2 * 16
     assert restarted.block_manager.tiers.failed_loads == 1 and not path.exists()
+    assert _scrape(restarted)[("tandem_kv_tier_load_failures_total", "")] == 1
+
+
+def _scrape(eng: EngineCore) -> dict[tuple[str, str], float]:
+    """The engine's Prometheus samples, by (name, tier label)."""
+    from prometheus_client import CollectorRegistry
+
+    from tandem.frontend.metrics import EngineStatsCollector
+
+    registry = CollectorRegistry()
+    registry.register(EngineStatsCollector(eng.stats))
+    return {(sample.name, sample.labels.get("tier", "")): sample.value
+            for family in registry.collect() for sample in family.samples}  # fmt: skip
 
 
 def _seq(prompt: list[int]):

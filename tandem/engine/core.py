@@ -327,7 +327,15 @@ class EngineCore:
             kv_imports=self.handoff.imports,
             kv_import_fallbacks=self.handoff.import_fallbacks,
             kv_exports_expired=self.handoff.exports_expired,
+            **self._tier_counts(),
         )
+
+    def _tier_counts(self) -> dict[str, int]:
+        tiers = self.block_manager.tiers
+        if tiers is None:
+            return {}
+        return {"kv_host_hits": tiers.hits["host"], "kv_disk_hits": tiers.hits["disk"],
+                "kv_tier_load_failures": tiers.failed_loads}  # fmt: skip
 
     def take_kv_events(self) -> list[KvEvent]:
         return self.block_manager.take_events()

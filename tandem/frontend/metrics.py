@@ -101,6 +101,16 @@ class EngineStatsCollector(Collector):
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        hits = CounterMetricFamily(f"{PREFIX}_kv_tier_hits", "KV blocks loaded back from a tier"
+                                   " below the device (host, disk).", labels=["tier"])  # fmt: skip
+        hits.add_metric(["host"], s.kv_host_hits)
+        hits.add_metric(["disk"], s.kv_disk_hits)
+        yield hits
+        yield CounterMetricFamily(
+            f"{PREFIX}_kv_tier_load_failures",
+            "Disk KV blocks refused (corrupt or unreadable) and recomputed.",
+            value=s.kv_tier_load_failures,
+        )
 
 
 class FrontendMetrics:

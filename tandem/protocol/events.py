@@ -59,6 +59,11 @@ class LoadStats(msgspec.Struct, kw_only=True):
     kv_imports: int = 0
     kv_import_fallbacks: int = 0
     kv_exports_expired: int = 0
+    # KV tiers, counted since start: blocks loaded back from host and from disk, and disk
+    # blocks refused (corrupt or unreadable) and recomputed.
+    kv_host_hits: int = 0
+    kv_disk_hits: int = 0
+    kv_tier_load_failures: int = 0
 
     @property
     def kv_usage(self) -> float:
