@@ -103,3 +103,52 @@ def test_reset_prefix_cache_only_when_idle():
     assert bm.reset_prefix_cache()
     assert isinstance(bm.take_events()[0], KvCleared)
     assert bm.match_prefix(seq(list(range(9)))) == []
+
+
+class DictTiers:
+    """KvTiers' interface over a dict: block contents are the block ids they came from."""
+
+    def __init__(self):
+        self.blocks, self.writes = {}, []
+
+    def __contains__(self, h):
+        return h in self.blocks
+
+    def offload(self, block_id, h, local):
+        self.blocks[h] = block_id
+
+    def fetch(self, h):
+        return self.blocks.get(h)
+
+    def write(self, block_id, contents):
+        self.writes.append((block_id, contents))
+
+    def snapshot(self):
+        return {"host": list(self.blocks)}
+
+
+def test_tiers_take_evicted_blocks_and_prefix_lookups_load_them_back():
+    """A middle block evicted out of order: the lookup loads it from the tier and takes the
+    device's own copy of the block after it, never a second cached copy."""
+    bm = BlockManager(num_blocks=5, block_size=4)
+    bm.tiers = tiers = DictTiers()
+    a = seq(list(range(13)))  # 3 full blocks + 1 token
+    compute(bm, a)
+    table = list(a.block_table)
+    bm.free_seq(a)
+    bm.take_events()
+    bm.free.move_to_end(table[1], last=False)  # the middle block is next to go
+    other = seq([99] * 3)
+    assert bm.allocate(other, 3)
+    assert tiers.blocks == {a.block_hashes[1]: table[1]}
+    again = seq(list(range(13)))
+    hits = bm.match_prefix(again)
+    assert len(hits) == 3 and hits[0] == table[0] and hits[2] == table[2]
+    assert tiers.writes == [(hits[1], table[1])] and hits[1] != table[1]
+    assert bm.cached == {h: b for h, b in zip(again.block_hashes, hits, strict=True)}
+    stored = [e for e in bm.take_events() if isinstance(e, KvStored)]
+    assert [(e.parent_sequence_hash, [b.sequence_hash for b in e.blocks]) for e in stored] == [
+        (again.block_hashes[0], [again.block_hashes[1]])
+    ]
+    assert bm.allocate(again, 1, hits) and again.num_computed_tokens == 12
+    assert bm.snapshot().blocks["host"] == [a.block_hashes[1]]

@@ -78,33 +78,33 @@ class BlockManager:
 
     def _onboard(self, seq: Sequence, hits: list[int], wanted: int) -> list[int]:
         """Load the blocks after the device hits that the tiers hold into fresh device blocks,
-        cached and unreferenced like any device hit. The hits are held meanwhile so that
-        taking fresh blocks cannot evict them."""
+        cached and unreferenced like any device hit (a later block the device still holds,
+        evicted out of order, is taken as it is). The blocks found are held meanwhile so
+        that taking fresh ones cannot evict them."""
         for bid in hits:
             self._ref(bid)
-        loaded: list[int] = []
+        found: list[int] = []
         for i in range(len(hits), wanted):
             h = seq.block_hashes[i]
-            if h not in self.tiers or len(self.free) == 0:
-                break
-            contents = self.tiers.fetch(h)
-            if contents is None:
-                break
-            bid = self._take_fresh()
-            self.tiers.write(bid, contents)
-            block = self.blocks[bid]
-            block.hash, block.local = h, seq.local_hashes[i]
-            self.cached[h] = bid
-            loaded.append(bid)
-        for bid in hits + loaded:
+            bid = self.cached.get(h)
+            if bid is None:
+                contents = self.tiers.fetch(h) if h in self.tiers and self.free else None
+                if contents is None:
+                    break
+                bid = self._take_fresh()
+                self.tiers.write(bid, contents)
+                block = self.blocks[bid]
+                block.hash, block.local = h, seq.local_hashes[i]
+                self.cached[h] = bid
+                parent = seq.block_hashes[i - 1] if i else None
+                stored = [KvBlock(h, block.local)]
+                self.emit(KvStored(event_id=0, parent_sequence_hash=parent, blocks=stored))
+            else:
+                self._ref(bid)
+            found.append(bid)
+        for bid in hits + found:
             self._unref(bid)
-        if loaded:
-            first = len(hits)
-            parent = seq.block_hashes[first - 1] if first else None
-            blocks = [KvBlock(seq.block_hashes[i], seq.local_hashes[i])
-                      for i in range(first, first + len(loaded))]  # fmt: skip
-            self.emit(KvStored(event_id=0, parent_sequence_hash=parent, blocks=blocks))
-        return loaded
+        return found
 
     def update_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
         """Extend seq.block_hashes to cover its first `num_full_blocks` blocks."""
