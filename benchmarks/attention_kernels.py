@@ -128,14 +128,33 @@ def sdpa_mixed(q, k_cache, v_cache, meta):
     return fn, lambda: torch.cat([dec_out(), pre_out()])
 
 
+def sdpa_prefills(q, k_cache, v_cache, meta):
+    """Several whole prompts, one SDPA call each."""
+    qsl = meta["query_start_loc"]
+    calls = []
+    for i in range(len(meta["seq_lens"])):
+        one = {**meta, "query_start_loc": qsl[i : i + 2] - qsl[i],
+               "seq_lens": meta["seq_lens"][i : i + 1],
+               "block_tables": meta["block_tables"][i : i + 1]}  # fmt: skip
+        calls.append(sdpa_prefill(q[qsl[i] : qsl[i + 1]], k_cache, v_cache, one))
+
+    def fn():
+        for call, _ in calls:
+            call()
+
+    return fn, lambda: torch.cat([out() for _, out in calls])
+
+
 def run_case(name, seq_lens, q_lens, splits_options, sweep: bool):
     from tandem.engine.kernels import attention as ka
 
     q, k_cache, v_cache, meta = make_case(seq_lens, q_lens)
     out = torch.empty_like(q)
     decode = max(q_lens) == 1
-    mixed = not decode and len(q_lens) > 1
-    baseline = sdpa_decode if decode else sdpa_mixed if mixed else sdpa_prefill
+    prefills = len(q_lens) > 1 and q_lens == seq_lens
+    mixed = not decode and len(q_lens) > 1 and not prefills
+    baseline = (sdpa_decode if decode else sdpa_mixed if mixed
+                else sdpa_prefills if prefills else sdpa_prefill)  # fmt: skip
     base_fn, base_out = baseline(q, k_cache, v_cache, meta)
     want = base_out().float()
     # Work: each query row attends over its visible keys; bytes: K/V read once plus q and out.
@@ -155,15 +174,15 @@ def run_case(name, seq_lens, q_lens, splits_options, sweep: bool):
     if sweep and decode:
         configs += DECODE_SWEEP
     if sweep and not decode:
-        configs += [(bm, bn, w, s) for bm in (64, 128) for bn in (64, 128) for w in (4, 8)
-                    for s in (2, 3)]  # fmt: skip
+        configs += [(bm, bn, w, s) for bm in (32, 64, 128) for bn in (32, 64, 128)
+                    for w in (4, 8) for s in (1, 2, 3)]  # fmt: skip
     saved = ka._decode_config, ka._prefill_config
     for cfg in configs:
         if cfg is not None:
             if decode:
                 ka._decode_config = lambda d, t, c=cfg: c
             else:
-                ka._prefill_config = lambda d, t, m, c=cfg: c
+                ka._prefill_config = lambda d, t, m, *_, c=cfg: c
         # In a mixed batch `splits_options` holds num_decodes values instead.
         for splits in splits_options:
             extra = {"num_decodes": splits} if mixed else {"num_splits": splits}
@@ -208,6 +227,7 @@ def main() -> None:
         ("decode b256 ctx192", [192] * 256, [1] * 256,
          sorted({1, choose_num_splits(256, KV_HEADS, 192, sms)})),
         ("prefill 8192", [8192], [8192], [1]),
+        ("prefill 64x128", [128] * 64, [128] * 64, [1]),
         ("chunk 2048 on 6144", [8192], [2048], [1]),
         ("mixed 200x1 + 1024", [320] * 200 + [3072], [1] * 200 + [1024], [0, 200]),
     ]  # fmt: skip

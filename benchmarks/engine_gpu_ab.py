@@ -7,8 +7,12 @@ RoPE and KV store as their own launch, not inside attention), `rowsN` (the skinn
 linear for batches up to N rows, tiles for more than 16 rows from `--tiles JSON`, the best
 of a `linear_shapes.py --sweep`), `splitk` (o_proj and down at 17-64 rows through cuBLAS, not
 split-K partial sums left for the residual norm; `--split-tiles JSON` instead sets their
-tiles to the best of a `linear_shapes.py --splits` sweep), or `none` (the code as is). It
-patches the engine in this process only; nothing else changes.
+tiles to the best of a `linear_shapes.py --splits` sweep), `shortq` (prompts of
+<= 128 tokens with the default prefill tile, not the short-query one), `gated` (gate_up
+through cuBLAS
+or the plain skinny kernel, then the SiLU kernel, instead of one gated launch; `--gated-tiles
+JSON` instead sets its tiles to the best of `linear_shapes.py --gated`), or `none` (the code
+as is). It patches the engine in this process only; nothing else changes.
 """
 
 import json
@@ -75,6 +79,24 @@ if "--split-tiles" in sys.argv:  # the best split-K tile per narrow shape, at th
     default_split = sl.split_config
     sl.split_config = lambda n, k: ((tuple(best[n, k][:4]), best[n, k][4]) if (n, k) in best
                                     else default_split(n, k))  # fmt: skip
+if "shortq" in off:
+    from tandem.engine.kernels import attention as ka
+
+    ka._SHORT_QUERY = 0
+if "gated" in off:
+    from tandem.engine.kernels import skinny_linear as sl
+
+    sl.gated_mlp_input = lambda x, weight: None
+if "--gated-tiles" in sys.argv:  # the best gated tile at 1 and at 64 rows
+    at = sys.argv.index("--gated-tiles")
+    best = {r["batch"] > 16: tuple(r["gated_best_config"])
+            for r in json.loads(Path(sys.argv[at + 1]).read_text())}  # fmt: skip
+    del sys.argv[at : at + 2]
+    print("gated tiles (wide, skinny):", best, flush=True)
+    from tandem.engine.kernels import skinny_linear as sl
+
+    default_gated = sl.gated_config
+    sl.gated_config = lambda rows: best.get(rows > 16) or default_gated(rows)
 if "pdl" in off:
     from tandem.engine.kernels import pdl
 

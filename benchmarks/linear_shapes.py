@@ -10,7 +10,8 @@ that no weight sits in L2 between calls.
 
 At batches up to 64 it also times Tandem's skinny Triton linear
 (`tandem.engine.kernels.skinny_linear`) with the tiles the engine picks; `--sweep` tries
-others and reports the best per shape.
+others and reports the best per shape; `--gated` times gate_up + SiLU unfused against the
+one gated launch the MLP makes, and sweeps its tiles.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from pathlib import Path
 
 import torch
 
-from tandem.engine.kernels.skinny_linear import TILE_ROWS, skinny_linear, tile_config
+from tandem.engine.kernels.skinny_linear import (
+    TILE_ROWS,
+    gated_config,
+    skinny_linear,
+    tile_config,
+)
 
 SHAPES = {  # name: (out_features, in_features), Llama-3.1-8B with fused QKV and gate/up
     "qkv": (6144, 4096),
@@ -59,6 +65,13 @@ SPLIT_CONFIGS = [
 ]  # fmt: skip
 
 
+#: Gated tiles (each program reads 2 x block_n weight rows).
+GATED_CONFIGS = [
+    (bn, bk, w, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (4, 8)
+    for st in (3, 4, 5) if (64 + 2 * bn) * bk * 2 * st <= 220 * 1024
+]  # fmt: skip
+
+
 def time_linear(
     m: int, n: int, k: int, copies: int = 4, calls: int = 20, skinny: tuple | None = None,
     splits: int = 1,
@@ -83,6 +96,11 @@ def time_linear(
                 skinny_linear(x, weights[i % copies], outs[i % copies], config=skinny,
                               splits=splits)
 
+    return graph_seconds(body) / calls
+
+
+def graph_seconds(body) -> float:
+    """Best of 5 replays of `body` captured in one CUDA graph."""
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         body()  # the library picks and loads its kernels outside the capture
@@ -99,8 +117,56 @@ def time_linear(
         graph.replay()
         end.record()
         end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3 / calls)
+        best = min(best, start.elapsed_time(end) / 1e3)
     return best
+
+
+def time_gated(m: int, config: tuple | None, copies: int = 4, calls: int = 20) -> float:
+    """Seconds per gate_up + SiLU at m rows: cuBLAS then the SiLU kernel (`config` None), or
+    one gated skinny launch with tile `config`."""
+    from tandem.engine.kernels.fused import silu_and_mul
+
+    n, k = SHAPES["gate_up"]
+    weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k**0.5
+               for _ in range(copies)]  # fmt: skip
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    outs = [torch.empty(m, n // 2, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+    if config is not None:
+        want = silu_and_mul(x @ weights[0].t())
+        got = skinny_linear(x, weights[0], config=config, gated=True)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+    def body() -> None:
+        for i in range(calls):
+            if config is None:
+                outs[i % copies].copy_(silu_and_mul(x @ weights[i % copies].t()))
+            else:
+                skinny_linear(x, weights[i % copies], outs[i % copies], config=config,
+                              gated=True)
+
+    return graph_seconds(body) / calls
+
+
+def gated_rows(batches: list[int]) -> list[dict]:
+    """gate_up + SiLU, unfused (cuBLAS; the copy into place is counted too) against the
+    gated launch at the engine's tile and the best of `GATED_CONFIGS`."""
+    from triton.runtime.errors import OutOfResources
+
+    rows = []
+    for m in [b for b in batches if b <= TILE_ROWS]:
+        row = {"batch": m, "linear": "gate_up+silu",
+               "unfused_us": round(time_gated(m, None) * 1e6, 2),
+               "gated_us": round(time_gated(m, gated_config(m)) * 1e6, 2)}  # fmt: skip
+        best = (float("inf"), None)
+        for config in GATED_CONFIGS:
+            try:
+                best = min(best, (time_gated(m, config), config))
+            except OutOfResources:
+                continue
+        row["gated_best_us"], row["gated_best_config"] = round(best[0] * 1e6, 2), best[1]
+        rows.append(row)
+        print("  ".join(f"{key}={value}" for key, value in row.items()), flush=True)
+    return rows
 
 
 def timed_skinny(m: int, n: int, k: int, config: tuple, splits: int = 1) -> tuple[float, tuple]:
@@ -121,10 +187,16 @@ def main() -> int:
                    help="also sweep the skinny kernel's tile shapes")
     p.add_argument("--splits", type=int, nargs="*", default=[],
                    help="sweep split-K tiles (K cut in so many) of o_proj, down at > 16 rows")
+    p.add_argument("--gated", action="store_true",
+                   help="only gate_up + SiLU: unfused against the gated launch, with a sweep")
     p.add_argument("--no-skinny", dest="skinny", action="store_false",
                    help="skip the skinny Triton linear's sweep")
     p.add_argument("--output", type=Path, default=Path("results/linear_shapes.json"))
     args = p.parse_args()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if args.gated:
+        args.output.write_text(json.dumps(gated_rows(args.batch), indent=2))
+        return 0
     rows = []
     for m in args.batch:
         for name, (n, k) in SHAPES.items():

@@ -97,3 +97,53 @@ def test_a_fused_mlp_at_17_to_64_rows_feeds_partial_sums_to_the_residual_norm(ro
     got = norm(mlp(x), residual)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(sl.triton is None and os.environ.get("CI") != "true", reason="no triton")
+@pytest.mark.parametrize("rows", [1, 16, 33, 64])
+@pytest.mark.parametrize("config", [None, (32, 128, 4, 2)])
+def test_gated_launch_is_silu_of_gate_times_up(rows: int, config) -> None:
+    """A [gate; up] weight in one launch: silu(x @ gate.T) * (x @ up.T), each half rounded
+    to the model dtype first as the unfused matmul + activation pair does; ragged edges."""
+    gen = torch.Generator().manual_seed(rows)
+    inter, k = (72, 264) if DEVICE == "cpu" else (14336, 4096)
+    x = torch.randn(rows, k, generator=gen).to(DEVICE, torch.float16)
+    w = (torch.randn(2 * inter, k, generator=gen) / k**0.5).to(DEVICE, torch.float16)
+    got = sl.skinny_linear(x, w, config=config, gated=True)
+    halves = (x.float() @ w.float().T).to(torch.float16).float()
+    gate, up = halves[:, :inter], halves[:, inter:]
+    want = torch.nn.functional.silu(gate) * up
+    assert got.dtype == torch.float16 and got.shape == (rows, inter)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-3)
+
+
+def test_the_gated_launch_is_only_taken_on_a_gpu() -> None:
+    """On the CPU (or float32, or more rows than one tile) the MLP does its two steps."""
+    x, w = torch.randn(4, 64, dtype=torch.bfloat16), torch.randn(32, 64, dtype=torch.bfloat16)
+    assert sl.gated_mlp_input(x, w) is None
+    if DEVICE == "cuda":
+        assert sl.gated_mlp_input(x.cuda(), w.cuda()) is not None
+        assert sl.gated_mlp_input(x.cuda().float(), w.cuda().float()) is None
+        big = torch.randn(sl.TILE_ROWS + 1, 64, dtype=torch.bfloat16, device="cuda")
+        assert sl.gated_mlp_input(big, w.cuda()) is None
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the model takes the kernel on CUDA only")
+@pytest.mark.parametrize("rows", [1, 8, 64, 65])
+def test_a_fused_mlp_matches_the_unfused_one(rows: int) -> None:
+    """Through the gated launch (<= 64 rows) or cuBLAS + the SiLU kernel (more): the same
+    output as torch's MLP to bf16 rounding."""
+    from transformers import LlamaConfig
+
+    from tandem.engine.models.llama import MLP
+
+    mlp = MLP(LlamaConfig(hidden_size=1024, intermediate_size=3584)).to(DEVICE, torch.bfloat16)
+    for param in mlp.parameters():
+        torch.nn.init.normal_(param, std=0.02)
+    x = torch.randn(rows, 1024, device=DEVICE, dtype=torch.bfloat16)
+    want = mlp(x)
+    for module in mlp.modules():
+        module.fused = True
+    got = mlp(x)
+    got = got.total(torch.bfloat16) if isinstance(got, sl.PartialSums) else got
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2)

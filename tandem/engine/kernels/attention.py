@@ -235,11 +235,22 @@ def _shared_memory(device: torch.device) -> int:
     return getattr(props, "shared_memory_per_block_optin", 101376)
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype, smem: int) -> tuple[int, int, int, int]:
+#: Queries up to this long (many short prompts in one step) take `_SHORT_QUERY_TILE`: each
+#: program sees a KV tile or two, so narrow tiles and no pipelining fit more programs per SM.
+#: 64 prompts of 128 tokens on an H200: 84 µs a layer against 164 with the default tile.
+_SHORT_QUERY = 128
+_SHORT_QUERY_TILE = (128, 32, 8, 1)
+
+
+def _prefill_config(
+    head_dim: int, dtype: torch.dtype, smem: int, max_query_len: int = 1 << 30
+) -> tuple[int, int, int, int]:
     """Tile shape for prefill/mixed batches: Q tile plus `stages` K and V tiles must fit."""
     size = torch.finfo(dtype).bits // 8
     kind = "half_small_d" if head_dim <= 64 else "half" if head_dim <= 128 else "half_large_d"
     kind = "float32" if size == 4 else kind
+    if max_query_len <= _SHORT_QUERY and kind in ("half", "half_small_d"):
+        return _SHORT_QUERY_TILE
     for block_m, block_n, warps, stages in _PREFILL_TILES[kind]:
         if (block_m + 2 * stages * block_n) * head_dim * size <= smem:
             return block_m, block_n, warps, stages
@@ -323,7 +334,9 @@ def _launch(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, s
         grid = (num_seqs, num_kv_heads, splits)
     else:
         smem = _shared_memory(q.device)
-        block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype, smem)
+        block_m, block_n, num_warps, num_stages = _prefill_config(
+            head_dim, q.dtype, smem, max_query_len
+        )
         # Short queries (speculative or tiny chunks) need fewer rows per tile.
         want = max(16, triton.next_power_of_2(max_query_len * group))
         block_m = max(min(block_m, want), triton.next_power_of_2(group))

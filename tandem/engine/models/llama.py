@@ -126,8 +126,12 @@ class MLP(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = fused.silu_and_mul if self.fused else fused.silu_and_mul_torch
-        return self.down_proj(act(self.gate_up_proj(x)))
+        if not self.fused:
+            return self.down_proj(fused.silu_and_mul_torch(self.gate_up_proj(x)))
+        act = skinny_linear.gated_mlp_input(x, self.gate_up_proj.weight)
+        if act is None:
+            act = fused.silu_and_mul(self.gate_up_proj(x))
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
@@ -188,19 +192,18 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def warm_up_linears(self) -> None:
         """Compile the skinny linear's variants a step can need (row tiles of 16, 32 and 64,
-        split-K partial sums and the residual norm that adds them) before serving starts:
-        a compile mid-serving stalls every live stream for about a second."""
+        gated, split-K partial sums and the residual norm that adds them; past 64 rows the
+        SiLU kernel) before serving starts: a compile mid-serving stalls every live stream
+        for about a second."""
         hidden = self.config.hidden_size
-        for rows in (1, 32, 64):
+        attention, mlp = self.layers[0].self_attn, self.layers[0].mlp
+        for rows in (1, 32, skinny_linear.TILE_ROWS, skinny_linear.TILE_ROWS + 1):
             x = self.norm.weight.new_zeros(rows, hidden)
             self.compute_logits(x)
-            for layer in self.layers[:1]:
-                attention, mlp = layer.self_attn, layer.mlp
-                for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
-                               mlp.down_proj):  # fmt: skip
-                    out = linear(x.new_zeros(rows, linear.in_features))
-                    if isinstance(out, skinny_linear.PartialSums):
-                        self.norm(out, x)
+            attention.qkv_proj(x)
+            for out in (attention.o_proj(x.new_zeros(rows, attention.q_size)), mlp(x)):
+                if isinstance(out, skinny_linear.PartialSums):
+                    self.norm(out, x)
 
     def set_attention(self, backend: AttentionBackend | None) -> None:
         for layer in self.layers:
