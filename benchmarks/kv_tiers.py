@@ -3,6 +3,8 @@ pool, on the real engine (the demo model on CPU by default).
 
     python benchmarks/kv_tiers.py --disk               # ~2 minutes on 2 CPU cores
     python benchmarks/kv_tiers.py --users 4 --turns 4 --message-len 192 --pool-blocks 64
+    python benchmarks/kv_tiers.py --model-shape llama-3.1-8b --device cuda --users 8 \
+        --turns 6 --message-len 512 --answer-len 32 --pool-blocks 400 --host-gib 4 --disk
 
 Each user's turn is its whole history (earlier turns and answers) plus a new message; users
 take turns round-robin, one request at a time, so every turn's TTFT is its prefill alone.
@@ -14,12 +16,15 @@ Prints TTFT p50/p99, throughput and hit rates per tier, and writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
@@ -34,8 +39,10 @@ def sessions(args: argparse.Namespace, vocab: int) -> list[tuple[int, list[int]]
 
 
 def run(args: argparse.Namespace, model: str, tiers: dict) -> dict:
+    shape = {"load_format": "dummy", "dtype": "bfloat16"} if args.model_shape else {}
     eng = EngineCore(EngineConfig(model=model, num_gpu_blocks=args.pool_blocks,
-                                  max_num_batched_tokens=args.batch_tokens, **tiers))  # fmt: skip
+                                  max_num_batched_tokens=args.batch_tokens, device=args.device,
+                                  **shape, **tiers))  # fmt: skip
     vocab = eng.hf_config.vocab_size
     history: dict[int, list[int]] = {}
     ttfts, tokens, started = [], 0, time.perf_counter()
@@ -57,6 +64,10 @@ def run(args: argparse.Namespace, model: str, tiers: dict) -> dict:
     looked_up = bm.prefix_queries // args.block_size or 1
     hits = dict(bm.tiers.hits) if bm.tiers is not None else {}
     device_hits = bm.prefix_hits // args.block_size - sum(hits.values())
+    del eng, bm  # its device memory goes back before the next configuration's engine
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     ttfts.sort()
     return {
         "tiers": tiers, "requests": len(ttfts),
@@ -71,6 +82,9 @@ def run(args: argparse.Namespace, model: str, tiers: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF model folder (default: the demo model)")
+    p.add_argument("--model-shape", help="random bf16 weights of this shape instead (e.g."
+                   " llama-3.1-8b, see tandem.bench.dummy_model), no files needed")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--users", type=int, default=5)
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--message-len", type=int, default=96)
@@ -82,11 +96,15 @@ def main() -> None:
     p.add_argument("--output", type=Path, default=Path("results/kv_tiers.json"))
     args = p.parse_args()
     args.block_size = 16
-    if args.model is None:
-        from tandem.engine.model_source import resolve_model
+    with tempfile.TemporaryDirectory() as disk, tempfile.TemporaryDirectory() as folder:
+        if args.model_shape:
+            from tandem.bench.dummy_model import write_model_folder
 
-        args.model = str(resolve_model(None))
-    with tempfile.TemporaryDirectory() as disk:
+            args.model = str(write_model_folder(folder, args.model_shape))
+        elif args.model is None:
+            from tandem.engine.model_source import resolve_model
+
+            args.model = str(resolve_model(None))
         configs = {"off": {}, "host": {"kv_offloading_size": args.host_gib}}
         if args.disk:
             configs["disk"] = {"kv_disk_path": disk, "kv_disk_size": args.host_gib}

@@ -117,11 +117,12 @@ class DictTiers:
     def offload(self, block_id, h, local):
         self.blocks[h] = block_id
 
-    def fetch(self, h):
-        return self.blocks.get(h)
-
-    def write(self, block_id, contents):
-        self.writes.append((block_id, contents))
+    def onboard(self, h, take_block):
+        if h not in self.blocks:
+            return None
+        block_id = take_block()
+        self.writes.append((block_id, self.blocks[h]))
+        return block_id
 
     def snapshot(self):
         return {"host": list(self.blocks)}

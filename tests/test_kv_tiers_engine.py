@@ -4,6 +4,7 @@ prompts: evicted prefixes come back from the tiers and greedy outputs do not cha
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
@@ -13,8 +14,12 @@ MIB = 1 / 1024  # GiB
 PROMPT = [5 + (7 * i) % 300 for i in range(100)]  # 6 full blocks of 16, then 4 tokens
 
 
-def engine(model, **tiers) -> EngineCore:
-    return EngineCore(EngineConfig(model=str(model), num_gpu_blocks=16, **tiers))
+NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host tier: a GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=NO_GPU)]
+
+
+def engine(model, device: str = "cpu", **tiers) -> EngineCore:
+    return EngineCore(EngineConfig(model=str(model), num_gpu_blocks=16, device=device, **tiers))
 
 
 def run(eng: EngineCore, rid: str, prompt: list[int]) -> list[int]:
@@ -38,18 +43,19 @@ def evict_then_rerun(eng: EngineCore) -> tuple[list[int], list[int], int]:
     return first, second, eng.block_manager.prefix_hits - hits_before
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tiers", ["host", "disk", "host+disk"])
 def test_evicted_prefixes_come_back_from_the_tiers_with_the_same_outputs(
-    tiny_llama, tmp_path, tiers: str
+    tiny_llama, tmp_path, tiers: str, device: str
 ) -> None:
-    baseline = evict_then_rerun(engine(tiny_llama))
+    baseline = evict_then_rerun(engine(tiny_llama, device))
     assert baseline[2] == 0, "without tiers the device pool has forgotten the prompt"
     flags = {}
     if "host" in tiers:  # host+disk: a host tier of 2 blocks, so most blocks go on to disk
         flags["kv_offloading_size"] = MIB if tiers == "host" else 2 * 8192 / 2**30
     if "disk" in tiers:
         flags |= {"kv_disk_path": str(tmp_path), "kv_disk_size": MIB}
-    eng = engine(tiny_llama, **flags)
+    eng = engine(tiny_llama, device, **flags)
     first, second, cached = evict_then_rerun(eng)
     assert first == second == baseline[0] == baseline[1]
     assert cached == 6 * 16

@@ -88,11 +88,9 @@ class BlockManager:
             h = seq.block_hashes[i]
             bid = self.cached.get(h)
             if bid is None:
-                contents = self.tiers.fetch(h) if h in self.tiers and self.free else None
-                if contents is None:
+                bid = self.tiers.onboard(h, self._take_fresh) if self.free else None
+                if bid is None:
                     break
-                bid = self._take_fresh()
-                self.tiers.write(bid, contents)
                 block = self.blocks[bid]
                 block.hash, block.local = h, seq.local_hashes[i]
                 self.cached[h] = bid

@@ -51,6 +51,7 @@ class HostTier:
         self.pins: dict[int, int] = {}  # sequence hash -> loads in progress
         self.emit = emit
         self.on_evict = on_evict
+        self.copied: dict[int, torch.cuda.Event] = {}  # slot -> its copy from the device
 
     def __contains__(self, sequence_hash: int) -> bool:
         return sequence_hash in self.slots
@@ -67,7 +68,10 @@ class HostTier:
         slot = self._free_slot()
         if slot is None:
             return False
-        self.data[slot].copy_(contents)
+        self.data[slot].copy_(contents, non_blocking=True)
+        if contents.is_cuda:  # the CPU may read the slot only once the copy is done
+            self.copied[slot] = torch.cuda.Event()
+            self.copied[slot].record()
         self.slots[sequence_hash] = slot
         self.local_hashes[sequence_hash] = local_hash
         block = KvBlock(sequence_hash, local_hash)
@@ -76,9 +80,18 @@ class HostTier:
 
     def get(self, sequence_hash: int) -> torch.Tensor:
         """The block's contents (a view into the pool: copy it before the slot can be reused,
-        or `pin` it for the copy's duration); the block turns most recent."""
+        or `pin` it for the copy's duration); the block turns most recent. A copy to the
+        device may be queued on the engine's stream without waiting: that stream orders it
+        before any later offload into the slot."""
         self.slots.move_to_end(sequence_hash)
         return self.data[self.slots[sequence_hash]]
+
+    def contents(self, slot: int) -> torch.Tensor:
+        """A slot's contents once they are there, for reading on the CPU."""
+        copied = self.copied.pop(slot, None)
+        if copied is not None:
+            copied.synchronize()
+        return self.data[slot]
 
     def pin(self, sequence_hash: int) -> None:
         if sequence_hash not in self.slots:
@@ -104,6 +117,6 @@ class HostTier:
         slot = self.slots.pop(victim)
         local = self.local_hashes.pop(victim)
         if self.on_evict is not None:
-            self.on_evict(victim, local, self.data[slot])
+            self.on_evict(victim, local, self.contents(slot))
         self.emit(KvRemoved(event_id=0, sequence_hashes=[victim], tier="host"))
         return slot

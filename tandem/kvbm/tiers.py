@@ -1,9 +1,10 @@
 """The host and disk tiers under one engine's device pool: where the prefix cache's evicted
 blocks go, and where a prefix lookup goes on once the device pool has no more of it.
 
-Copies are synchronous in this version: an offload finishes before the evicted slot is
-reused, an onboard before the prefill that reads it (on CUDA both are ordered on the
-engine's stream)."""
+On CUDA the copies between the device and the (pinned) host tier are queued on the engine's
+stream and never wait: an offload runs before any later kernel can overwrite the evicted
+block, an onboard before the prefill that reads it; a host block is read on the CPU (for the
+disk tier) only once its copy has finished. Disk I/O is synchronous in this version."""
 
 from __future__ import annotations
 
@@ -65,12 +66,19 @@ class KvTiers:
         else:
             self.disk.put(sequence_hash, local_hash, contents)
 
-    def fetch(self, sequence_hash: int) -> torch.Tensor | None:
-        """A block's contents from the nearest tier that has it (a copy), or None: not held,
-        or its disk file failed its checks (logged, counted, dropped)."""
+    def onboard(self, sequence_hash: int, take_block: Callable[[], int]) -> int | None:
+        """Load a block from the nearest tier that holds it into the device block that
+        `take_block` gives, and return that block; None when no tier holds it or its disk file
+        failed its checks (logged, counted, dropped), and then no block is taken."""
         if self.host is not None and sequence_hash in self.host:
+            self.host.pin(sequence_hash)  # taking a block may offload into the host tier
+            try:
+                block_id = take_block()
+                self._write(block_id, self.host.get(sequence_hash))
+            finally:
+                self.host.unpin(sequence_hash)
             self.hits["host"] += 1
-            return self.host.get(sequence_hash).clone()
+            return block_id
         if self.disk is None or sequence_hash not in self.disk:
             return None
         try:
@@ -79,13 +87,18 @@ class KvTiers:
             self.failed_loads += 1
             log.warning("KV onboard falls back to recompute: %s", exc)
             return None
+        block_id = take_block()
+        self._write(block_id, contents)
         self.hits["disk"] += 1
-        return contents
+        return block_id
 
-    def write(self, block_id: int, contents: torch.Tensor) -> None:
-        """Place fetched contents in a device block."""
-        self.k_cache[:, block_id].copy_(contents[0], non_blocking=True)
-        self.v_cache[:, block_id].copy_(contents[1], non_blocking=True)
+    def _write(self, block_id: int, contents: torch.Tensor) -> None:
+        """Place contents in a device block: on CUDA one host-to-device copy, queued on the
+        engine's stream behind the step that is running (from pinned memory it does not
+        wait), and ahead of the prefill that reads it."""
+        staged = contents.to(self.k_cache.device, non_blocking=True)
+        self.k_cache[:, block_id].copy_(staged[0])
+        self.v_cache[:, block_id].copy_(staged[1])
 
     def snapshot(self) -> dict[str, list[int]]:
         out = {}
