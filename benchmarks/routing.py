@@ -68,11 +68,15 @@ class Fleet:
     """`n` mock workers and a RemoteEngine routing over them with `policy`, in one process."""
 
     def __init__(
-        self, model: Path, n: int, blocks: int, policy: str, options: dict | None = None
-    ) -> None:
-        config = EngineConfig(model=str(model), engine="mock", num_gpu_blocks=blocks,
-                              max_num_seqs=128, block_size=BLOCK)  # fmt: skip
-        self.engines = [AsyncEngine(config) for _ in range(n)]
+        self, model: Path, n: int, blocks: int, policy: str, options: dict | None = None,
+        tiers: dict | None = None, speedups: tuple[float, ...] = (1.0,),
+    ) -> None:  # fmt: skip
+        self.engines = [
+            AsyncEngine(EngineConfig(model=str(model), engine="mock", num_gpu_blocks=blocks,
+                                     max_num_seqs=128, block_size=BLOCK,
+                                     mock_speedup=speedups[i % len(speedups)], **(tiers or {})))
+            for i in range(n)
+        ]  # fmt: skip
         self.cluster = LocalCluster(self.engines, served="mock", lease_ttl=30.0,
                                     policy=policy, router_options=options)  # fmt: skip
         self.remote = self.cluster.remote
@@ -89,6 +93,17 @@ class Fleet:
     def busy_s(self) -> float:
         return sum(e.core.runner.busy_s for e in self.engines)
 
+    def tier_hits(self) -> dict[str, int]:
+        """Blocks loaded back from each tier, and loads left to recompute, fleet-wide."""
+        out = {"host": 0, "disk": 0, "recomputed": 0}
+        for e in self.engines:
+            tiers = e.core.block_manager.tiers
+            if tiers is not None:
+                out["host"] += tiers.hits["host"]
+                out["disk"] += tiers.hits["disk"]
+                out["recomputed"] += sum(tiers.skipped.values())
+        return out
+
 
 class Variant(NamedTuple):
     label: str
@@ -97,12 +112,12 @@ class Variant(NamedTuple):
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
-    """The policies to compare; `kv` once per `--kv-decode-weights` value."""
+    """The policies to compare; `kv` once per `--kv-costs` and `--kv-decode-weights` value."""
     out = []
     for policy in args.policies:
         if policy == "kv":
-            weights = args.kv_decode_weights
-            out += [Variant(f"kv d={w:g}", "kv", {"decode_weight": w}) for w in weights]
+            out += [Variant(f"kv {c} d={w:g}", "kv", {"decode_weight": w, "cost": c})
+                    for c in args.kv_costs for w in args.kv_decode_weights]  # fmt: skip
         else:
             out.append(Variant(policy, policy, {}))
     return out
@@ -117,12 +132,14 @@ async def run_policy(
     num_requests: int | None = None,
 ) -> dict:
     bounds = Bounds(duration_s=args.max_seconds, num_requests=num_requests)
-    fleet = Fleet(model, args.workers, args.blocks, variant.policy, variant.options)
+    fleet = Fleet(model, args.workers, args.blocks, variant.policy, variant.options,
+                  tier_config(args, model), tuple(args.speedups))  # fmt: skip
     async with fleet:
         busy0 = fleet.busy_s()
         result = await run_load(workload, engine_sender(fleet.remote.generate), arrival, bounds)
         busy = (fleet.busy_s() - busy0) / (result.elapsed_s * args.workers)
         per_worker = sorted(w["requests"] for w in fleet.remote.describe())
+        tier_hits = fleet.tier_hits()
     summary = summarize(result.records, result.elapsed_s, Slo())
     cached = summary.get("cached_tokens", {})
     return {
@@ -139,6 +156,27 @@ async def run_policy(
         "max_requests_per_worker": per_worker[-1],
         "min_requests_per_worker": per_worker[0],
         "fair_share": sum(per_worker) / len(per_worker),
+        "tier_hit_blocks": tier_hits,
+    }
+
+
+def tier_config(args: argparse.Namespace, model: Path) -> dict:
+    """EngineConfig fields for `--host-blocks` / `--disk-blocks` per worker, each block
+    modelled at `--modelled-block-mib` (the tiny model's own blocks are a few KiB)."""
+    if not (args.host_blocks or args.disk_blocks):
+        return {}
+    from tandem.engine.loader import load_config, resolve_dtype
+    from tandem.engine.model_runner import kv_bytes_per_block
+
+    hf = load_config(str(model))
+    real = kv_bytes_per_block(hf, BLOCK, resolve_dtype(EngineConfig.dtype, hf, "cpu"))
+    scale = real / (args.modelled_block_mib * 2**20)  # modelled bandwidth in real bytes
+    return {
+        "kv_offloading_size": (args.host_blocks + 0.5) * real / 2**30,
+        "kv_disk_path": tempfile.gettempdir() if args.disk_blocks else None,
+        "kv_disk_size": (args.disk_blocks + 0.5) * real / 2**30,
+        "mock_host_gbps": args.host_gbps * scale,
+        "mock_disk_gbps": args.disk_gbps * scale,
     }
 
 
@@ -154,6 +192,7 @@ def sessions(args: argparse.Namespace, space: TokenSpace) -> tuple[Workload, Arr
         answer_len=LengthDist.parse(str(args.answer_len)),
         space=space,
         seed=args.seed,
+        think_time_s=args.think_time,
     )
     return workload, Arrival("concurrency", concurrency=args.users)
 
@@ -221,7 +260,9 @@ def table(title: str, rows: list[dict]) -> None:
             f"{(r['prefix_hit_rate'] or 0):>8.1%} {r['busy_fraction']:>5.0%} "
             f"{r['max_requests_per_worker']:>9}/{r['min_requests_per_worker']:<4} "
             f"(fair {r['fair_share']:.0f})"
-        )
+            + ("  tier loads host {host} disk {disk}, recomputed {recomputed}".format(
+                **r["tier_hit_blocks"]) if any(r["tier_hit_blocks"].values()) else "")
+        )  # fmt: skip
     base = {r["policy"]: r for r in rows}
     for r in rows:
         if r["policy"].startswith("kv") and "round_robin" in base:
@@ -283,6 +324,16 @@ def main() -> None:
         default=[1.0],
         help="run kv once per weight of decode blocks in its cost (1 = DESIGN.md's baseline)",
     )
+    p.add_argument("--kv-costs", nargs="+", choices=["blocks", "seconds"], default=["blocks"],
+                   help="run kv once per router cost (`--router-cost`)")
+    p.add_argument("--speedups", nargs="+", type=float, default=[1.0],
+                   help="mock speed of each worker, cycled (1 2: every other worker 2x faster)")
+    p.add_argument("--host-blocks", type=int, default=0, help="host KV tier per worker")
+    p.add_argument("--disk-blocks", type=int, default=0, help="disk KV tier per worker")
+    p.add_argument("--host-gbps", type=float, default=25.0, help="modelled host tier copies")
+    p.add_argument("--disk-gbps", type=float, default=3.0, help="modelled disk tier reads")
+    p.add_argument("--modelled-block-mib", type=float, default=2.0,
+                   help="bytes a tier moves per block (2 MiB: 16 tokens of Llama-3.1-8B)")
     p.add_argument(
         "--workloads",
         nargs="*",
@@ -295,6 +346,7 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--message-len", default="uniform:512:1536")
     p.add_argument("--answer-len", default="uniform:64:192")
+    p.add_argument("--think-time", type=float, default=0.0, help="seconds between a user's turns")
     p.add_argument("--trace-requests", type=int, default=400)
     p.add_argument("--target-load", type=float, default=0.8)
     p.add_argument("--max-seconds", type=float, default=240.0, help="bound of each run")

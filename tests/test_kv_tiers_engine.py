@@ -121,6 +121,31 @@ def _seq(prompt: list[int]):
     return Sequence("probe", 0, prompt, SamplingParams())
 
 
+@pytest.mark.parametrize("tiers", ["host", "disk"])
+def test_the_mock_engine_models_its_tiers(tiny_llama, tmp_path, tiers: str) -> None:
+    """Same calls and events as the real tiers, no data: an evicted prompt comes back from
+    the modelled tier, its loads take the modelled copy time inside the next step, and the
+    worker publishes the tier's rate and its own prefill rate."""
+    flags = {"kv_offloading_size": MIB} if tiers == "host" else {
+        "kv_disk_path": str(tmp_path), "kv_disk_size": MIB}  # fmt: skip
+    eng = engine(tiny_llama, engine="mock", mock_speedup=1000, **flags)
+    bm = eng.block_manager
+    assert eng.runner.tiers is bm.tiers
+    load_times, take = [], bm.tiers.take_load_s
+    bm.tiers.take_load_s = lambda: load_times.append(take()) or load_times[-1]
+    first, second, cached = evict_then_rerun(eng)
+    assert first == second and cached == 6 * 16
+    assert bm.tiers.hits == {"host": 0, "disk": 0} | {tiers: 6}
+    gbps = eng.config.mock_host_gbps if tiers == "host" else eng.config.mock_disk_gbps
+    per_block = eng.kv_layout.block_bytes / (gbps * 1e9) / eng.config.mock_speedup
+    assert sum(load_times) == pytest.approx(6 * per_block) and max(load_times) == sum(load_times)
+    stored = {e.tier for e in bm.take_events() if isinstance(e, KvStored)}
+    assert stored == {"device", tiers} and set(bm.snapshot().blocks) == {"device", tiers}
+    stats = eng.stats()
+    assert getattr(stats, f"{tiers}_blocks_per_s") == pytest.approx(1 / per_block)
+    assert stats.prefill_tokens_per_s > 0
+
+
 def test_tier_flags_are_checked(tiny_llama, tmp_path) -> None:
     with pytest.raises(ValueError, match="go together"):
         engine(tiny_llama, kv_disk_path=str(tmp_path))

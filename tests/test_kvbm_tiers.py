@@ -111,3 +111,30 @@ def test_corrupt_and_torn_disk_blocks_are_refused_and_dropped(tmp_path, damage: 
         disk.put(1, 11, block(1))
         disk.path(1).write_bytes(bytes(data))
         assert DiskTier(tmp_path, "m", LAYOUT, 10**6, lambda e: None).snapshot() == [2]
+
+
+def test_tiers_load_only_while_loading_beats_recomputing(tmp_path) -> None:
+    """Both rates are measured: the first disk load times the tier; once recomputing a block
+    is known to be faster, a hit is left to recompute and no device block is taken."""
+    from tandem.kvbm.tiers import KvTiers
+
+    caches = tuple(torch.zeros(LAYOUT.num_layers, 4, 4, 2, 8, dtype=torch.bfloat16)
+                   for _ in range(2))  # fmt: skip
+    disk = DiskTier(tmp_path, "m", LAYOUT, 8 * LAYOUT.block_bytes, lambda e: None)
+    recompute = [None]
+    tiers = KvTiers(None, disk, caches, recompute_s=lambda: recompute[0])
+    for h in (1, 2, 3):
+        disk.put(h, h, block(h))
+    taken = []
+
+    def take() -> int:
+        taken.append(len(taken))
+        return taken[-1]
+
+    assert tiers.onboard(1, take) == 0 and tiers.rates["disk"].value > 0
+    assert torch.equal(torch.stack([caches[0][:, 0], caches[1][:, 0]]), block(1))
+    recompute[0] = 10.0  # recomputing takes 10 s: loading still wins
+    assert tiers.onboard(2, take) == 1
+    recompute[0] = 1e-9
+    assert tiers.onboard(3, take) is None and taken == [0, 1]
+    assert tiers.skipped == {"host": 0, "disk": 1} and tiers.hits["disk"] == 2

@@ -74,6 +74,7 @@ def test_tiers_weigh_cached_blocks():
     assert overlap.blocks == {"a": 8, "b": 8}
     assert overlap.weighted["a"] == pytest.approx(4 + 4 * 0.75)
     assert overlap.weighted["b"] == pytest.approx(8 * 0.25)
+    assert overlap.lower == {"a": (4, 0), "b": (0, 8)}
     # Offloaded to host, then dropped from device: the host copy still counts.
     index.apply("a", [stored(2, H[:4], tier="host"), KvRemoved(event_id=3, sequence_hashes=H[:4])])
     assert index.overlap(H).weighted["a"] == pytest.approx(8 * 0.75)
@@ -145,6 +146,55 @@ def test_kv_follows_the_cost():
     router.update_load("a", load(queued=4 * B))  # 4 blocks of queued prefill: 2 + 4 = 6 = b
     router.update_load("b", load(active=1))
     assert router.select(PROMPT, ["a", "b", "c"]).worker_id == "a"
+
+
+def rated(prefill: float = 0.0, host: float = 0.0, disk: float = 0.0, **kw) -> LoadStats:
+    stats = load(**kw)
+    stats.prefill_tokens_per_s, stats.host_blocks_per_s, stats.disk_blocks_per_s = (
+        prefill, host, disk)  # fmt: skip
+    return stats
+
+
+def tiered_router(cost: str) -> Router:
+    """a: the prompt on device; b: on host; c: on disk; d: nothing."""
+    router = Router(B, "kv", cost=cost)
+    for w, tier in zip("abc", ("device", "host", "disk"), strict=False):
+        router.add_worker(w)
+        router.apply_events(w, [stored(0, H, tier=tier)])
+    router.add_worker("d")
+    return router
+
+
+def test_seconds_cost_is_the_block_cost_at_one_blocks_prefill_time_until_rates_arrive():
+    from tandem.router.router import DEFAULT_PREFILL_TOKENS_PER_S
+
+    blocks, seconds = tiered_router("blocks"), tiered_router("seconds")
+    for router in (blocks, seconds):
+        router.update_load("a", load(active=3, queued=2 * B))
+    by_blocks = {s.worker_id: s.cost for s in blocks.scores(PROMPT, list("abcd"))}
+    by_seconds = {s.worker_id: s.cost for s in seconds.scores(PROMPT, list("abcd"))}
+    block_s = B / DEFAULT_PREFILL_TOKENS_PER_S
+    assert by_seconds == pytest.approx({w: c * block_s for w, c in by_blocks.items()})
+
+
+def test_seconds_cost_uses_each_workers_published_rates():
+    """Tokens per second set the price of prefill; a tier's load rate the price of its hits,
+    never above recomputing them (the engine recomputes then)."""
+    router = tiered_router("seconds")
+    router.update_load("a", rated(prefill=8000.0, queued=32 * B))  # 32 blocks queued: 64 ms
+    router.update_load("b", rated(prefill=8000.0, host=1000.0))  # 8 host loads: 8 ms
+    router.update_load("c", rated(prefill=8000.0, disk=100.0))  # slower than 2 ms recompute
+    router.update_load("d", rated(prefill=16000.0))  # twice as fast: 8 blocks in 8 ms
+    cost = {s.worker_id: s.cost for s in router.scores(PROMPT, list("abcd"))}
+    assert cost == pytest.approx({"a": 0.064, "b": 0.008, "c": 0.016, "d": 0.008})
+    router.update_load("d", rated(prefill=12000.0))
+    assert router.select(PROMPT, list("abcd")).worker_id == "b"
+    # By blocks, the disk copy still earns a quarter of its credit and the fast d is unseen.
+    by_blocks = tiered_router("blocks")
+    cost = {s.worker_id: s.cost for s in by_blocks.scores(PROMPT, list("bcd"))}
+    assert cost == pytest.approx({"b": 2.0, "c": 6.0, "d": 8.0})
+    with pytest.raises(ValueError, match="router cost"):
+        Router(B, "kv", cost="tokens")
 
 
 def test_kv_skips_a_nearly_full_worker():
@@ -261,3 +311,17 @@ def test_approximate_mode_predicts_from_decisions():
     first = router.select(PROMPT, ["a", "b", "c"]).worker_id
     again = router.select(PROMPT, ["a", "b", "c"])
     assert again.worker_id == first and again.overlap_blocks == 8
+
+
+def test_router_cost_flag_reaches_the_router():
+    import argparse
+
+    from tandem.cli.flags import add_router_flags, router_options
+
+    parser = argparse.ArgumentParser()
+    add_router_flags(parser)
+    assert Router(B, "kv", **router_options(parser.parse_args([]))).cost == "blocks"
+    args = parser.parse_args(["--router-cost", "seconds"])
+    assert Router(B, "kv", **router_options(args)).cost == "seconds"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--router-cost", "tokens"])

@@ -177,7 +177,7 @@ def add_runtime_flags(p: argparse.ArgumentParser, nats_required: bool = True) ->
 
 def add_router_flags(p: argparse.ArgumentParser) -> None:
     """How a frontend (or `tandem router`) picks workers; names as in NVIDIA Dynamo."""
-    from tandem.router import POLICIES
+    from tandem.router import COSTS, POLICIES
 
     r = p.add_argument_group("routing")
     r.add_argument(
@@ -186,6 +186,14 @@ def add_router_flags(p: argparse.ArgumentParser) -> None:
         default="kv",
         help="kv: the worker holding most of the prompt's KV blocks, balanced against load;"
         " or round_robin, random, least_loaded (%(default)s)",
+    )
+    r.add_argument(
+        "--router-cost",
+        choices=COSTS,
+        default="blocks",
+        help="kv: blocks (queued + uncached prefill blocks, tier-weighted hits, decode"
+        " blocks) or seconds (the same at each worker's published prefill and KV tier load"
+        " rates: an estimate of time to first token) (%(default)s)",
     )
     r.add_argument(
         "--kv-overlap-score-weight",
@@ -254,6 +262,7 @@ def add_frontend_flags(p: argparse.ArgumentParser) -> None:
 def router_options(args: argparse.Namespace) -> dict[str, Any]:
     """`Router` keyword arguments from `add_router_flags` flags."""
     return {
+        "cost": args.router_cost,
         "credit": args.kv_overlap_score_weight,
         "decode_weight": args.kv_decode_weight,
         "temperature": args.router_temperature,

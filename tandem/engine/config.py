@@ -51,3 +51,5 @@ class EngineConfig:
     perf_model: str | None = None  # "polynomial" (default) or a profile JSON from `tandem profile`
     mock_speedup: float = 1.0  # divides every modelled step time
     mock_transfer_gbps: float = 25.0  # the modelled KV transfer link, GB/s
+    mock_host_gbps: float = 25.0  # the modelled host KV tier's copies (pinned PCIe), GB/s
+    mock_disk_gbps: float = 3.0  # the modelled disk KV tier's reads (one NVMe), GB/s

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from tandem.engine.request_checks import RequestLimits, check_request
 from tandem.engine.sampler import penalised
 from tandem.engine.scheduler import ScheduledBatch, Scheduler
 from tandem.engine.sequence import PENDING, RUNNING, Sequence
-from tandem.kvbm.tiers import KvTiers
+from tandem.kvbm.tiers import KvTiers, Rate
 from tandem.protocol import (
     GenerateOutput,
     GenerateRequest,
@@ -72,6 +73,7 @@ class EngineCore:
         self.async_scheduling = overlap and config.engine == "real"
         self._in_flight = None
         self.num_overlapped_steps = 0
+        self.prefill_rate = Rate()  # prompt tokens per second of step time
         self.requests: dict[str, list[Sequence]] = {}
         self.kv_layout = KvLayout(
             num_layers=hf.num_hidden_layers,
@@ -181,19 +183,26 @@ class EngineCore:
         """Run one batch; return the tokens that became known. With `async_scheduling` a
         step queues its batch on the device before reading the previous step's tokens, so
         the host's bookkeeping overlaps the GPU's work (outputs then lag one step)."""
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
+        prompt_tokens = sum(n for s, n in zip(batch.seqs, batch.num_tokens, strict=True)
+                            if s.num_computed_tokens < s.num_prompt_tokens)  # fmt: skip
         if not self._overlappable(batch):
             outputs = self._resolve()
             if outputs:  # only the resolved step can have finished some since scheduling
                 batch = _without_finished(batch)
-            return outputs + (self._run(batch) if batch else [])
-        launched = self.runner.launch(batch, self._in_flight) if batch else None
-        outputs = self._resolve()
-        if launched is not None:
-            self.num_overlapped_steps += 1
-            self._advance(batch)
-            self._hold_pending(launched)
-        self._in_flight = launched
+            outputs += self._run(batch) if batch else []
+        else:
+            launched = self.runner.launch(batch, self._in_flight) if batch else None
+            outputs = self._resolve()
+            if launched is not None:
+                self.num_overlapped_steps += 1
+                self._advance(batch)
+                self._hold_pending(launched)
+            self._in_flight = launched
+        # Overlapped, a step's wall time is its predecessor's on the device: close enough
+        # over a few steps for a router's estimate.
+        self.prefill_rate.add(prompt_tokens, time.perf_counter() - started)
         return outputs
 
     def _run(self, batch: ScheduledBatch) -> list[GenerateOutput]:
@@ -297,15 +306,36 @@ class EngineCore:
             raise ValueError("--kv-disk-path and --kv-disk-size go together")
         if not (c.kv_offloading_size or c.kv_disk_path):
             return None
-        caches = self.kv_caches()
-        if caches is None or not c.enable_prefix_caching:
-            raise ValueError("KV tiers need the real engine with prefix caching on")
+        if not c.enable_prefix_caching:
+            raise ValueError("KV tiers need prefix caching on")
         gib = 2**30
+        if c.engine == "mock":
+            return self._modelled_tiers()
+        caches = self.kv_caches()
+        if caches is None:
+            raise ValueError("KV tiers need the real or the mock engine")
         return KvTiers.build(
             self.kv_layout, c.model, caches, self.block_manager.emit,
             host_bytes=int(c.kv_offloading_size * gib), disk_path=c.kv_disk_path,
-            disk_bytes=int(c.kv_disk_size * gib),
+            disk_bytes=int(c.kv_disk_size * gib), recompute_s=self._recompute_block_s,
         )  # fmt: skip
+
+    def _modelled_tiers(self):
+        from tandem.engine.mock.tiers import ModelledTiers
+
+        c, block = self.config, self.kv_layout.block_bytes
+        per_gb = 1e9 / block * c.mock_speedup  # blocks a second per GB/s, as fast as the steps
+        tiers = ModelledTiers(
+            int(c.kv_offloading_size * 2**30 // block), int(c.kv_disk_size * 2**30 // block),
+            self.block_manager.emit, host_blocks_per_s=c.mock_host_gbps * per_gb,
+            disk_blocks_per_s=c.mock_disk_gbps * per_gb, recompute_s=self._recompute_block_s,
+        )  # fmt: skip
+        self.runner.tiers = tiers
+        return tiers
+
+    def _recompute_block_s(self) -> float | None:
+        rate = self.prefill_rate.value
+        return self.config.block_size / rate if rate else None
 
     def kv_caches(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The K and V caches, `[layers, blocks, block_size, kv_heads, head_dim]` (the layout
@@ -327,15 +357,18 @@ class EngineCore:
             kv_imports=self.handoff.imports,
             kv_import_fallbacks=self.handoff.import_fallbacks,
             kv_exports_expired=self.handoff.exports_expired,
-            **self._tier_counts(),
+            prefill_tokens_per_s=self.prefill_rate.value,
+            **self._tier_figures(),
         )
 
-    def _tier_counts(self) -> dict[str, int]:
+    def _tier_figures(self) -> dict[str, float]:
         tiers = self.block_manager.tiers
         if tiers is None:
             return {}
         return {"kv_host_hits": tiers.hits["host"], "kv_disk_hits": tiers.hits["disk"],
-                "kv_tier_load_failures": tiers.failed_loads}  # fmt: skip
+                "kv_tier_load_failures": tiers.failed_loads,
+                "host_blocks_per_s": tiers.rates["host"].value,
+                "disk_blocks_per_s": tiers.rates["disk"].value}  # fmt: skip
 
     def take_kv_events(self) -> list[KvEvent]:
         return self.block_manager.take_events()

@@ -9,6 +9,7 @@ disk tier) only once its copy has finished. Disk I/O is synchronous in this vers
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,14 +24,66 @@ log = logging.getLogger(__name__)
 Caches = tuple[torch.Tensor, torch.Tensor]  # K, V: [layers, blocks, block_size, heads, dim]
 
 
+#: Seconds to recompute one block from the engine's measured prefill rate; None: unknown.
+RecomputeTime = Callable[[], "float | None"]
+
+
+class Rate:
+    """Amount per second (blocks loaded, prompt tokens computed) over recent samples,
+    weighted by their duration: each new sample keeps `decay` of the history. 0 until the
+    first sample."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay, self.amount, self.seconds = decay, 0.0, 0.0
+
+    def add(self, amount: float, seconds: float) -> None:
+        if amount > 0 and seconds > 0:
+            self.amount = self.amount * self.decay + amount
+            self.seconds = self.seconds * self.decay + seconds
+
+    @property
+    def value(self) -> float:
+        return self.amount / self.seconds if self.seconds else 0.0
+
+
+def slower_than_recompute(
+    tier: str, rate: Rate, recompute_s: float | None, skipped: dict[str, int]
+) -> bool:
+    """Whether a load from `tier` is measured slower than recomputing the block (counted in
+    `skipped`, logged the first time); False while either is unknown."""
+    if not rate.value or recompute_s is None or 1 / rate.value <= recompute_s:
+        return False
+    if not skipped[tier]:
+        log.info("%s tier loads take %.3f ms a block, recomputing %.3f ms: recomputing",
+                 tier, 1e3 / rate.value, recompute_s * 1e3)  # fmt: skip
+    skipped[tier] += 1
+    return True
+
+
 class KvTiers:
-    def __init__(self, host: HostTier | None, disk: DiskTier | None, caches: Caches) -> None:
+    """Loads come from a tier only while they are faster than recomputing the block (both
+    measured: on an H200 an 8B model recomputes 16 tokens faster than a disk block loads)."""
+
+    def __init__(
+        self,
+        host: HostTier | None,
+        disk: DiskTier | None,
+        caches: Caches,
+        recompute_s: RecomputeTime = lambda: None,
+    ) -> None:
         if host is None and disk is None:
             raise ValueError("KvTiers needs a host or a disk tier")
         self.host, self.disk = host, disk
         self.k_cache, self.v_cache = caches
+        self.recompute_s = recompute_s
         self.hits = {"host": 0, "disk": 0}  # blocks onboarded, by the tier they came from
         self.failed_loads = 0  # disk blocks refused (corrupt or unreadable): recomputed
+        self.rates = {"host": Rate(), "disk": Rate()}
+        self.skipped = {"host": 0, "disk": 0}  # loads not taken: recomputing was faster
+        # On CUDA a host load is queued, not waited for: its rate is a probe's, taken once.
+        self._host_queued = host is not None and self.k_cache.is_cuda
+        if self._host_queued:
+            self._probe_host()
 
     @classmethod
     def build(
@@ -43,13 +96,14 @@ class KvTiers:
         host_bytes: int,
         disk_path: str | Path | None,
         disk_bytes: int,
+        recompute_s: RecomputeTime = lambda: None,
     ) -> KvTiers:
         disk = DiskTier(disk_path, model, layout, disk_bytes, emit) if disk_path else None
         host = None
         if host_bytes:
             host = HostTier(layout, host_bytes, emit, pin_memory=caches[0].is_cuda,
                             on_evict=disk.put if disk is not None else None)  # fmt: skip
-        return cls(host, disk, caches)
+        return cls(host, disk, caches, recompute_s)
 
     def __contains__(self, sequence_hash: int) -> bool:
         return (self.host is not None and sequence_hash in self.host) or (
@@ -68,18 +122,24 @@ class KvTiers:
 
     def onboard(self, sequence_hash: int, take_block: Callable[[], int]) -> int | None:
         """Load a block from the nearest tier that holds it into the device block that
-        `take_block` gives, and return that block; None when no tier holds it or its disk file
-        failed its checks (logged, counted, dropped), and then no block is taken."""
+        `take_block` gives, and return that block; None when no tier holds it, loading is
+        slower than recomputing, or its disk file failed its checks (logged, counted,
+        dropped), and then no block is taken."""
+        started = time.perf_counter()
         if self.host is not None and sequence_hash in self.host:
+            if self._slower_than_recompute("host"):
+                return None
             self.host.pin(sequence_hash)  # taking a block may offload into the host tier
             try:
                 block_id = take_block()
                 self._write(block_id, self.host.get(sequence_hash))
             finally:
                 self.host.unpin(sequence_hash)
-            self.hits["host"] += 1
+            self._loaded("host", None if self._host_queued else started)
             return block_id
         if self.disk is None or sequence_hash not in self.disk:
+            return None
+        if self._slower_than_recompute("disk"):
             return None
         try:
             contents = self.disk.get(sequence_hash)
@@ -89,8 +149,26 @@ class KvTiers:
             return None
         block_id = take_block()
         self._write(block_id, contents)
-        self.hits["disk"] += 1
+        self._loaded("disk", started)
         return block_id
+
+    def _loaded(self, tier: str, started: float | None) -> None:
+        self.hits[tier] += 1
+        if started is not None:
+            self.rates[tier].add(1, time.perf_counter() - started)
+
+    def _slower_than_recompute(self, tier: str) -> bool:
+        return slower_than_recompute(tier, self.rates[tier], self.recompute_s(), self.skipped)
+
+    def _probe_host(self, blocks: int = 8) -> None:
+        """Time pinned-to-device copies of one host slot, waited for: the host tier's rate."""
+        slot = self.host.data[0]
+        torch.cuda.synchronize(self.k_cache.device)
+        started = time.perf_counter()
+        for _ in range(blocks):
+            slot.to(self.k_cache.device, non_blocking=True)
+        torch.cuda.synchronize(self.k_cache.device)
+        self.rates["host"].add(blocks, time.perf_counter() - started)
 
     def _write(self, block_id: int, contents: torch.Tensor) -> None:
         """Place contents in a device block: on CUDA one host-to-device copy, queued on the

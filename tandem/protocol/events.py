@@ -64,6 +64,12 @@ class LoadStats(msgspec.Struct, kw_only=True):
     kv_host_hits: int = 0
     kv_disk_hits: int = 0
     kv_tier_load_failures: int = 0
+    # Measured rates for a router's cost in seconds (0: not measured yet; a pool's sum is its
+    # capacity): prompt tokens computed per second of step time, KV blocks loaded back per
+    # second from the host and the disk tier.
+    prefill_tokens_per_s: float = 0.0
+    host_blocks_per_s: float = 0.0
+    disk_blocks_per_s: float = 0.0
 
     @property
     def kv_usage(self) -> float:

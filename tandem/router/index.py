@@ -28,6 +28,9 @@ TIERS: tuple[Tier, ...] = ("device", "host", "disk")
 #: Credit of a cached block by tier (DESIGN.md): onboarding from host or disk is not free.
 TIER_WEIGHTS: dict[Tier, float] = {"device": 1.0, "host": 0.75, "disk": 0.25}
 _TIER_BIT = {tier: 1 << i for i, tier in enumerate(TIERS)}
+#: A block only in host memory or on disk is worth this much less than one on the device.
+HOST_DISCOUNT, DISK_DISCOUNT = 1.0 - TIER_WEIGHTS["host"], 1.0 - TIER_WEIGHTS["disk"]
+_NONE_BELOW = (0, 0)
 
 #: Bytes per (block, worker) entry that `approx_bytes` reports: an upper bound. Measured with
 #: tracemalloc on CPython 3.11: 113 when every worker holds distinct blocks (8 workers x 8,192),
@@ -36,13 +39,15 @@ ENTRY_BYTES = 120
 
 
 class Overlap:
-    """A request's overlap with each worker: leading blocks held, and their tier-weighted sum."""
+    """A request's overlap with each worker: leading blocks held, their tier-weighted sum,
+    and how many of them are held only in host memory and only on disk."""
 
-    __slots__ = ("blocks", "weighted")
+    __slots__ = ("blocks", "lower", "weighted")
 
     def __init__(self) -> None:
         self.blocks: dict[str, int] = {}
         self.weighted: dict[str, float] = {}
+        self.lower: dict[str, tuple[int, int]] = {}  # (host, disk) blocks; absent: none
 
 
 class _Worker:
@@ -169,8 +174,8 @@ class KvIndex:
         active = 0 if first is None else get(first, 0)
         if not active:
             return result
-        lower = [(TIER_WEIGHTS[t] - 1.0, m) for t, m in self._lower.items() if m]
-        discount: dict[int, float] = {}
+        lower = [(i, m) for i, m in enumerate(self._lower.values()) if m]
+        discount: dict[int, list[int]] = {}  # worker bit -> [host, disk] blocks so far
         if lower:
             self._discount(active, first, lower, discount)
         depth = 1
@@ -188,24 +193,27 @@ class KvIndex:
         return result
 
     def _discount(
-        self, active: int, h: int, lower: list[tuple[float, dict[int, int]]], out: dict[int, float]
+        self, active: int, h: int, lower: list[tuple[int, dict[int, int]]], out: dict[int, list]
     ) -> None:
-        """Charge the workers whose copy of block `h` is only below device its tier's discount."""
-        for penalty, masks in lower:
+        """Count block `h` for the workers whose best copy of it is below device, by tier."""
+        for tier, masks in lower:
             below = active & masks.get(h, 0)
             while below:
                 bit = below & -below
                 below ^= bit
-                out[bit] = out.get(bit, 0.0) + penalty
+                out.setdefault(bit, [0, 0])[tier] += 1
 
-    def _record(self, gone: int, depth: int, discount: dict[int, float], result: Overlap) -> None:
+    def _record(self, gone: int, depth: int, discount: dict[int, list], result: Overlap) -> None:
         """Workers in `gone` matched exactly `depth` leading blocks."""
         while gone:
             bit = gone & -gone
             gone ^= bit
             worker_id = self._by_bit[bit]
             result.blocks[worker_id] = depth
-            result.weighted[worker_id] = depth + discount.get(bit, 0.0)
+            host, disk = discount.get(bit, _NONE_BELOW)
+            if host or disk:
+                result.lower[worker_id] = (host, disk)
+            result.weighted[worker_id] = depth - HOST_DISCOUNT * host - DISK_DISCOUNT * disk
 
     def num_blocks(self, worker_id: str | None = None) -> int:
         """Entries held, for one worker or all."""

@@ -11,6 +11,12 @@ Policies:
   above 0 samples with p ∝ exp(-(c - c_min) / ((c_max - c_min) * T)).
 * `round_robin`, `random`, `least_loaded` (lowest prefill + decode blocks).
 
+The kv cost is in blocks (above) or, with `cost="seconds"`, an estimate of the time to first
+token: the same blocks of prefill at the worker's published prefill rate, plus each host or
+disk hit at its tier's published load rate (never dearer than recomputing the block, which
+the engine then does). Until a worker has published its rates the estimate uses the others'
+(or a default) and the tier weights, i.e. the block cost times one block's prefill time.
+
 No pile-ups: a worker's advantage from cached blocks is at most the request's own size, and
 its bookings count at once, so a burst that shares one system prompt spreads as soon as the
 cached worker's queue outweighs the prompt. Workers whose KV cache is nearly full
@@ -35,10 +41,14 @@ import xxhash
 from tandem.protocol import KvEvent, LoadStats
 from tandem.protocol.events import Tier
 from tandem.protocol.hashing import block_hashes, iter_sequence_hashes, local_hash
-from tandem.router.index import KvIndex
+from tandem.router.index import DISK_DISCOUNT, HOST_DISCOUNT, KvIndex
 
 Policy = Literal["kv", "round_robin", "random", "least_loaded"]
 POLICIES: tuple[Policy, ...] = ("kv", "round_robin", "random", "least_loaded")
+Cost = Literal["blocks", "seconds"]
+COSTS: tuple[Cost, ...] = ("blocks", "seconds")
+#: Prompt tokens per second assumed for workers before any has published its rate.
+DEFAULT_PREFILL_TOKENS_PER_S = 10_000.0
 #: Upper bounds (seconds) of the decision-time histogram.
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
 
@@ -77,6 +87,7 @@ class Router:
         block_size: int,
         policy: Policy = "kv",
         *,
+        cost: Cost = "blocks",
         credit: float = 1.0,
         decode_weight: float = 1.0,
         temperature: float = 0.0,
@@ -87,8 +98,11 @@ class Router:
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown router policy {policy!r}; choose from {POLICIES}")
+        if cost not in COSTS:
+            raise ValueError(f"unknown router cost {cost!r}; choose from {COSTS}")
         self.block_size = block_size
         self.policy = policy
+        self.cost = cost
         self.credit = credit
         self.decode_weight = decode_weight
         self.temperature = temperature
@@ -269,12 +283,18 @@ class Router:
     ) -> list[WorkerScore]:
         n = -(-num_tokens // self.block_size)
         overlap = self.index.overlap(hashes)
+        fallback_rate = self._fallback_rate(workers) if self.cost == "seconds" else 0.0
         scores = []
         for w in workers:
             held = overlap.blocks.get(w, 0)
             cached = overlap.weighted.get(w, 0.0)
             prefill = self._prefill_blocks(w)
             decode = self._decode_blocks(w)
+            if self.cost == "blocks":
+                cost = prefill + n - self.credit * cached + self.decode_weight * decode
+            else:
+                blocks = prefill + n - self.credit * held + self.decode_weight * decode
+                cost = self._seconds(w, blocks, overlap.lower.get(w), fallback_rate)
             scores.append(
                 WorkerScore(
                     worker_id=w,
@@ -282,10 +302,32 @@ class Router:
                     cached_blocks=cached,
                     prefill_blocks=prefill,
                     decode_blocks=decode,
-                    cost=prefill + n - self.credit * cached + self.decode_weight * decode,
+                    cost=cost,
                 )
             )
         return scores
+
+    def _fallback_rate(self, workers: Sequence[str]) -> float:
+        """The prefill rate of a worker that has published none: the others' mean."""
+        rates = [load.prefill_tokens_per_s for w in workers
+                 if (load := self._loads.get(w)) is not None and load.prefill_tokens_per_s > 0]
+        return sum(rates) / len(rates) if rates else DEFAULT_PREFILL_TOKENS_PER_S  # fmt: skip
+
+    def _seconds(
+        self, worker_id: str, blocks: float, lower: tuple[int, int] | None, fallback: float
+    ) -> float:
+        """`blocks` of prefill at the worker's rate, plus its (host, disk) hits' loads."""
+        load = self._loads.get(worker_id)
+        rate = load.prefill_tokens_per_s if load and load.prefill_tokens_per_s > 0 else fallback
+        block_s = self.block_size / rate
+        seconds = blocks * block_s
+        if lower is not None:
+            host_rate = load.host_blocks_per_s if load else 0.0
+            disk_rate = load.disk_blocks_per_s if load else 0.0
+            host_s = min(block_s, 1 / host_rate) if host_rate > 0 else HOST_DISCOUNT * block_s
+            disk_s = min(block_s, 1 / disk_rate) if disk_rate > 0 else DISK_DISCOUNT * block_s
+            seconds += self.credit * (lower[0] * host_s + lower[1] * disk_s)
+        return seconds
 
     def _pick(self, scores: list[WorkerScore], key: int) -> WorkerScore:
         lo = min(s.cost for s in scores)

@@ -37,6 +37,7 @@ class MockRunner:
         self.kv_usage = kv_usage  # callable: the block manager's current usage
         self.busy_s = 0.0
         self.transfer_gbps = config.mock_transfer_gbps
+        self.tiers = None  # ModelledTiers, set by the engine: its loads' time joins a step
 
     def start(self, max_model_len: int) -> None:
         pass
@@ -66,6 +67,8 @@ class MockRunner:
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
         delay = self.step_ms(batch) / 1000.0
+        if self.tiers is not None:
+            delay += self.tiers.take_load_s()  # its rates already count the speedup
         if delay > 0:
             time.sleep(delay)
         self.busy_s += delay
