@@ -153,3 +153,23 @@ def test_tiers_take_evicted_blocks_and_prefix_lookups_load_them_back():
     ]
     assert bm.allocate(again, 1, hits) and again.num_computed_tokens == 12
     assert bm.snapshot().blocks["host"] == [a.block_hashes[1]]
+
+
+def test_no_onboarding_for_a_request_that_cannot_fit():
+    """A prefix in the tiers is loaded only when the request's next chunk fits beside it:
+    otherwise the loads would evict other cached blocks and repeat every step it waits."""
+    bm = BlockManager(num_blocks=7, block_size=4)
+    bm.tiers = tiers = DictTiers()
+    a = seq(list(range(13)))  # 3 full blocks + 1 token
+    compute(bm, a)
+    bm.free_seq(a)
+    other = seq([99] * 16)  # its 4 blocks push a's into the tier
+    compute(bm, other)
+    bm.free_seq(other)
+    compute(bm, seq([77] * 12))  # holds 3 of the 7 blocks
+    assert set(a.block_hashes[:3]) <= set(tiers.blocks) and len(bm.free) == 4
+    cached_before = dict(bm.cached)
+    longer = seq(list(range(13)) + [5] * 16)  # a's prefix and 4 blocks more: 8 in all
+    assert bm.match_prefix(longer) == [] and tiers.writes == [] and bm.cached == cached_before
+    # A chunk of 4 tokens after the 3 loaded blocks needs 4 blocks: the 4 free ones.
+    assert len(bm.match_prefix(longer, max_new_tokens=4)) == 3 and len(tiers.writes) == 3

@@ -59,9 +59,12 @@ class BlockManager:
 
     # -- prefix matching -------------------------------------------------------------
 
-    def match_prefix(self, seq: Sequence) -> list[int]:
+    def match_prefix(self, seq: Sequence, max_new_tokens: int | None = None) -> list[int]:
         """Block ids of the longest cached prefix of `seq`, leaving at least one token to compute
-        (its logits give the next token)."""
+        (its logits give the next token). Blocks come back from the tiers only if, with all of
+        them loaded, the blocks for the next `max_new_tokens` (all the rest: None) fit too: a
+        load for a request that must wait anyway would evict what others cache, and repeat
+        every step while it waits."""
         if not self.enable_prefix_caching:
             return []
         self.update_hashes(seq, (seq.num_tokens - 1) // self.block_size)
@@ -72,9 +75,22 @@ class BlockManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        if self.tiers is not None and len(hits) < len(wanted):
+        tiers_may_help = self.tiers is not None and len(hits) < len(wanted)
+        if tiers_may_help and self._room_to_onboard(seq, hits, wanted, max_new_tokens):
             hits += self._onboard(seq, hits, len(wanted))
         return hits
+
+    def _room_to_onboard(
+        self, seq: Sequence, hits: list[int], wanted: list[int], max_new_tokens: int | None
+    ) -> bool:
+        held = len(hits)
+        while held < len(wanted) and (wanted[held] in self.cached or wanted[held] in self.tiers):
+            held += 1
+        end = seq.num_tokens
+        if max_new_tokens is not None:
+            end = min(end, held * self.block_size + max_new_tokens)
+        unheld_hits = sum(1 for b in hits if b in self.free)  # free now, but taken as hits
+        return self.blocks_needed(end) - len(hits) <= len(self.free) - unheld_hits
 
     def _onboard(self, seq: Sequence, hits: list[int], wanted: int) -> list[int]:
         """Load the blocks after the device hits that the tiers hold into fresh device blocks,

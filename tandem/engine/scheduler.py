@@ -82,7 +82,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PENDING:  # preempted while its token was in flight
                 break
-            hits = [] if seq.block_table else self.bm.match_prefix(seq)  # imported: has its KV
+            hits = [] if seq.block_table else self.bm.match_prefix(seq, budget)  # imported: KV
             done = seq.num_computed_tokens + len(hits) * self.bm.block_size
             n = min(seq.num_tokens - done, budget)
             if not self.bm.allocate(seq, n, hits):
