@@ -117,7 +117,7 @@ class DictTiers:
     def offload(self, block_id, h, local):
         self.blocks[h] = block_id
 
-    def onboard(self, h, take_block):
+    def onboard(self, h, take_block, wait=False):
         if h not in self.blocks:
             return None
         block_id = take_block()

@@ -121,6 +121,30 @@ def _seq(prompt: list[int]):
     return Sequence("probe", 0, prompt, SamplingParams())
 
 
+def test_a_prefix_read_from_disk_waits_while_the_others_step(tiny_llama, tmp_path) -> None:
+    """The request whose prefix is on disk is not scheduled until its reads (on the I/O
+    thread) are done; a running request gets its tokens meanwhile; then the whole prefix is
+    loaded and the output is the same as without tiers."""
+    baseline = evict_then_rerun(engine(tiny_llama))
+    eng = engine(tiny_llama, kv_disk_path=str(tmp_path), kv_disk_size=MIB)
+    run(eng, "a", PROMPT)
+    for i in range(4):
+        run(eng, f"o{i}", [350 + i] + PROMPT[1:])
+    sampling = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    eng.add_request(GenerateRequest(request_id="runner", prompt_token_ids=[7, 8, 9],
+                                    sampling=SamplingParams(max_tokens=30, ignore_eos=True)))
+    eng.step()  # the runner is running
+    eng.add_request(GenerateRequest(request_id="b", prompt_token_ids=PROMPT, sampling=sampling))
+    outputs = eng.step()
+    assert [o.request_id for o in outputs] == ["runner"]
+    assert not eng.requests["b"][0].block_table, "b waits for its disk reads"
+    tokens = []
+    while eng.has_work():
+        tokens += [t for o in eng.step() if o.request_id == "b" for t in o.token_ids]
+    assert tokens == baseline[1]
+    assert eng.block_manager.tiers.hits["disk"] == 6 and eng.block_manager.tiers._reads == {}
+
+
 @pytest.mark.parametrize("tiers", ["host", "disk"])
 def test_the_mock_engine_models_its_tiers(tiny_llama, tmp_path, tiers: str) -> None:
     """Same calls and events as the real tiers, no data: an evicted prompt comes back from

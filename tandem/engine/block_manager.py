@@ -14,6 +14,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from tandem.engine.sequence import Sequence
+from tandem.kvbm.tiers import LOADING
 from tandem.protocol import KvBlock, KvCleared, KvEvent, KvRemoved, KvSnapshot, KvStored
 from tandem.protocol.hashing import chain_hash, local_hash, lora_seed
 
@@ -59,12 +60,15 @@ class BlockManager:
 
     # -- prefix matching -------------------------------------------------------------
 
-    def match_prefix(self, seq: Sequence, max_new_tokens: int | None = None) -> list[int]:
+    def match_prefix(
+        self, seq: Sequence, max_new_tokens: int | None = None, *, wait: bool = False
+    ) -> list[int] | None:
         """Block ids of the longest cached prefix of `seq`, leaving at least one token to compute
         (its logits give the next token). Blocks come back from the tiers only if, with all of
         them loaded, the blocks for the next `max_new_tokens` (all the rest: None) fit too: a
         load for a request that must wait anyway would evict what others cache, and repeat
-        every step while it waits."""
+        every step while it waits. With `wait`, None while some of its prefix is being read
+        from disk: ask again on a later step (the blocks loaded so far stay cached)."""
         if not self.enable_prefix_caching:
             return []
         self.update_hashes(seq, (seq.num_tokens - 1) // self.block_size)
@@ -77,7 +81,10 @@ class BlockManager:
             hits.append(block_id)
         tiers_may_help = self.tiers is not None and len(hits) < len(wanted)
         if tiers_may_help and self._room_to_onboard(seq, hits, wanted, max_new_tokens):
-            hits += self._onboard(seq, hits, len(wanted))
+            found = self._onboard(seq, hits, len(wanted), wait)
+            if found is None:
+                return None
+            hits += found
         return hits
 
     def _room_to_onboard(
@@ -92,7 +99,9 @@ class BlockManager:
         unheld_hits = sum(1 for b in hits if b in self.free)  # free now, but taken as hits
         return self.blocks_needed(end) - len(hits) <= len(self.free) - unheld_hits
 
-    def _onboard(self, seq: Sequence, hits: list[int], wanted: int) -> list[int]:
+    def _onboard(
+        self, seq: Sequence, hits: list[int], wanted: int, wait: bool
+    ) -> list[int] | None:
         """Load the blocks after the device hits that the tiers hold into fresh device blocks,
         cached and unreferenced like any device hit (a later block the device still holds,
         evicted out of order, is taken as it is). The blocks found are held meanwhile so
@@ -100,11 +109,16 @@ class BlockManager:
         for bid in hits:
             self._ref(bid)
         found: list[int] = []
+        loading = False
         for i in range(len(hits), wanted):
             h = seq.block_hashes[i]
             bid = self.cached.get(h)
             if bid is None:
-                bid = self.tiers.onboard(h, self._take_fresh) if self.free else None
+                bid = self.tiers.onboard(h, self._take_fresh, wait=wait) if self.free else None
+                if bid == LOADING:  # read the rest of the prefix meanwhile
+                    self.tiers.prefetch(seq.block_hashes[i + 1 : wanted])
+                    loading = True
+                    break
                 if bid is None:
                     break
                 block = self.blocks[bid]
@@ -118,7 +132,7 @@ class BlockManager:
             found.append(bid)
         for bid in hits + found:
             self._unref(bid)
-        return found
+        return None if loading else found
 
     def update_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
         """Extend seq.block_hashes to cover its first `num_full_blocks` blocks."""

@@ -82,7 +82,12 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PENDING:  # preempted while its token was in flight
                 break
-            hits = [] if seq.block_table else self.bm.match_prefix(seq, budget)  # imported: KV
+            # A sequence with blocks already (its KV imported) has nothing to match. While
+            # others run, a prefix read from disk makes it wait (None); alone, it waits here.
+            hits = [] if seq.block_table else self.bm.match_prefix(
+                seq, budget, wait=bool(self.running))  # fmt: skip
+            if hits is None:
+                break
             done = seq.num_computed_tokens + len(hits) * self.bm.block_size
             n = min(seq.num_tokens - done, budget)
             if not self.bm.allocate(seq, n, hits):

@@ -46,7 +46,7 @@ def fingerprint(model: str, layout: KvLayout) -> int:
 class DiskTier:
     """Blocks of `layout` in `root/<fingerprint>/`, at most `capacity_bytes` of them (LRU).
 
-    Reads and writes are synchronous: the engine runs them on its I/O threads."""
+    Reads and writes are synchronous; `read` may run on an I/O thread (`KvTiers` does)."""
 
     tier = "disk"
 
@@ -107,15 +107,28 @@ class DiskTier:
         if sequence_hash not in self.files:
             raise KeyError(f"block {sequence_hash:#x} is not in the disk tier")
         try:
+            contents = self.read(sequence_hash)
+        except CorruptBlock:
+            self.drop(sequence_hash)
+            raise
+        self.files.move_to_end(sequence_hash)
+        return contents
+
+    def read(self, sequence_hash: int) -> torch.Tensor:
+        """`get` without its bookkeeping (the LRU order, dropping a bad file): safe on an I/O
+        thread, with the caller doing the rest on the engine's."""
+        try:
             data = self.path(sequence_hash).read_bytes()
             self._check(data, sequence_hash)
         except (OSError, CorruptBlock) as exc:
-            self._drop(sequence_hash)
             raise CorruptBlock(f"disk block {sequence_hash:#x} dropped: {exc}") from exc
-        self.files.move_to_end(sequence_hash)
         payload = bytearray(memoryview(data)[HEADER.size :])
         flat = torch.frombuffer(payload, dtype=torch.uint8)
         return flat.view(getattr(torch, self.layout.dtype)).view(block_shape(self.layout))
+
+    def drop(self, sequence_hash: int) -> None:
+        if sequence_hash in self.files:
+            self._drop(sequence_hash)
 
     def snapshot(self) -> list[int]:
         return list(self.files)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,6 +24,16 @@ from tandem.protocol import KvEvent, KvLayout
 log = logging.getLogger(__name__)
 
 Caches = tuple[torch.Tensor, torch.Tensor]  # K, V: [layers, blocks, block_size, heads, dim]
+#: `onboard(..., wait=True)`'s answer while a disk read is in flight.
+LOADING = -1
+#: Disk reads in flight or done and not yet taken, at most (~2 MiB each for an 8B model).
+MAX_READS = 256
+
+
+def _timed_read(disk: DiskTier, sequence_hash: int) -> tuple[torch.Tensor, float]:
+    started = time.perf_counter()
+    contents = disk.read(sequence_hash)
+    return contents, time.perf_counter() - started
 
 
 #: Seconds to recompute one block from the engine's measured prefill rate; None: unknown.
@@ -84,6 +96,9 @@ class KvTiers:
         self._host_queued = host is not None and self.k_cache.is_cuda
         if self._host_queued:
             self._probe_host()
+        # Disk reads in flight for `onboard(..., wait=True)`, oldest first, at most MAX_READS.
+        self._reads: OrderedDict[int, Future] = OrderedDict()
+        self._io = ThreadPoolExecutor(1, "kv-disk-read") if disk is not None else None
 
     @classmethod
     def build(
@@ -120,11 +135,16 @@ class KvTiers:
         else:
             self.disk.put(sequence_hash, local_hash, contents)
 
-    def onboard(self, sequence_hash: int, take_block: Callable[[], int]) -> int | None:
+    def onboard(
+        self, sequence_hash: int, take_block: Callable[[], int], *, wait: bool = False
+    ) -> int | None:
         """Load a block from the nearest tier that holds it into the device block that
         `take_block` gives, and return that block; None when no tier holds it, loading is
         slower than recomputing, or its disk file failed its checks (logged, counted,
-        dropped), and then no block is taken."""
+        dropped), and then no block is taken. With `wait`, a disk block is read on an I/O
+        thread and the answer is `LOADING` until the read is done (`prefetch` starts
+        reads for the blocks after it): the engine steps the others meanwhile. Without, a
+        read in flight is waited for."""
         started = time.perf_counter()
         if self.host is not None and sequence_hash in self.host:
             if self._slower_than_recompute("host"):
@@ -141,16 +161,39 @@ class KvTiers:
             return None
         if self._slower_than_recompute("disk"):
             return None
+        read = self._reads.get(sequence_hash)
+        if wait and (read is None or not read.done()):
+            self.prefetch([sequence_hash])
+            return LOADING
+        self._reads.pop(sequence_hash, None)
         try:
-            contents = self.disk.get(sequence_hash)
+            if read is not None:  # done, or waited for here: nothing else is running
+                contents, seconds = read.result()
+                if sequence_hash in self.disk:
+                    self.disk.files.move_to_end(sequence_hash)
+            else:
+                contents, seconds = self.disk.get(sequence_hash), None
         except CorruptBlock as exc:
             self.failed_loads += 1
+            self.disk.drop(sequence_hash)
             log.warning("KV onboard falls back to recompute: %s", exc)
             return None
         block_id = take_block()
         self._write(block_id, contents)
-        self._loaded("disk", started)
+        self._loaded("disk", started if seconds is None else None)
+        if seconds is not None:  # the read's own time on its thread, not the wait for it
+            self.rates["disk"].add(1, seconds)
         return block_id
+
+    def prefetch(self, hashes: list[int]) -> None:
+        """Start I/O-thread reads of the disk blocks among `hashes` not read yet (the oldest
+        reads beyond MAX_READS are forgotten: a request that left does not pin memory)."""
+        for h in hashes:
+            if h in self._reads or h not in self.disk:
+                continue
+            while len(self._reads) >= MAX_READS:
+                self._reads.popitem(last=False)[1].cancel()
+            self._reads[h] = self._io.submit(_timed_read, self.disk, h)
 
     def _loaded(self, tier: str, started: float | None) -> None:
         self.hits[tier] += 1

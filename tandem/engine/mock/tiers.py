@@ -73,7 +73,9 @@ class ModelledTiers:
     def offload(self, block_id: int, sequence_hash: int, local_hash: int) -> None:
         (self.host or self.disk).put(sequence_hash, local_hash)
 
-    def onboard(self, sequence_hash: int, take_block: Callable[[], int]) -> int | None:
+    def onboard(
+        self, sequence_hash: int, take_block: Callable[[], int], *, wait: bool = False
+    ) -> int | None:
         tier = next((t for t in (self.host, self.disk) if t is not None and sequence_hash in t),
                     None)  # fmt: skip
         if tier is None:
@@ -85,6 +87,9 @@ class ModelledTiers:
         self.hits[tier.tier] += 1
         self.pending_s += 1 / rate.value
         return take_block()
+
+    def prefetch(self, hashes: list[int]) -> None:
+        """Nothing to read ahead: a modelled load completes within the step."""
 
     def take_load_s(self) -> float:
         seconds, self.pending_s = self.pending_s, 0.0
