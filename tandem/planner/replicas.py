@@ -1,0 +1,87 @@
+"""How many prefill and decode workers a forecast load needs to meet TTFT and ITL targets.
+
+From the distribution of lengths, not only their means:
+
+- prefill: each worker is an M/G/1 queue of prompts (Pollaczek-Khinchine): at `rate / n`
+  arrivals a second and service times S = prefill_s(prompt tokens), the mean wait is
+  λ E[S²] / (2 (1 - ρ)) with ρ = λ E[S]. A pool of n meets the target when that wait plus
+  the `quantile` of S is within it. Batching prefills serves faster than one at a time, so
+  this errs towards more workers.
+- decode: by Little's law a worker decodes batch = rate · E[output] · ITL / n sequences at
+  once; n meets the target when a step of that batch, over its mean context, is within the
+  ITL target (step time grows with the batch, so the real ITL is then at most the target)
+  and the batch's KV fits the worker's cache.
+
+Each answer is the smallest n that meets its target within the pool's bounds (the upper
+bound when none does); None when the step model cannot predict yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tandem.planner.step_model import StepModel
+
+
+@dataclass(frozen=True)
+class PoolBounds:
+    min_replicas: int = 1
+    max_replicas: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"replica bounds {self.min_replicas}..{self.max_replicas}")
+
+
+def prefill_replicas(
+    model: StepModel,
+    rate: float,
+    prompt_tokens: Sequence[int],
+    ttft_s: float,
+    bounds: PoolBounds,
+    quantile: float = 0.9,
+) -> int | None:
+    """Workers for `rate` requests a second of `prompt_tokens` (a sample of uncached prompt
+    lengths) within a TTFT target of `ttft_s`."""
+    if rate <= 0 or not prompt_tokens:
+        return bounds.min_replicas
+    service = [model.prefill_s(n) for n in prompt_tokens]
+    if any(s is None for s in service):
+        return None
+    s = np.array(service, dtype=np.float64)
+    mean, second, tail = s.mean(), (s**2).mean(), float(np.quantile(s, quantile))
+    for n in range(max(bounds.min_replicas, 1), bounds.max_replicas + 1):
+        arrivals = rate / n
+        busy = arrivals * mean
+        if busy < 1 and arrivals * second / (2 * (1 - busy)) + tail <= ttft_s:
+            return n
+    return bounds.max_replicas
+
+
+def decode_replicas(
+    model: StepModel,
+    rate: float,
+    prompt_tokens: Sequence[int],
+    output_tokens: Sequence[int],
+    itl_s: float,
+    kv_tokens_per_worker: int,
+    bounds: PoolBounds,
+) -> int | None:
+    """Workers for `rate` requests a second with these prompt and output lengths (samples)
+    within an inter-token latency target of `itl_s`."""
+    if rate <= 0 or not output_tokens:
+        return bounds.min_replicas
+    mean_out = float(np.mean(output_tokens))
+    mean_in = float(np.mean(prompt_tokens)) if prompt_tokens else 0.0
+    context = mean_in + mean_out / 2  # a sequence's KV halfway through its answer
+    for n in range(max(bounds.min_replicas, 1), bounds.max_replicas + 1):
+        batch = rate * mean_out * itl_s / n
+        step = model.decode_s(batch, batch * context)
+        if step is None:
+            return None
+        if step <= itl_s and batch * (mean_in + mean_out) <= kv_tokens_per_worker:
+            return n
+    return bounds.max_replicas

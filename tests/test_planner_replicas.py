@@ -1,0 +1,95 @@
+"""The planner's step model and replica calculator on hand-computed cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tandem.planner import PoolBounds, StepModel, decode_replicas, prefill_replicas
+
+
+def linear_model(prefill_per_token: float = 1e-3, decode_base: float = 0.01,
+                 decode_per_seq: float = 5e-4) -> StepModel:  # fmt: skip
+    """Steps that follow the given costs exactly (what the fits must recover)."""
+    model = StepModel()
+    for n in (64, 128, 256, 512, 1024, 2048):
+        model.add_prefill(n, prefill_per_token * n)
+    for batch in (1, 2, 4, 8, 16, 32):
+        for context in (100, 1000):
+            model.add_decode(batch, batch * context, decode_base + decode_per_seq * batch)
+    return model
+
+
+def test_the_step_model_recovers_the_step_costs_and_waits_for_enough_points():
+    model = linear_model()
+    assert model.prefill_s(300) == pytest.approx(0.3, rel=1e-6)
+    assert model.decode_s(10, 5000) == pytest.approx(0.015, rel=1e-6)
+    quadratic = StepModel()
+    for n in (100, 200):
+        quadratic.add_prefill(n, 1e-3 * n + 1e-7 * n * n)
+    assert quadratic.prefill_s(100) is None, "two prompt lengths do not fix a quadratic"
+    quadratic.add_prefill(400, 1e-3 * 400 + 1e-7 * 400**2)
+    assert quadratic.prefill_s(1000) == pytest.approx(1.0 + 0.1, rel=1e-6)
+    assert StepModel().decode_s(1, 1) is None
+
+
+def test_the_step_model_forgets_beyond_its_window():
+    model = StepModel(window=6)
+    for n in (10, 20, 30):
+        model.add_prefill(n, 1.0)  # a slow seed
+    for n in (100, 200, 300, 400, 500, 600):
+        model.add_prefill(n, 1e-3 * n)
+    assert model.prefill_s(250) == pytest.approx(0.25, rel=1e-6)
+
+
+def test_a_profile_seeds_the_model(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"prefill": [[n, n * 1.0] for n in (100, 200, 400)],
+                                "decode": [[b, 500, 10 + b] for b in (1, 4, 16)]}))  # fmt: skip
+    model = StepModel.from_profile(path)
+    assert model.prefill_s(300) == pytest.approx(0.3, rel=1e-6)
+    assert model.decode_s(8, 4000) == pytest.approx(0.018, rel=1e-6)
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="performance profile"):
+        StepModel.from_profile(path)
+
+
+def test_prefill_replicas_by_queueing_on_the_service_times():
+    """100-token prompts at 1 ms a token: S = 0.1 s. At 10 req/s one worker is saturated;
+    two wait 5 * 0.01 / (2 * 0.5) = 0.05 s (TTFT 0.15); four wait 0.0167 s (0.117)."""
+    model, bounds = linear_model(), PoolBounds(1, 8)
+    assert prefill_replicas(model, 10.0, [100] * 50, ttft_s=0.5, bounds=bounds) == 2
+    assert prefill_replicas(model, 10.0, [100] * 50, ttft_s=0.12, bounds=bounds) == 4
+    assert prefill_replicas(model, 10.0, [100] * 50, ttft_s=0.05, bounds=bounds) == 8  # none do
+    assert prefill_replicas(model, 0.0, [100], ttft_s=0.5, bounds=PoolBounds(2, 8)) == 2
+    assert prefill_replicas(StepModel(), 10.0, [100], ttft_s=0.5, bounds=bounds) is None
+
+
+def test_prefill_replicas_see_the_tail_of_the_lengths_not_only_the_mean():
+    """Same mean prompt (100 tokens), one in ten 10x longer: the long ones set the tail and
+    the second moment, so the pool must be larger."""
+    model, bounds = linear_model(), PoolBounds(1, 16)
+    even = prefill_replicas(model, 5.0, [100] * 10, ttft_s=0.55, bounds=bounds)
+    skewed = prefill_replicas(model, 5.0, [1000] + [0] * 9, ttft_s=0.55, bounds=bounds)
+    # even, one worker: wait 5 * 0.01 / (2 * 0.5) = 0.05 s + S 0.1. skewed: E[S^2] = 0.1, so
+    # one worker waits 0.5 s (+ its p90 service 0.1): too long; two wait 0.167 s.
+    assert (even, skewed) == (1, 2)
+
+
+def test_decode_replicas_by_littles_law_and_the_kv_that_fits():
+    """10 req/s of 100 output tokens: at a 21 ms ITL, 21 sequences decode at once; a step of
+    b sequences takes 10 + 0.5 b ms (20.5 ms for 21: one worker)."""
+    model, bounds = linear_model(), PoolBounds(1, 8)
+    args = dict(prompt_tokens=[500] * 10, output_tokens=[100] * 10, bounds=bounds)
+    assert decode_replicas(model, 10.0, itl_s=0.021, kv_tokens_per_worker=10**6, **args) == 1
+    # At 12.5 ms: 12.5 / n sequences a worker, 10 + 6.25 / n ms a step: n >= 2.5.
+    assert decode_replicas(model, 10.0, itl_s=0.0125, kv_tokens_per_worker=10**6, **args) == 3
+    # 21 sequences of 600 tokens need 12,600 tokens of KV: at 5,000 a worker, three.
+    assert decode_replicas(model, 10.0, itl_s=0.021, kv_tokens_per_worker=5000, **args) == 3
+    assert decode_replicas(StepModel(), 10.0, itl_s=0.02, kv_tokens_per_worker=1, **args) is None
+
+
+def test_pool_bounds_are_checked():
+    with pytest.raises(ValueError, match="replica bounds"):
+        PoolBounds(3, 2)
