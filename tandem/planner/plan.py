@@ -1,0 +1,120 @@
+"""One planning decision per interval: observe, forecast, size each pool, correct, bound.
+
+`Planner.step(observation)` turns what the frontends and workers saw in the last interval
+into the prefill and decode replica counts for the next one:
+
+1. the request rate is forecast (`Picker`: last value, Holt, Holt-Winters, by error), the
+   lengths are the distribution of the recent requests (a bounded sample);
+2. each pool is sized from its target (`replicas.py`), on the step model learned from the
+   workers' own steps;
+3. a pool whose observed latency missed its target gets one more worker than both the
+   calculation and its current size (the reactive correction: the model or the forecast
+   was wrong, and waiting for the next forecast would miss the target again);
+4. growing is immediate, shrinking waits until `shrink_after` intervals in a row asked for
+   fewer (a restarted planner, or a noisy interval, does not tear down workers), and the
+   total stays within `gpu_budget` (the decode pool keeps the larger share of a cut, since
+   its streams are the ones already running).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tandem.planner.forecast import Constant, Picker, Seasonal, Smoothing
+from tandem.planner.replicas import PoolBounds, decode_replicas, prefill_replicas
+from tandem.planner.step_model import StepModel
+
+#: Requests whose lengths are kept as the length distribution.
+LENGTH_SAMPLE = 4096
+
+
+@dataclass
+class Observation:
+    """What one interval saw: its requests, their lengths, latency percentiles and pools."""
+
+    seconds: float
+    requests: int
+    prompt_tokens: list[int]  # uncached prompt tokens of (a sample of) its requests
+    output_tokens: list[int]
+    ttft_p90_s: float | None
+    itl_p90_s: float | None
+    prefill_replicas: int
+    decode_replicas: int
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    ttft_s: float
+    itl_s: float
+    prefill: PoolBounds = field(default_factory=PoolBounds)
+    decode: PoolBounds = field(default_factory=PoolBounds)
+    gpu_budget: int = 16
+    kv_tokens_per_worker: int = 1 << 20
+    season_intervals: int = 0  # 0: no seasonal forecaster
+    shrink_after: int = 3
+
+
+@dataclass
+class Decision:
+    prefill_replicas: int
+    decode_replicas: int
+    forecast_rate: float | None
+    reasons: list[str] = field(default_factory=list)
+
+
+class Planner:
+    def __init__(self, config: PlannerConfig, model: StepModel) -> None:
+        self.config = config
+        self.model = model
+        forecasters = [Constant(), Smoothing()]
+        if config.season_intervals:
+            forecasters.append(Seasonal(config.season_intervals))
+        self.rate = Picker(forecasters)
+        self.prompts: deque[int] = deque(maxlen=LENGTH_SAMPLE)
+        self.outputs: deque[int] = deque(maxlen=LENGTH_SAMPLE)
+        self._lower_streak = {"prefill": 0, "decode": 0}
+
+    def step(self, seen: Observation) -> Decision:
+        c = self.config
+        self.rate.observe(seen.requests / seen.seconds if seen.seconds > 0 else 0.0)
+        self.prompts.extend(seen.prompt_tokens)
+        self.outputs.extend(seen.output_tokens)
+        rate = self.rate.forecast()
+        decision = Decision(seen.prefill_replicas, seen.decode_replicas, rate)
+        want_p = prefill_replicas(self.model, rate, self.prompts, c.ttft_s, c.prefill)
+        want_d = decode_replicas(self.model, rate, self.prompts, self.outputs, c.itl_s,
+                                 c.kv_tokens_per_worker, c.decode)  # fmt: skip
+        if want_p is None or want_d is None:
+            decision.reasons.append("step model not ready: pools held")
+            return decision
+        if seen.ttft_p90_s is not None and seen.ttft_p90_s > c.ttft_s:
+            want_p = max(want_p, seen.prefill_replicas + 1)
+            decision.reasons.append(f"TTFT p90 {seen.ttft_p90_s:.3f} s over target: +1 prefill")
+        if seen.itl_p90_s is not None and seen.itl_p90_s > c.itl_s:
+            want_d = max(want_d, seen.decode_replicas + 1)
+            decision.reasons.append(f"ITL p90 {seen.itl_p90_s:.4f} s over target: +1 decode")
+        p = self._settle("prefill", seen.prefill_replicas, min(want_p, c.prefill.max_replicas))
+        d = self._settle("decode", seen.decode_replicas, min(want_d, c.decode.max_replicas))
+        decision.prefill_replicas, decision.decode_replicas = self._within_budget(p, d)
+        return decision
+
+    def _settle(self, pool: str, current: int, wanted: int) -> int:
+        """Grow at once; shrink by one only after `shrink_after` intervals asking for less."""
+        if wanted >= current:
+            self._lower_streak[pool] = 0
+            return wanted
+        self._lower_streak[pool] += 1
+        if self._lower_streak[pool] < self.config.shrink_after:
+            return current
+        self._lower_streak[pool] = 0
+        return current - 1
+
+    def _within_budget(self, p: int, d: int) -> tuple[int, int]:
+        c = self.config
+        while p + d > c.gpu_budget and (p > c.prefill.min_replicas or d > c.decode.min_replicas):
+            if p > c.prefill.min_replicas and (p >= d or d <= c.decode.min_replicas):
+                p -= 1
+            else:
+                d -= 1
+        return p, d

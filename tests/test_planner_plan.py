@@ -1,0 +1,66 @@
+"""The planner's decision per interval: sizing from the forecast, the reactive correction,
+slow shrinking (a restart does not thrash), and the GPU budget."""
+
+from __future__ import annotations
+
+from tandem.planner import PoolBounds
+from tandem.planner.plan import Observation, Planner, PlannerConfig
+from tests.test_planner_replicas import linear_model
+
+
+def seen(rate: float, p: int, d: int, ttft=None, itl=None, seconds: float = 10.0) -> Observation:
+    n = int(rate * seconds)
+    return Observation(seconds=seconds, requests=n, prompt_tokens=[100] * n,
+                       output_tokens=[100] * n, ttft_p90_s=ttft, itl_p90_s=itl,
+                       prefill_replicas=p, decode_replicas=d)  # fmt: skip
+
+
+CONFIG = PlannerConfig(ttft_s=0.12, itl_s=0.0125, prefill=PoolBounds(1, 8),
+                       decode=PoolBounds(1, 8), gpu_budget=12, shrink_after=3)  # fmt: skip
+
+
+def test_pools_are_sized_from_the_forecast_load():
+    """10 req/s of 100-token prompts and answers: 4 prefill workers (see the replica
+    calculator's hand-computed case), 3 decode workers."""
+    planner = Planner(CONFIG, linear_model())
+    decision = planner.step(seen(10.0, 1, 1))
+    assert (decision.prefill_replicas, decision.decode_replicas) == (4, 3)
+    assert decision.forecast_rate == 10.0
+
+
+def test_an_untrained_model_holds_the_pools():
+    from tandem.planner import StepModel
+
+    decision = Planner(CONFIG, StepModel()).step(seen(10.0, 2, 5))
+    assert (decision.prefill_replicas, decision.decode_replicas) == (2, 5)
+    assert "not ready" in decision.reasons[0]
+
+
+def test_a_missed_target_adds_a_worker_to_the_pool_at_fault():
+    planner = Planner(CONFIG, linear_model())
+    decision = planner.step(seen(10.0, 4, 3, ttft=0.3, itl=0.01))
+    assert (decision.prefill_replicas, decision.decode_replicas) == (5, 3)
+    assert any("TTFT" in r for r in decision.reasons)
+
+
+def test_shrinking_waits_for_a_steady_lower_load_and_goes_one_at_a_time():
+    """A restarted planner meets a large fleet and a light load: nothing is torn down at
+    once; after `shrink_after` intervals one worker goes, and so on."""
+    planner = Planner(CONFIG, linear_model())
+    sizes = []
+    p, d = 8, 4
+    for _ in range(7):
+        decision = planner.step(seen(1.0, p, d))
+        p, d = decision.prefill_replicas, decision.decode_replicas
+        sizes.append((p, d))
+    assert sizes == [(8, 4), (8, 4), (7, 3), (7, 3), (7, 3), (6, 2), (6, 2)]
+    # A heavier load that still needs fewer than the 6 there are: they stay (for now)...
+    assert planner.step(seen(10.0, p, d)).prefill_replicas == 6
+    # ...and one that needs more than there are gets them at once.
+    assert planner.step(seen(10.0, 2, 1)).prefill_replicas == 4
+
+
+def test_the_gpu_budget_cuts_the_prefill_pool_first():
+    config = PlannerConfig(ttft_s=0.12, itl_s=0.0125, gpu_budget=5)
+    decision = Planner(config, linear_model()).step(seen(10.0, 1, 1))
+    assert (decision.prefill_replicas, decision.decode_replicas) == (2, 3)
