@@ -58,33 +58,62 @@ class LocalCluster:
         self.discovery = MemoryDiscovery(default_ttl=lease_ttl)
         self.events = MemoryEventPlane()
         self.transport = transport
-        if transport == "local":
-            plane = LocalRequestPlane()
-            self.client: Any = plane.client()
+        self._plane = LocalRequestPlane() if transport == "local" else None
+        if self._plane is not None:
+            self.client: Any = self._plane.client()
             self._kv_client: Any = None
-            servers = [plane.server() for _ in engines]
         else:
             self.client = TcpRequestClient()
             self._kv_client = TcpRequestClient()  # decode workers pull KV with it
-            servers = [TcpRequestServer() for _ in engines]
+        self._served, self._namespace = served, namespace
+        self._publish_interval = publish_interval
+        self._local_sources: list[LocalKvSource] = []  # decode workers' (local transport)
         ids = [new_instance_id() for _ in engines]
-        self.workers = [
-            Worker(
-                engine,
-                model_card(engine, served, role=role),
-                discovery=self.discovery,
-                events=self.events,
-                server=server,
-                namespace=namespace,
-                instance_id=iid,
-                publish_interval=publish_interval,
-                kv_source=self._kv_source(engine, ids) if role == "decode" else None,
-            )
-            for engine, role, server, iid in zip(engines, roles, servers, ids, strict=True)
-        ]
+        self.workers = [self._worker(engine, role, iid, ids)
+                        for engine, role, iid in zip(engines, roles, ids, strict=True)]  # fmt: skip
         self.remote = RemoteEngine(self.discovery, self.events, self.client,
                                    namespace=namespace, **frontend)  # fmt: skip
         self._stopped = False
+
+    def _worker(self, engine: Any, role: Role, iid: str, ids: list[str]) -> Worker:
+        server = self._plane.server() if self._plane is not None else TcpRequestServer()
+        return Worker(
+            engine,
+            model_card(engine, self._served, role=role),
+            discovery=self.discovery,
+            events=self.events,
+            server=server,
+            namespace=self._namespace,
+            instance_id=iid,
+            publish_interval=self._publish_interval,
+            kv_source=self._kv_source(engine, ids) if role == "decode" else None,
+        )
+
+    async def add_worker(self, engine: Any, role: Role = "aggregated") -> Worker:
+        """One more worker on `engine` (the caller's, as at construction), started; returns
+        once the frontend has admitted it."""
+        iid = new_instance_id()
+        if role == "prefill":  # the decode workers there are may pull from it
+            for source in self._local_sources:
+                source.register(iid, engine)
+        ids = [w.instance_id for w in self.workers] + [iid]
+        self.engines.append(engine)
+        self.roles.append(role)
+        worker = self._worker(engine, role, iid, ids)
+        self.workers.append(worker)
+        await worker.start()
+        pool = self.remote.prefill if role == "prefill" else self.remote.pool
+        await pool.admitted(iid)
+        return worker
+
+    async def remove_worker(self, worker: Worker, grace: float = 30.0) -> Any:
+        """Drain `worker`: it leaves discovery at once, its in-flight requests finish within
+        `grace` seconds, and the frontend moves the rest to the other workers. Returns its
+        engine, for the caller to shut down or reuse."""
+        i = self.workers.index(worker)
+        await worker.drain(grace)
+        del self.workers[i], self.roles[i]
+        return self.engines.pop(i)
 
     def _kv_source(self, engine: Any, ids: list[str]) -> Any:
         if self.transport == "tcp":
@@ -94,6 +123,7 @@ class LocalCluster:
         source = LocalKvSource(engine.kv_layout)
         for iid, exporter in exporters.items():
             source.register(iid, exporter)
+        self._local_sources.append(source)
         return source
 
     def worker(self, role: Role) -> Worker:
