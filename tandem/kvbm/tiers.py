@@ -158,6 +158,8 @@ class KvTiers:
             self._loaded("host", None if self._host_queued else started)
             return block_id
         if self.disk is None or sequence_hash not in self.disk:
+            if self._reads:
+                self._reads.pop(sequence_hash, None)  # read before the block was dropped
             return None
         if self._slower_than_recompute("disk"):
             return None
