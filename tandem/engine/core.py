@@ -23,6 +23,7 @@ from tandem.engine.request_checks import RequestLimits, check_request
 from tandem.engine.sampler import penalised
 from tandem.engine.scheduler import ScheduledBatch, Scheduler
 from tandem.engine.sequence import PENDING, RUNNING, Sequence
+from tandem.engine.step_fit import StepFit
 from tandem.kvbm.tiers import KvTiers, Rate
 from tandem.protocol import (
     GenerateOutput,
@@ -74,6 +75,7 @@ class EngineCore:
         self._in_flight = None
         self.num_overlapped_steps = 0
         self.prefill_rate = Rate()  # prompt tokens per second of step time
+        self.step_fit = StepFit()  # what one more prompt token adds to a step
         self.requests: dict[str, list[Sequence]] = {}
         self.kv_layout = KvLayout(
             num_layers=hf.num_hidden_layers,
@@ -185,8 +187,13 @@ class EngineCore:
         the host's bookkeeping overlaps the GPU's work (outputs then lag one step)."""
         started = time.perf_counter()
         batch = self.scheduler.schedule()
-        prompt_tokens = sum(n for s, n in zip(batch.seqs, batch.num_tokens, strict=True)
-                            if s.num_computed_tokens < s.num_prompt_tokens)  # fmt: skip
+        prompt_tokens = decodes = context = 0
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                prompt_tokens += n
+            else:
+                decodes += 1
+                context += seq.num_computed_tokens
         if not self._overlappable(batch):
             outputs = self._resolve()
             if outputs:  # only the resolved step can have finished some since scheduling
@@ -202,7 +209,9 @@ class EngineCore:
             self._in_flight = launched
         # Overlapped, a step's wall time is its predecessor's on the device: close enough
         # over a few steps for a router's estimate.
-        self.prefill_rate.add(prompt_tokens, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.prefill_rate.add(prompt_tokens, elapsed)
+        self.step_fit.add(prompt_tokens, decodes, context, elapsed)
         return outputs
 
     def _run(self, batch: ScheduledBatch) -> list[GenerateOutput]:
@@ -333,8 +342,13 @@ class EngineCore:
         self.runner.tiers = tiers
         return tiers
 
+    def prefill_tokens_per_s(self) -> float:
+        """The marginal rate where the steps tell it, else prompt tokens over step time."""
+        per_token = self.step_fit.seconds_per_prompt_token()
+        return 1 / per_token if per_token else self.prefill_rate.value
+
     def _recompute_block_s(self) -> float | None:
-        rate = self.prefill_rate.value
+        rate = self.prefill_tokens_per_s()
         return self.config.block_size / rate if rate else None
 
     def kv_caches(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -357,7 +371,7 @@ class EngineCore:
             kv_imports=self.handoff.imports,
             kv_import_fallbacks=self.handoff.import_fallbacks,
             kv_exports_expired=self.handoff.exports_expired,
-            prefill_tokens_per_s=self.prefill_rate.value,
+            prefill_tokens_per_s=self.prefill_tokens_per_s(),
             **self._tier_figures(),
         )
 
