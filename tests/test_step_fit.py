@@ -18,6 +18,7 @@ def test_the_fit_recovers_the_cost_of_a_prompt_token_from_mixed_steps():
             ctx = b * rng.randint(200, 3000)
             fit.add(n, b, ctx, 0.0165 + 1.5e-5 * n + 4e-5 * b + 1e-8 * ctx + rng.gauss(0, 1e-4))
     assert fit.seconds_per_prompt_token() == pytest.approx(1.5e-5, rel=0.02)
+    assert type(fit.seconds_per_prompt_token()) is float  # msgspec encodes no numpy scalars
 
 
 def test_steps_that_do_not_vary_tell_nothing():
@@ -46,3 +47,6 @@ def test_the_engine_publishes_the_marginal_prefill_rate(tiny_llama):
     slope_ms = 0.01518344 + 2 * 4.209989e-7 * 250  # at the lengths' middle
     assert eng.stats().prefill_tokens_per_s == pytest.approx(speedup * 1e3 / slope_ms, rel=0.3)
     assert eng.stats().prefill_tokens_per_s > 1.5 * eng.prefill_rate.value
+    import msgspec
+
+    msgspec.msgpack.encode(eng.stats())  # what a worker publishes

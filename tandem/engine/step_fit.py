@@ -43,5 +43,5 @@ class StepFit:
         )
         if rank < len(active):
             return None
-        b = float(coef[active.index(1)]) / SCALE[1]
+        b = float(coef[active.index(1)] / SCALE[1])
         return b if b > 0 else None
