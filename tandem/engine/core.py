@@ -187,13 +187,7 @@ class EngineCore:
         the host's bookkeeping overlaps the GPU's work (outputs then lag one step)."""
         started = time.perf_counter()
         batch = self.scheduler.schedule()
-        prompt_tokens = decodes = context = 0
-        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
-                prompt_tokens += n
-            else:
-                decodes += 1
-                context += seq.num_computed_tokens
+        prompt_tokens, decodes, context = batch.work()
         if not self._overlappable(batch):
             outputs = self._resolve()
             if outputs:  # only the resolved step can have finished some since scheduling

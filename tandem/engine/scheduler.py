@@ -24,6 +24,18 @@ class ScheduledBatch:
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
+    def work(self) -> tuple[int, int, int]:
+        """(prompt tokens computed, sequences decoding, KV tokens those decodes read): what
+        a step's time depends on."""
+        prompt_tokens = decodes = context = 0
+        for seq, n in zip(self.seqs, self.num_tokens, strict=True):
+            if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                decodes += 1
+                context += seq.num_computed_tokens + 1
+            else:
+                prompt_tokens += n
+        return prompt_tokens, decodes, context
+
 
 class Scheduler:
     def __init__(

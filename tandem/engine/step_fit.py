@@ -21,6 +21,7 @@ class StepFit:
         self.xtx = np.zeros((FEATURES, FEATURES))
         self.xty = np.zeros(FEATURES)
         self.steps = 0
+        self._solved: tuple[int, float | None] = (-1, None)  # (steps, answer) last solved
 
     def add(self, prompt_tokens: int, decode_seqs: int, context: int, seconds: float) -> None:
         if seconds <= 0 or not (prompt_tokens or decode_seqs):
@@ -32,7 +33,13 @@ class StepFit:
 
     def seconds_per_prompt_token(self) -> float | None:
         """b, when the steps seen vary enough in their prompt tokens to tell it from the rest
-        (else None: e.g. every step a full chunk)."""
+        (else None: e.g. every step a full chunk). Solved once per new step: the tiers ask
+        for every block they load."""
+        if self._solved[0] != self.steps:
+            self._solved = (self.steps, self._solve())
+        return self._solved[1]
+
+    def _solve(self) -> float | None:
         if self.steps < 8:
             return None
         active = [i for i in range(FEATURES) if self.xtx[i, i] > 0]

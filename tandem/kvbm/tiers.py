@@ -4,7 +4,8 @@ blocks go, and where a prefix lookup goes on once the device pool has no more of
 On CUDA the copies between the device and the (pinned) host tier are queued on the engine's
 stream and never wait: an offload runs before any later kernel can overwrite the evicted
 block, an onboard before the prefill that reads it; a host block is read on the CPU (for the
-disk tier) only once its copy has finished. Disk I/O is synchronous in this version."""
+disk tier) only once its copy has finished. Disk writes are synchronous; the reads of a
+request that waits for its prefix run on an I/O thread."""
 
 from __future__ import annotations
 
@@ -158,8 +159,7 @@ class KvTiers:
             self._loaded("host", None if self._host_queued else started)
             return block_id
         if self.disk is None or sequence_hash not in self.disk:
-            if self._reads:
-                self._reads.pop(sequence_hash, None)  # read before the block was dropped
+            self._reads.pop(sequence_hash, None)  # read before the block was dropped
             return None
         if self._slower_than_recompute("disk"):
             return None
@@ -171,8 +171,7 @@ class KvTiers:
         try:
             if read is not None:  # done, or waited for here: nothing else is running
                 contents, seconds = read.result()
-                if sequence_hash in self.disk:
-                    self.disk.files.move_to_end(sequence_hash)
+                self.disk.files.move_to_end(sequence_hash)
             else:
                 contents, seconds = self.disk.get(sequence_hash), None
         except CorruptBlock as exc:

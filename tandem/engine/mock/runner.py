@@ -47,15 +47,7 @@ class MockRunner:
         return (1.0 + nbytes / (self.transfer_gbps * 1e6)) / self.speedup
 
     def step_ms(self, batch: ScheduledBatch) -> float:
-        prefill_tokens = 0
-        decodes = 0
-        context = 0
-        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
-            if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
-                decodes += 1
-                context += seq.num_computed_tokens + 1
-            else:
-                prefill_tokens += n
+        prefill_tokens, decodes, context = batch.work()
         ms = self.perf_model.prefill_ms(prefill_tokens) if prefill_tokens else 0.0
         if decodes:
             ms += self.perf_model.decode_ms(decodes, context, self.kv_usage())
