@@ -67,6 +67,7 @@ def test_disk_tier_round_trips_bounds_and_survives_a_restart(tmp_path) -> None:
     disk = DiskTier(tmp_path, "model-a", LAYOUT, 3 * size, events.append)
     for h in (1, 2, 3, 4):
         disk.put(h, 10 + h, block(h))
+        disk.flush()
         os.utime(disk.path(h), ns=(h * 10**9, h * 10**9))  # distinct ages for the restart
     assert set(disk.snapshot()) == {2, 3, 4} and not disk.path(1).exists()
     assert torch.equal(disk.get(3), block(3)) and disk.get(3).dtype == torch.bfloat16
@@ -92,6 +93,7 @@ def test_corrupt_and_torn_disk_blocks_are_refused_and_dropped(tmp_path, damage: 
     disk = DiskTier(tmp_path, "m", LAYOUT, 10 * (HEADER.size + LAYOUT.block_bytes), events.append)
     disk.put(1, 11, block(1))
     disk.put(2, 12, block(2))
+    disk.flush()
     path = disk.path(1)
     data = bytearray(path.read_bytes())
     if damage == "flip":
@@ -109,8 +111,35 @@ def test_corrupt_and_torn_disk_blocks_are_refused_and_dropped(tmp_path, damage: 
     assert torch.equal(disk.get(2), block(2))
     if damage == "truncate":  # a restart drops a torn file before anyone asks for it
         disk.put(1, 11, block(1))
+        disk.flush()
         disk.path(1).write_bytes(bytes(data))
         assert DiskTier(tmp_path, "m", LAYOUT, 10**6, lambda e: None).snapshot() == [2]
+
+
+def test_disk_writes_run_behind_the_caller_and_a_failed_one_drops_its_block(tmp_path) -> None:
+    """`put` returns while its file is still being written (the engine's step loop never
+    waits for the disk); the block reads back from memory meanwhile; a write that fails
+    leaves no block behind, and a removed event says so."""
+    import threading
+
+    events = Events()
+    disk = DiskTier(tmp_path, "m", LAYOUT, 10 * (HEADER.size + LAYOUT.block_bytes), events.append)
+    gate, write = threading.Event(), disk._write
+    disk._write = lambda *args: (gate.wait(10), write(*args))
+    disk.put(1, 11, block(1))
+    assert 1 in disk and not disk.path(1).exists()  # queued: the caller did not wait
+    assert torch.equal(disk.get(1), block(1))
+    gate.set()
+    disk.flush()
+    assert disk.path(1).exists() and torch.equal(disk.read(1), block(1))
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    disk._write = fail
+    disk.put(2, 12, block(2))
+    disk.flush()
+    assert 2 not in disk and not disk.path(2).exists() and events.removed("disk") == [2]
 
 
 def test_tiers_load_only_while_loading_beats_recomputing(tmp_path) -> None:

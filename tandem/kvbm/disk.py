@@ -2,7 +2,9 @@
 cache geometry, bounded in bytes, found again by a restarted worker.
 
 A file is written under a temporary name and renamed into place, so a crash leaves either
-the whole block or a temporary file that the next start deletes. Every read checks the
+the whole block or a temporary file that the next start deletes. Writes run on a writer
+thread (the engine's step loop only copies the block's bytes); until one lands, reads of that
+block are served from those bytes. Every read checks the
 header (magic, version, geometry fingerprint, the block's hash, the size) and an XXH3
 checksum of the contents; a file that fails is deleted and reported as `CorruptBlock`: the
 caller recomputes the block, never uses it.
@@ -15,6 +17,7 @@ import os
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
@@ -32,6 +35,9 @@ VERSION = 1
 HEADER = struct.Struct("<4sHxxQQQQQ")
 SUFFIX = ".kv"
 EVENT_BLOCKS = 4096
+#: Block writes queued behind the writer thread, at most (~2 MiB each for an 8B model): one
+#: more waits for the oldest, so the step loop slows to the disk's pace only past that.
+MAX_WRITES = 64
 
 
 class CorruptBlock(OSError):
@@ -46,7 +52,8 @@ def fingerprint(model: str, layout: KvLayout) -> int:
 class DiskTier:
     """Blocks of `layout` in `root/<fingerprint>/`, at most `capacity_bytes` of them (LRU).
 
-    Reads and writes are synchronous; `read` may run on an I/O thread (`KvTiers` does)."""
+    `put` queues the file's write on a writer thread; `read` may run on an I/O thread
+    (`KvTiers` does); the bookkeeping stays on the caller's (the engine's) thread."""
 
     tier = "disk"
 
@@ -68,6 +75,9 @@ class DiskTier:
             raise ValueError(f"a disk tier of {capacity_bytes} bytes holds no block")
         self.emit = emit
         self.files: OrderedDict[int, int] = OrderedDict()  # sequence hash -> local hash, LRU first
+        # Writes queued or running, oldest first: the block's bytes and the write's future.
+        self._writes: OrderedDict[int, tuple[bytes, Future]] = OrderedDict()
+        self._writer = ThreadPoolExecutor(1, "kv-disk-write")
         self._scan()
 
     def __contains__(self, sequence_hash: int) -> bool:
@@ -80,27 +90,54 @@ class DiskTier:
         return self.folder / f"{sequence_hash:016x}{SUFFIX}"
 
     def put(self, sequence_hash: int, local_hash: int, contents: torch.Tensor) -> None:
-        """Write a block (one already here only turns most recent), evicting the least recent
-        beyond the capacity."""
+        """Take a block (one already here only turns most recent), evicting the least recent
+        beyond the capacity; its file is written behind, on the writer thread."""
         if sequence_hash in self.files:
             self.files.move_to_end(sequence_hash)
             return
         payload = contents.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
         if len(payload) != self.payload_bytes:
             raise ValueError(f"a block of {len(payload)} bytes, not {self.payload_bytes}")
-        header = HEADER.pack(MAGIC, VERSION, self.fingerprint, sequence_hash, local_hash,
-                             len(payload), xxhash.xxh3_64_intdigest(payload))  # fmt: skip
         while len(self.files) >= self.capacity:
             self._drop(next(iter(self.files)))
-        final = self.path(sequence_hash)
-        temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as f:
-            f.write(header)
-            f.write(payload)
-        os.replace(temporary, final)
+        self._settle(wait_for=len(self._writes) - MAX_WRITES + 1)
+        write = self._writer.submit(self._write, sequence_hash, local_hash, payload)
+        self._writes[sequence_hash] = (payload, write)
         self.files[sequence_hash] = local_hash
         block = KvBlock(sequence_hash, local_hash)
         self.emit(KvStored(event_id=0, parent_sequence_hash=None, blocks=[block], tier="disk"))
+
+    def flush(self) -> None:
+        """Wait until every queued write is on disk (or has failed and been dropped)."""
+        self._settle(wait_for=len(self._writes))
+
+    def _write(self, sequence_hash: int, local_hash: int, payload: bytes) -> None:
+        """Writer thread: header and checksum, a temporary file, renamed into place."""
+        header = HEADER.pack(MAGIC, VERSION, self.fingerprint, sequence_hash, local_hash,
+                             len(payload), xxhash.xxh3_64_intdigest(payload))  # fmt: skip
+        final = self.path(sequence_hash)
+        temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as f:
+                f.write(header)
+                f.write(payload)
+            os.replace(temporary, final)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
+
+    def _settle(self, wait_for: int = 0) -> None:
+        """Book the writes that are done, oldest first, waiting for the first `wait_for` of
+        them; a failed write drops its block (logged): it was never on disk."""
+        while self._writes:
+            sequence_hash, (_, write) = next(iter(self._writes.items()))
+            if wait_for <= 0 and not write.done():
+                return
+            wait_for -= 1
+            del self._writes[sequence_hash]
+            if (exc := write.exception()) is not None:
+                log.warning("disk tier: block %#x not written (%s): dropped", sequence_hash, exc)
+                self._drop(sequence_hash)
 
     def get(self, sequence_hash: int) -> torch.Tensor:
         """The block's contents, checked; CorruptBlock (the file deleted) if they fail."""
@@ -117,12 +154,16 @@ class DiskTier:
     def read(self, sequence_hash: int) -> torch.Tensor:
         """`get` without its bookkeeping (the LRU order, dropping a bad file): safe on an I/O
         thread, with the caller doing the rest on the engine's."""
-        try:
-            data = self.path(sequence_hash).read_bytes()
-            self._check(data, sequence_hash)
-        except (OSError, CorruptBlock) as exc:
-            raise CorruptBlock(f"disk block {sequence_hash:#x} dropped: {exc}") from exc
-        payload = bytearray(memoryview(data)[HEADER.size :])
+        queued = self._writes.get(sequence_hash)  # one lookup: atomic on another thread
+        if queued is not None:
+            payload = bytearray(queued[0])
+        else:
+            try:
+                data = self.path(sequence_hash).read_bytes()
+                self._check(data, sequence_hash)
+            except (OSError, CorruptBlock) as exc:
+                raise CorruptBlock(f"disk block {sequence_hash:#x} dropped: {exc}") from exc
+            payload = bytearray(memoryview(data)[HEADER.size :])
         flat = torch.frombuffer(payload, dtype=torch.uint8)
         return flat.view(getattr(torch, self.layout.dtype)).view(block_shape(self.layout))
 
@@ -144,6 +185,9 @@ class DiskTier:
             raise CorruptBlock("its checksum does not match its contents")
 
     def _drop(self, sequence_hash: int) -> None:
+        queued = self._writes.pop(sequence_hash, None)
+        if queued is not None and not queued[1].cancel():
+            queued[1].exception()  # running: let it land before the file is deleted
         self.files.pop(sequence_hash, None)
         self.path(sequence_hash).unlink(missing_ok=True)
         self.emit(KvRemoved(event_id=0, sequence_hashes=[sequence_hash], tier="disk"))

@@ -4,8 +4,8 @@ blocks go, and where a prefix lookup goes on once the device pool has no more of
 On CUDA the copies between the device and the (pinned) host tier are queued on the engine's
 stream and never wait: an offload runs before any later kernel can overwrite the evicted
 block, an onboard before the prefill that reads it; a host block is read on the CPU (for the
-disk tier) only once its copy has finished. Disk writes are synchronous; the reads of a
-request that waits for its prefix run on an I/O thread."""
+disk tier) only once its copy has finished. Disk writes run behind on a writer thread
+(`DiskTier`); the reads of a request that waits for its prefix run on an I/O thread."""
 
 from __future__ import annotations
 
