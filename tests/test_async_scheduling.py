@@ -141,3 +141,18 @@ def test_default_overlaps_on_a_gpu_only(tiny_llama):
     if torch.cuda.is_available():
         assert engine(tiny_llama, None, device="cuda").async_scheduling is True
         assert engine(tiny_llama, False, device="cuda").async_scheduling is False
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_every_batch_is_timed_once_for_the_step_model(tiny_llama, overlap):
+    """The step samples (the planner's and the router's rates learn from them) add up to the
+    work done: each prompt token and each decode counted once, overlapped or not (with
+    overlap on a GPU a step's time is paired with the batch it waited for)."""
+    lengths = [5, 40, 17, 64]
+    core = engine(tiny_llama, overlap, max_num_batched_tokens=32)
+    sampling = [SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)] * len(lengths)
+    drive(core, requests(sampling, lengths))
+    samples = core.take_step_samples()
+    assert sum(s.prompt_tokens for s in samples) == sum(lengths)
+    assert sum(s.decodes for s in samples) == len(lengths) * 5  # the first token is a prefill's
+    assert all(s.seconds > 0 for s in samples) and core.take_step_samples() == []

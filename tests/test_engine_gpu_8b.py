@@ -86,20 +86,18 @@ def test_top1_agreement_with_torch_reference(tmp_path):
     folder = write_model_folder(tmp_path / "llama8b", "llama-3.1-8b")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 128000, (PROMPT,), generator=g).tolist() for _ in range(BATCH)]
-    ref = engine(folder, "torch", "float32")
-    # The bfloat16 weights wait in host memory: float32 reference (40 GB with its cache) plus
-    # a bfloat16 engine (24 GB) plus a device copy (16 GB) would not fit an 80 GB H100.
-    weights = {n: p.to("cpu", torch.bfloat16) for n, p in ref.runner.model.named_parameters()}
-    with torch.no_grad():  # the reference computes in float32 on the very same weights
-        for name, param in ref.runner.model.named_parameters():
-            param.copy_(weights[name])
-    rates = {}
+    # One engine on the GPU at a time, the weights waiting in host memory between them: a
+    # float32 reference beside a bfloat16 engine would not fit an 80 GB H100.
+    weights, outputs = None, {}
     for backend in ("triton", "torch"):
         core = engine(folder, backend, weights=weights)
-        outputs = greedy_outputs(core, prompts)
+        if weights is None:
+            weights = {n: p.to("cpu") for n, p in core.runner.model.named_parameters()}
+        outputs[backend] = greedy_outputs(core, prompts)
         del core
         torch.cuda.empty_cache()
-        rates[backend] = agreement(ref, prompts, outputs)
+    ref = engine(folder, "torch", "float32", weights=weights)  # float32 on the same weights
+    rates = {b: agreement(ref, prompts, out) for b, out in outputs.items()}
     triton_rate, torch_rate = rates["triton"], rates["torch"]
     print(
         f"top-1 agreement with the teacher-forced float32 reference over {BATCH * STEPS}"

@@ -26,7 +26,7 @@ ALLOWED = {
     "router": {"protocol", "runtime", "http"},
     "frontend": {"protocol", "runtime", "transfer", "router", "http"},
     "bench": {"protocol"},
-    "planner": {"protocol"},
+    "planner": {"protocol", "runtime"},
     "deploy": {"protocol", "runtime", "transfer", "worker", "router", "frontend", "engine",
                "http"},
     "cli": {"protocol", "runtime", "transfer", "engine", "worker", "router", "frontend",

@@ -78,15 +78,20 @@ def test_prefill_replicas_see_the_tail_of_the_lengths_not_only_the_mean():
 
 
 def test_decode_replicas_by_littles_law_and_the_kv_that_fits():
-    """10 req/s of 100 output tokens: at a 21 ms ITL, 21 sequences decode at once; a step of
-    b sequences takes 10 + 0.5 b ms (20.5 ms for 21: one worker)."""
+    """10 req/s of 100 output tokens: 1,000 tokens/s. A step of b sequences takes 10 + 0.5 b
+    ms and a worker streaming r tokens/s decodes b = r·s at once, so it settles at s = 10 /
+    (1 - 0.0005 r) ms: 20 ms for one worker (within 21), 13.3 for two, 12 for three."""
     model, bounds = linear_model(), PoolBounds(1, 8)
     args = dict(prompt_tokens=[500] * 10, output_tokens=[100] * 10, bounds=bounds)
     assert decode_replicas(model, 10.0, itl_s=0.021, kv_tokens_per_worker=10**6, **args) == 1
-    # At 12.5 ms: 12.5 / n sequences a worker, 10 + 6.25 / n ms a step: n >= 2.5.
     assert decode_replicas(model, 10.0, itl_s=0.0125, kv_tokens_per_worker=10**6, **args) == 3
-    # 21 sequences of 600 tokens need 12,600 tokens of KV: at 5,000 a worker, three.
-    assert decode_replicas(model, 10.0, itl_s=0.021, kv_tokens_per_worker=5000, **args) == 3
+    # One worker holds 1,000 x 0.02 = 20 sequences of 600 tokens (12,000 of KV); two hold
+    # 6.7 each (4,000): at 5,000 a worker, two.
+    assert decode_replicas(model, 10.0, itl_s=0.021, kv_tokens_per_worker=5000, **args) == 2
+    # A lax target does not ask for more workers (the batch follows the real step, not the
+    # target); 30 req/s is past one worker's 2,000 tokens/s: its steps run away.
+    assert decode_replicas(model, 10.0, itl_s=10.0, kv_tokens_per_worker=10**6, **args) == 1
+    assert decode_replicas(model, 30.0, itl_s=10.0, kv_tokens_per_worker=10**6, **args) == 2
     assert decode_replicas(StepModel(), 10.0, itl_s=0.02, kv_tokens_per_worker=1, **args) is None
 
 

@@ -110,8 +110,8 @@ class LocalCluster:
         """Drain `worker`: it leaves discovery at once, its in-flight requests finish within
         `grace` seconds, and the frontend moves the rest to the other workers. Returns its
         engine, for the caller to shut down or reuse."""
-        i = self.workers.index(worker)
         await worker.drain(grace)
+        i = self.workers.index(worker)  # after the drain: others may have left meanwhile
         del self.workers[i], self.roles[i]
         return self.engines.pop(i)
 

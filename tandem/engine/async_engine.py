@@ -29,6 +29,7 @@ from tandem.protocol import (
     LoadStats,
     coalesce,
 )
+from tandem.protocol.observations import StepSample
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,10 @@ class AsyncEngine:
 
     def stats(self) -> LoadStats:
         return self._stats
+
+    def take_step_samples(self) -> list[StepSample]:
+        """The engine's steps since the last call (for the planner's step model)."""
+        return self.core.take_step_samples()
 
     def take_kv_events(self) -> list[KvEvent]:
         with self._events_lock:

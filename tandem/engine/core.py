@@ -6,9 +6,11 @@ the scheduler. `AsyncEngine` runs it off the asyncio thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models.llama import head_dim_of
 from tandem.engine.request_checks import RequestLimits, check_request
 from tandem.engine.sampler import penalised
-from tandem.engine.scheduler import ScheduledBatch, Scheduler
+from tandem.engine.scheduler import ScheduledBatch, Scheduler, StepWork
 from tandem.engine.sequence import PENDING, RUNNING, Sequence
 from tandem.engine.step_fit import StepFit
 from tandem.kvbm.tiers import KvTiers, Rate
@@ -32,8 +34,12 @@ from tandem.protocol import (
     KvLayout,
     LoadStats,
 )
+from tandem.protocol.observations import StepSample
 
 log = logging.getLogger(__name__)
+#: Steps kept for `take_step_samples` between two reports (the planner needs a sample).
+STEP_LOG = 1024
+
 
 def eos_token_ids(model_path: str, hf_config) -> set[int]:
     ids: set[int] = set()
@@ -73,9 +79,15 @@ class EngineCore:
             overlap = config.device.startswith("cuda")
         self.async_scheduling = overlap and config.engine == "real"
         self._in_flight = None
+        self._in_flight_work: StepWork | None = None  # what the in-flight batch computes
+        # On a GPU a launch only queues its batch, so a step's time is its wait for the one
+        # before; on the CPU the launch computes the batch there and then.
+        self._launch_queues = config.device.startswith("cuda")
         self.num_overlapped_steps = 0
         self.prefill_rate = Rate()  # prompt tokens per second of step time
         self.step_fit = StepFit()  # what one more prompt token adds to a step
+        # Recent steps for the planner's step model (`take_step_samples`); the oldest go.
+        self.step_log: deque[StepSample] = deque(maxlen=STEP_LOG)
         self.requests: dict[str, list[Sequence]] = {}
         self.kv_layout = KvLayout(
             num_layers=hf.num_hidden_layers,
@@ -187,12 +199,15 @@ class EngineCore:
         the host's bookkeeping overlaps the GPU's work (outputs then lag one step)."""
         started = time.perf_counter()
         batch = self.scheduler.schedule()
-        prompt_tokens, decodes, context = batch.work()
+        work = batch.work()
+        waited_for = self._in_flight_work  # the batch on the device, which this call awaits
         if not self._overlappable(batch):
             outputs = self._resolve()
             if outputs:  # only the resolved step can have finished some since scheduling
                 batch = _without_finished(batch)
+                work = batch.work()
             outputs += self._run(batch) if batch else []
+            timed, self._in_flight_work = _plus(waited_for, work if batch else None), None
         else:
             launched = self.runner.launch(batch, self._in_flight) if batch else None
             outputs = self._resolve()
@@ -201,11 +216,13 @@ class EngineCore:
                 self._advance(batch)
                 self._hold_pending(launched)
             self._in_flight = launched
-        # Overlapped, a step's wall time is its predecessor's on the device: close enough
-        # over a few steps for a router's estimate.
-        elapsed = time.perf_counter() - started
-        self.prefill_rate.add(prompt_tokens, elapsed)
-        self.step_fit.add(prompt_tokens, decodes, context, elapsed)
+            timed = waited_for if self._launch_queues else (work if batch else None)
+            self._in_flight_work = work if launched is not None and self._launch_queues else None
+        if timed is not None:
+            elapsed = time.perf_counter() - started
+            self.prefill_rate.add(timed.prompt_tokens, elapsed)
+            self.step_fit.add(timed.prompt_tokens, timed.decodes, timed.context, elapsed)
+            self.step_log.append(StepSample(*timed, elapsed))
         return outputs
 
     def _run(self, batch: ScheduledBatch) -> list[GenerateOutput]:
@@ -381,9 +398,25 @@ class EngineCore:
     def take_kv_events(self) -> list[KvEvent]:
         return self.block_manager.take_events()
 
+    def take_step_samples(self) -> list[StepSample]:
+        """The steps run since the last call, oldest first (safe from another thread: the
+        deque's appends and pops are atomic)."""
+        taken = []
+        with contextlib.suppress(IndexError):
+            while True:
+                taken.append(self.step_log.popleft())
+        return taken
+
     @property
     def running_sequences(self) -> list[Sequence]:
         return [s for seqs in self.requests.values() for s in seqs if s.status is RUNNING]
+
+
+def _plus(a: StepWork | None, b: StepWork | None) -> StepWork | None:
+    """The work of two batches timed together."""
+    if a is None or b is None:
+        return a or b
+    return StepWork(*(x + y for x, y in zip(a, b, strict=True)))
 
 
 def _without_finished(batch: ScheduledBatch) -> ScheduledBatch:

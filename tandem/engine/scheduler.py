@@ -11,9 +11,19 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.sequence import FINISHED, PENDING, RUNNING, WAITING, Sequence
+
+
+class StepWork(NamedTuple):
+    """What a step's time depends on."""
+
+    prompt_tokens: int  # prompt tokens computed
+    prompt_pairs: int  # (query, key) pairs their attention covers
+    decodes: int  # sequences decoding one token
+    context: int  # KV tokens those decodes read
 
 
 @dataclass
@@ -24,17 +34,17 @@ class ScheduledBatch:
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
-    def work(self) -> tuple[int, int, int]:
-        """(prompt tokens computed, sequences decoding, KV tokens those decodes read): what
-        a step's time depends on."""
-        prompt_tokens = decodes = context = 0
+    def work(self) -> StepWork:
+        prompt_tokens = pairs = decodes = context = 0
         for seq, n in zip(self.seqs, self.num_tokens, strict=True):
-            if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+            done = seq.num_computed_tokens
+            if n == 1 and done >= seq.num_prompt_tokens:
                 decodes += 1
-                context += seq.num_computed_tokens + 1
+                context += done + 1
             else:
                 prompt_tokens += n
-        return prompt_tokens, decodes, context
+                pairs += n * done + n * (n + 1) // 2
+        return StepWork(prompt_tokens, pairs, decodes, context)
 
 
 class Scheduler:

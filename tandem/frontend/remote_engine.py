@@ -48,6 +48,7 @@ from tandem.frontend.disagg import (
     prefill_then_decode,
 )
 from tandem.frontend.migration import MIGRATION_LIMIT, Migration, WorkerLost
+from tandem.frontend.request_reports import RequestReporter
 from tandem.frontend.streams import OutputTimeout, coalesced, next_output
 from tandem.protocol import GenerateOutput, GenerateRequest, KvTransferParams, LoadStats
 from tandem.protocol.worker import (
@@ -67,6 +68,7 @@ from tandem.runtime import (
     RemoteError,
     RequestClient,
     ResponseStream,
+    new_instance_id,
 )
 from tandem.transfer.release import release_kv
 
@@ -127,6 +129,7 @@ class RemoteEngine:
         self.fallbacks: Counter[str] = Counter()
         self._client = client
         self.namespace = namespace
+        self.reports = RequestReporter(events, namespace, new_instance_id())  # to the planner
         self._streams: dict[str, ResponseStream] = {}
         self._addresses: dict[str, str] = {}  # where each stream runs (per-sequence cancel)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -159,6 +162,7 @@ class RemoteEngine:
     async def start(self) -> None:
         await self.pool.start()
         await self.prefill.start()
+        self.reports.start()
 
     async def wait_for_workers(
         self, n: int = 1, timeout: float | None = None, prefill: int = 0
@@ -169,6 +173,7 @@ class RemoteEngine:
             await self.prefill.wait_for_workers(prefill)
 
     async def close(self) -> None:
+        await self.reports.stop()
         await self.pool.close()
         await self.prefill.close()
         for stream in list(self._streams.values()):
@@ -177,7 +182,7 @@ class RemoteEngine:
     # -- EngineClient --------------------------------------------------------------------
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        return self.migration.generate(request)
+        return self.reports.observe(request, self.migration.generate(request))
 
     @property
     def migrations(self) -> int:

@@ -64,9 +64,15 @@ class Decision:
 
 
 class Planner:
-    def __init__(self, config: PlannerConfig, model: StepModel) -> None:
+    """`model` learns the prefill pool's steps, `decode_model` the decode pool's (the same
+    model by default: one pool's workers do both)."""
+
+    def __init__(
+        self, config: PlannerConfig, model: StepModel, decode_model: StepModel | None = None
+    ) -> None:
         self.config = config
         self.model = model
+        self.decode_model = decode_model or model
         forecasters = [Constant(), Smoothing()]
         if config.season_intervals:
             forecasters.append(Seasonal(config.season_intervals))
@@ -83,7 +89,7 @@ class Planner:
         rate = self.rate.forecast()
         decision = Decision(seen.prefill_replicas, seen.decode_replicas, rate)
         want_p = prefill_replicas(self.model, rate, self.prompts, c.ttft_s, c.prefill)
-        want_d = decode_replicas(self.model, rate, self.prompts, self.outputs, c.itl_s,
+        want_d = decode_replicas(self.decode_model, rate, self.prompts, self.outputs, c.itl_s,
                                  c.kv_tokens_per_worker, c.decode)  # fmt: skip
         if want_p is None or want_d is None:
             decision.reasons.append("step model not ready: pools held")

@@ -7,10 +7,12 @@ From the distribution of lengths, not only their means:
   λ E[S²] / (2 (1 - ρ)) with ρ = λ E[S]. A pool of n meets the target when that wait plus
   the `quantile` of S is within it. Batching prefills serves faster than one at a time, so
   this errs towards more workers.
-- decode: by Little's law a worker decodes batch = rate · E[output] · ITL / n sequences at
-  once; n meets the target when a step of that batch, over its mean context, is within the
-  ITL target (step time grows with the batch, so the real ITL is then at most the target)
-  and the batch's KV fits the worker's cache.
+- decode: a worker of a pool of n streams rate · E[output] / n tokens a second. By Little's
+  law it then decodes a batch of that rate times its step time, and the step time grows with
+  the batch: the step it settles at is the fixed point s = step(r·s) (over the batch's mean
+  context), found by iteration. n meets the target when that step is within the ITL target
+  and the batch's KV fits the worker's cache; none does while the fixed point runs away (the
+  worker cannot keep up).
 
 Each answer is the smallest n that meets its target within the pool's bounds (the upper
 bound when none does); None when the step model cannot predict yet.
@@ -78,10 +80,29 @@ def decode_replicas(
     mean_in = float(np.mean(prompt_tokens)) if prompt_tokens else 0.0
     context = mean_in + mean_out / 2  # a sequence's KV halfway through its answer
     for n in range(max(bounds.min_replicas, 1), bounds.max_replicas + 1):
-        batch = rate * mean_out * itl_s / n
-        step = model.decode_s(batch, batch * context)
-        if step is None:
+        if model.decode_s(1, context) is None:
             return None
-        if step <= itl_s and batch * (mean_in + mean_out) <= kv_tokens_per_worker:
+        step = _settled_step(model, rate * mean_out / n, context, itl_s)
+        if step is None or step > itl_s:
+            continue
+        batch = rate * mean_out / n * step
+        if batch * (mean_in + mean_out) <= kv_tokens_per_worker:
             return n
     return bounds.max_replicas
+
+
+def _settled_step(
+    model: StepModel, tokens_per_s: float, context: float, itl_s: float
+) -> float | None:
+    """The step time s = decode_s(r·s) a worker decoding `tokens_per_s` settles at; None
+    when the model cannot tell or the steps grow without bound (past 1,000x the target)."""
+    step = model.decode_s(1, context)
+    for _ in range(200):
+        if step is None or step > 1e3 * itl_s:
+            return None
+        batch = tokens_per_s * step
+        settled = model.decode_s(batch, batch * context)
+        if settled is None or abs(settled - step) <= 1e-9 + 1e-6 * step:
+            return settled
+        step = settled
+    return None  # not converging: too close to the worker's capacity to count on

@@ -1,8 +1,10 @@
 """A worker pool's step times, learned online from the steps its workers report.
 
 Two least-squares fits over a bounded window of recent steps: prefill time against the
-prompt tokens a step computes (a + b·n + c·n², the quadratic term being attention), and
-decode time against the batch and the KV tokens it reads (d + e·batch + f·context). A fit
+prompt tokens a step computes and the (query, key) pairs of their attention (a + b·n + c·pairs;
+a lone prompt of n tokens has n(n+1)/2), and decode time against the batch and the KV tokens
+it reads (d + e·batch + f·context). A step that did both (chunked prefill beside decodes)
+trains each fit on its time less the other's marginal cost, once the other can tell it. A fit
 needs a few distinct points, from the steps or from a seed (`tandem profile` output, the
 format the mock engine reads, whose points the window forgets as real steps arrive); until
 then it cannot predict (None), and the planner holds the pools as they are rather than guess.
@@ -15,6 +17,8 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
+
+from tandem.protocol.observations import StepSample
 
 #: Steps kept per fit: enough to span load changes, bounded whatever the traffic.
 WINDOW = 2048
@@ -50,7 +54,7 @@ class _Fit:
 
 class StepModel:
     def __init__(self, window: int = WINDOW) -> None:
-        self._prefill = _Fit(3, window)  # [1, n, n^2] -> seconds
+        self._prefill = _Fit(3, window)  # [1, n, pairs] -> seconds
         self._decode = _Fit(3, window)  # [1, batch, context] -> seconds
 
     @classmethod
@@ -68,22 +72,45 @@ class StepModel:
             raise ValueError(f"cannot read performance profile {path}: {exc}") from exc
         return model
 
-    def add_prefill(self, tokens: int, seconds: float) -> None:
-        """A step that computed `tokens` prompt tokens (and no decodes) in `seconds`."""
+    def add_prefill(self, tokens: int, seconds: float, pairs: int | None = None) -> None:
+        """A step that computed `tokens` prompt tokens (and no decodes) in `seconds`;
+        `pairs`: their attention's (query, key) pairs, by default those of one fresh prompt."""
         if tokens > 0 and seconds > 0:
-            self._prefill.add((1.0, float(tokens), float(tokens) ** 2, seconds))
+            pairs = _fresh_pairs(tokens) if pairs is None else pairs
+            self._prefill.add((1.0, float(tokens), float(pairs), seconds))
 
     def add_decode(self, batch: int, context_tokens: int, seconds: float) -> None:
         """A step that decoded `batch` sequences reading `context_tokens` KV tokens in all."""
         if batch > 0 and seconds > 0:
             self._decode.add((1.0, float(batch), float(context_tokens), seconds))
 
+    def add_step(self, step: StepSample) -> None:
+        """A step as a worker reports it: prefill, decode, or both."""
+        if not step.decodes:
+            self.add_prefill(step.prompt_tokens, step.seconds, step.prompt_pairs)
+        elif not step.prompt_tokens:
+            self.add_decode(step.decodes, step.context_tokens, step.seconds)
+        else:
+            decode, prefill = self._decode.coef(), self._prefill.coef()
+            if decode is not None:
+                cost = decode[1:] @ [step.decodes, step.context_tokens]
+                self.add_prefill(step.prompt_tokens, step.seconds - cost, step.prompt_pairs)
+            if prefill is not None:
+                cost = prefill[1:] @ [step.prompt_tokens, step.prompt_pairs]
+                self.add_decode(step.decodes, step.context_tokens, step.seconds - cost)
+
     def prefill_s(self, tokens: float) -> float | None:
-        """Seconds of a step computing `tokens` prompt tokens; None: not enough known."""
+        """Seconds of a step computing one fresh prompt of `tokens` tokens; None: not enough
+        known."""
         coef = self._prefill.coef()
-        return None if coef is None else max(0.0, float(coef @ [1.0, tokens, tokens**2]))
+        features = [1.0, tokens, _fresh_pairs(tokens)]
+        return None if coef is None else max(0.0, float(coef @ features))
 
     def decode_s(self, batch: float, context_tokens: float) -> float | None:
         """Seconds of a decode step of `batch` sequences over `context_tokens` KV tokens."""
         coef = self._decode.coef()
         return None if coef is None else max(0.0, float(coef @ [1.0, batch, context_tokens]))
+
+
+def _fresh_pairs(tokens: float) -> float:
+    return tokens * (tokens + 1) / 2

@@ -106,6 +106,8 @@ class Worker:
             self.instance_id,
             engine.stats,
             engine.take_kv_events,
+            take_steps=getattr(engine, "take_step_samples", None),
+            role=card.role,
             interval=publish_interval,
         )
         self.info: InstanceInfo | None = None

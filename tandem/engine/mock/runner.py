@@ -47,7 +47,7 @@ class MockRunner:
         return (1.0 + nbytes / (self.transfer_gbps * 1e6)) / self.speedup
 
     def step_ms(self, batch: ScheduledBatch) -> float:
-        prefill_tokens, decodes, context = batch.work()
+        prefill_tokens, _, decodes, context = batch.work()
         ms = self.perf_model.prefill_ms(prefill_tokens) if prefill_tokens else 0.0
         if decodes:
             ms += self.perf_model.decode_ms(decodes, context, self.kv_usage())

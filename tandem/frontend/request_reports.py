@@ -1,0 +1,85 @@
+"""What a frontend tells the planner: how many requests arrived, and how the finished ones
+went (lengths, time to first token, inter-token latency), published every `interval`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+from tandem.protocol import GenerateOutput, GenerateRequest
+from tandem.protocol.observations import FrontendRequests, RequestSample, requests_subject
+from tandem.runtime import EventPlane
+
+log = logging.getLogger(__name__)
+
+#: Finished requests kept between two reports; past it the oldest go (a sample suffices).
+MAX_SAMPLES = 2048
+
+
+class RequestReporter:
+    def __init__(
+        self, events: EventPlane, namespace: str, frontend_id: str, interval: float = 1.0
+    ) -> None:
+        self._events = events
+        self._subject = requests_subject(namespace, frontend_id)
+        self.frontend_id = frontend_id
+        self.interval = interval
+        self._arrived = 0
+        self._finished: deque[RequestSample] = deque(maxlen=MAX_SAMPLES)
+        self._task: asyncio.Task[None] | None = None
+
+    async def observe(
+        self, request: GenerateRequest, outputs: AsyncIterator[GenerateOutput]
+    ) -> AsyncIterator[GenerateOutput]:
+        """`outputs`, passed through, timed: counted as arrived now, sampled when it ends."""
+        self._arrived += 1
+        started = time.perf_counter()
+        first = last = None
+        tokens = cached = 0
+        try:
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    if out.token_ids:
+                        last = time.perf_counter()
+                        first = first or last
+                        tokens += len(out.token_ids)
+                    cached = max(cached, out.num_cached_tokens)
+                    yield out
+        finally:
+            gaps = (last - first) / (tokens - 1) if first is not None and tokens > 1 else None
+            self._finished.append(RequestSample(
+                len(request.prompt_token_ids), cached, tokens,
+                None if first is None else first - started, gaps,
+            ))  # fmt: skip
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="reports")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def publish_once(self) -> None:
+        if not self._arrived and not self._finished:
+            return
+        report = FrontendRequests(frontend_id=self.frontend_id, arrived=self._arrived,
+                                  finished=list(self._finished))  # fmt: skip
+        self._arrived = 0
+        self._finished.clear()
+        await self._events.publish(self._subject, report)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.publish_once()
+            except Exception:  # a lost report costs the planner one interval, not the server
+                log.exception("publishing request reports failed")

@@ -1,0 +1,158 @@
+"""The planner at work: every interval, what the fleet reported becomes an `Observation`, the
+`Planner` decides the pool sizes, and a `Connector` makes them so.
+
+Workers publish their engine steps (`WorkerSteps`), which train the step model of their pool;
+frontends publish the requests that arrived and how the finished ones went
+(`FrontendRequests`). Both come over the event plane, so the loop runs the same embedded
+beside a frontend or standalone against NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from tandem.planner.plan import Decision, Observation, Planner
+from tandem.protocol.observations import (
+    FrontendRequests,
+    RequestSample,
+    WorkerSteps,
+    requests_subject,
+    steps_subject,
+)
+from tandem.runtime import EventPlane
+
+log = logging.getLogger(__name__)
+
+#: Decisions kept for inspection (metrics, benchmarks).
+HISTORY = 1024
+#: Finished requests one interval keeps for its lengths and percentiles.
+MAX_FINISHED = 8192
+
+
+class Connector(Protocol):
+    """What acts on a decision: the local supervisor, an in-process cluster, Kubernetes."""
+
+    def replicas(self) -> tuple[int, int]:
+        """(prefill, decode) workers running or starting now."""
+        ...
+
+    async def scale(self, prefill: int, decode: int) -> None:
+        """Start or drain workers towards these sizes (may return before they are done)."""
+        ...
+
+
+@dataclass
+class Tick:
+    """One interval: what was seen and what was decided."""
+
+    at: float
+    seen: Observation
+    decision: Decision
+
+
+class PlannerLoop:
+    def __init__(
+        self,
+        planner: Planner,
+        events: EventPlane,
+        connector: Connector,
+        *,
+        namespace: str,
+        interval: float = 10.0,
+    ) -> None:
+        self.planner = planner
+        self.connector = connector
+        self.interval = interval
+        self._events, self._namespace = events, namespace
+        self._arrived = 0
+        self._finished: list[RequestSample] = []
+        self._since = time.monotonic()
+        self.history: deque[Tick] = deque(maxlen=HISTORY)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        steps = await self._events.subscribe(steps_subject(self._namespace), WorkerSteps)
+        requests = await self._events.subscribe(requests_subject(self._namespace), FrontendRequests)
+        self._since = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._subscriptions = [steps, requests]
+        self._tasks = [loop.create_task(self._take_steps(steps)),
+                       loop.create_task(self._take_requests(requests)),
+                       loop.create_task(self._run())]  # fmt: skip
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sub in getattr(self, "_subscriptions", []):
+            await sub.unsubscribe()
+
+    async def tick(self) -> Decision:
+        """Observe the interval that just ended, decide, act."""
+        now = time.monotonic()
+        prefill, decode = self.connector.replicas()
+        seen = observation(now - self._since, self._arrived, self._finished, prefill, decode)
+        self._arrived, self._finished, self._since = 0, [], now
+        decision = self.planner.step(seen)
+        self.history.append(Tick(now, seen, decision))
+        if (decision.prefill_replicas, decision.decode_replicas) != (prefill, decode):
+            why = "; ".join(decision.reasons) or "forecast"
+            log.info("planner: %.1f requests/s forecast; prefill %d -> %d, decode %d -> %d (%s)",
+                     decision.forecast_rate or 0, prefill, decision.prefill_replicas, decode,
+                     decision.decode_replicas, why)  # fmt: skip
+            await self.connector.scale(decision.prefill_replicas, decision.decode_replicas)
+        return decision
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except Exception:  # a bad interval must not stop the planning
+                log.exception("planner interval failed")
+
+    async def _take_steps(self, sub) -> None:
+        async for report in sub:
+            models = {self.planner.model, self.planner.decode_model}
+            if report.role == "prefill":
+                models = {self.planner.model}
+            elif report.role == "decode":
+                models = {self.planner.decode_model}
+            for model in models:
+                for step in report.steps:
+                    model.add_step(step)
+
+    async def _take_requests(self, sub) -> None:
+        async for report in sub:
+            self._arrived += report.arrived
+            room = MAX_FINISHED - len(self._finished)
+            self._finished.extend(report.finished[: max(0, room)])
+
+
+def observation(
+    seconds: float, arrived: int, finished: list[RequestSample], prefill: int, decode: int
+) -> Observation:
+    """An interval's `Observation`: uncached prompt lengths, output lengths, and the p90 of
+    time to first token and of each request's mean inter-token latency."""
+    ttfts = [r.ttft_s for r in finished if r.ttft_s is not None]
+    itls = [r.itl_s for r in finished if r.itl_s is not None]
+    return Observation(
+        seconds=seconds,
+        requests=arrived,
+        prompt_tokens=[max(0, r.prompt_tokens - r.cached_tokens) for r in finished],
+        output_tokens=[r.output_tokens for r in finished],
+        ttft_p90_s=float(np.quantile(ttfts, 0.9)) if ttfts else None,
+        itl_p90_s=float(np.quantile(itls, 0.9)) if itls else None,
+        prefill_replicas=prefill,
+        decode_replicas=decode,
+    )
