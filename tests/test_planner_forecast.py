@@ -35,6 +35,8 @@ def test_a_ramp_is_followed_by_the_trend_models_not_the_last_value():
     assert picker.best != "constant"
     assert mean_error(picker, "smoothing") < 0.25 * mean_error(picker, "constant")
     assert picker.forecast() == pytest.approx(70.0, rel=0.02)
+    # Three intervals on (a worker asked for now serves then): the ramp goes on.
+    assert picker.forecast(3) == pytest.approx(74.0, rel=0.02)
 
 
 def test_a_cycle_is_forecast_by_the_seasonal_model():
@@ -45,6 +47,7 @@ def test_a_cycle_is_forecast_by_the_seasonal_model():
     assert picker.best == "seasonal"
     assert mean_error(picker, "seasonal") < 0.2 * mean_error(picker, "smoothing")
     assert picker.forecast() == pytest.approx(load(5 * PERIOD), abs=2.0)
+    assert picker.forecast(3) == pytest.approx(load(5 * PERIOD + 2), abs=2.0)
 
 
 def test_forecasts_start_with_the_first_observation_and_never_go_negative():

@@ -3,6 +3,8 @@ slow shrinking (a restart does not thrash), and the GPU budget."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from tandem.planner import PoolBounds
 from tandem.planner.plan import Observation, Planner, PlannerConfig
 from tests.test_planner_replicas import linear_model
@@ -64,3 +66,24 @@ def test_the_gpu_budget_cuts_the_prefill_pool_first():
     config = PlannerConfig(ttft_s=0.12, itl_s=0.0125, gpu_budget=5)
     decision = Planner(config, linear_model()).step(seen(10.0, 1, 1))
     assert (decision.prefill_replicas, decision.decode_replicas) == (2, 3)
+
+
+def test_pools_are_sized_for_the_load_when_new_workers_would_serve():
+    """A rising load, workers that take three intervals to start: the pools are sized for the
+    rate three intervals on, not the next one's."""
+    lead = Planner(dataclasses.replace(CONFIG, lead_intervals=3), linear_model())
+    next_only = Planner(CONFIG, linear_model())
+    for rate in (2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0):
+        ahead, near = lead.step(seen(rate, 1, 1)), next_only.step(seen(rate, 1, 1))
+    assert ahead.forecast_rate > near.forecast_rate + 3.0
+    assert ahead.decode_replicas >= near.decode_replicas
+
+
+def test_no_correction_while_the_pools_last_worker_is_still_starting():
+    """A missed target with a worker already on its way: that worker is the correction."""
+    planner = Planner(CONFIG, linear_model())
+    waiting = dataclasses.replace(seen(10.0, 4, 3, ttft=0.3, itl=0.02), prefill_starting=1,
+                                  decode_starting=1)  # fmt: skip
+    decision = planner.step(waiting)
+    assert (decision.prefill_replicas, decision.decode_replicas) == (4, 3)
+    assert not decision.reasons

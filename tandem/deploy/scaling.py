@@ -48,6 +48,10 @@ class ClusterScaler:
         prefill, decode = (len(self._live(p)) + len(self._starting[p]) for p in POOLS)
         return prefill, decode
 
+    def starting(self) -> tuple[int, int]:
+        prefill, decode = (len(self._starting[p]) for p in POOLS)
+        return prefill, decode
+
     async def scale(self, prefill: int, decode: int) -> None:
         for pool, want in zip(POOLS, (prefill, decode), strict=True):
             have = len(self._live(pool)) + len(self._starting[pool])

@@ -22,7 +22,7 @@ HISTORY = 2048
 class Constant:
     name = "constant"
 
-    def predict(self, history: Sequence[float]) -> float:
+    def predict(self, history: Sequence[float], ahead: int = 1) -> float:
         return float(history[-1])
 
 
@@ -31,7 +31,7 @@ class Smoothing:
 
     name = "smoothing"
 
-    def predict(self, history: Sequence[float]) -> float:
+    def predict(self, history: Sequence[float], ahead: int = 1) -> float:
         if len(history) < 6:
             return float(history[-1])
         from statsmodels.tsa.holtwinters import Holt
@@ -39,7 +39,7 @@ class Smoothing:
         series = np.asarray(history, dtype=np.float64)
         with quiet():
             fit = Holt(series, damped_trend=True, initialization_method="estimated").fit()
-            return float(fit.forecast(1)[0])
+            return float(fit.forecast(ahead)[-1])
 
 
 class Seasonal:
@@ -53,9 +53,10 @@ class Seasonal:
             raise ValueError(f"a season of {period} intervals")
         self.period = period
 
-    def predict(self, history: Sequence[float]) -> float:
+    def predict(self, history: Sequence[float], ahead: int = 1) -> float:
         if len(history) < 2 * self.period:
-            return float(history[-self.period] if len(history) >= self.period else history[-1])
+            back = self.period - (ahead - 1) % self.period  # the same phase, a period ago
+            return float(history[-back] if len(history) >= back else history[-1])
         from statsmodels.tsa.holtwinters import ExponentialSmoothing
 
         series = np.asarray(history, dtype=np.float64)
@@ -64,7 +65,7 @@ class Seasonal:
                 series, trend="add", seasonal="add", seasonal_periods=self.period,
                 initialization_method="estimated",
             )  # fmt: skip
-            return float(model.fit().forecast(1)[0])
+            return float(model.fit().forecast(ahead)[-1])
 
 
 @contextmanager
@@ -97,8 +98,12 @@ class Picker:
                   for i, (name, e) in enumerate(self.errors.items())]  # fmt: skip
         return min(scored)[2]
 
-    def forecast(self) -> float | None:
-        """The next interval's value; None before any observation."""
+    def forecast(self, ahead: int = 1) -> float | None:
+        """The value `ahead` intervals on, by the forecaster with the best one-step record;
+        None before any observation."""
         if not self._pending:
             return None
-        return max(0.0, self._pending[self.best])
+        if ahead == 1:
+            return max(0.0, self._pending[self.best])
+        best = next(f for f in self.forecasters if f.name == self.best)
+        return max(0.0, best.predict(self.history, ahead))

@@ -44,6 +44,10 @@ class Connector(Protocol):
         """(prefill, decode) workers running or starting now."""
         ...
 
+    def starting(self) -> tuple[int, int]:
+        """(prefill, decode) workers asked for that do not serve yet."""
+        ...
+
     async def scale(self, prefill: int, decode: int) -> None:
         """Start or drain workers towards these sizes (may return before they are done)."""
         ...
@@ -101,7 +105,8 @@ class PlannerLoop:
         """Observe the interval that just ended, decide, act."""
         now = time.monotonic()
         prefill, decode = self.connector.replicas()
-        seen = observation(now - self._since, self._arrived, self._finished, prefill, decode)
+        seen = observation(now - self._since, self._arrived, self._finished, prefill, decode,
+                           self.connector.starting())  # fmt: skip
         self._arrived, self._finished, self._since = 0, [], now
         decision = self.planner.step(seen)
         self.history.append(Tick(now, seen, decision))
@@ -140,7 +145,12 @@ class PlannerLoop:
 
 
 def observation(
-    seconds: float, arrived: int, finished: list[RequestSample], prefill: int, decode: int
+    seconds: float,
+    arrived: int,
+    finished: list[RequestSample],
+    prefill: int,
+    decode: int,
+    starting: tuple[int, int] = (0, 0),
 ) -> Observation:
     """An interval's `Observation`: uncached prompt lengths, output lengths, and the p90 of
     time to first token and of each request's mean inter-token latency."""
@@ -155,4 +165,6 @@ def observation(
         itl_p90_s=float(np.quantile(itls, 0.9)) if itls else None,
         prefill_replicas=prefill,
         decode_replicas=decode,
+        prefill_starting=starting[0],
+        decode_starting=starting[1],
     )

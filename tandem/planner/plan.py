@@ -3,13 +3,16 @@
 `Planner.step(observation)` turns what the frontends and workers saw in the last interval
 into the prefill and decode replica counts for the next one:
 
-1. the request rate is forecast (`Picker`: last value, Holt, Holt-Winters, by error), the
-   lengths are the distribution of the recent requests (a bounded sample);
+1. the request rate is forecast (`Picker`: last value, Holt, Holt-Winters, by error) for
+   every interval until a worker asked for now would serve (`lead_intervals`), and the pools
+   are sized for the highest; the lengths are the distribution of the recent requests (a
+   bounded sample);
 2. each pool is sized from its target (`replicas.py`), on the step model learned from the
    workers' own steps;
 3. a pool whose observed latency missed its target gets one more worker than both the
    calculation and its current size (the reactive correction: the model or the forecast
-   was wrong, and waiting for the next forecast would miss the target again);
+   was wrong, and waiting for the next forecast would miss the target again), unless
+   workers it asked for are still starting: their arrival is the correction under way;
 4. growing is immediate, shrinking waits until `shrink_after` intervals in a row asked for
    fewer (a restarted planner, or a noisy interval, does not tear down workers), and the
    total stays within `gpu_budget` (the decode pool keeps the larger share of a cut, since
@@ -39,8 +42,10 @@ class Observation:
     output_tokens: list[int]
     ttft_p90_s: float | None
     itl_p90_s: float | None
-    prefill_replicas: int
+    prefill_replicas: int  # asked for: serving or starting
     decode_replicas: int
+    prefill_starting: int = 0  # asked for, not serving yet
+    decode_starting: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class PlannerConfig:
     kv_tokens_per_worker: int = 1 << 20
     season_intervals: int = 0  # 0: no seasonal forecaster
     shrink_after: int = 3
+    lead_intervals: int = 1  # intervals a new worker takes to serve (its start-up, rounded up)
 
 
 @dataclass
@@ -86,7 +92,7 @@ class Planner:
         self.rate.observe(seen.requests / seen.seconds if seen.seconds > 0 else 0.0)
         self.prompts.extend(seen.prompt_tokens)
         self.outputs.extend(seen.output_tokens)
-        rate = self.rate.forecast()
+        rate = max(self.rate.forecast(ahead) or 0.0 for ahead in range(1, c.lead_intervals + 1))
         decision = Decision(seen.prefill_replicas, seen.decode_replicas, rate)
         want_p = prefill_replicas(self.model, rate, self.prompts, c.ttft_s, c.prefill)
         want_d = decode_replicas(self.decode_model, rate, self.prompts, self.outputs, c.itl_s,
@@ -94,10 +100,10 @@ class Planner:
         if want_p is None or want_d is None:
             decision.reasons.append("step model not ready: pools held")
             return decision
-        if seen.ttft_p90_s is not None and seen.ttft_p90_s > c.ttft_s:
+        if seen.ttft_p90_s is not None and seen.ttft_p90_s > c.ttft_s and not seen.prefill_starting:
             want_p = max(want_p, seen.prefill_replicas + 1)
             decision.reasons.append(f"TTFT p90 {seen.ttft_p90_s:.3f} s over target: +1 prefill")
-        if seen.itl_p90_s is not None and seen.itl_p90_s > c.itl_s:
+        if seen.itl_p90_s is not None and seen.itl_p90_s > c.itl_s and not seen.decode_starting:
             want_d = max(want_d, seen.decode_replicas + 1)
             decision.reasons.append(f"ITL p90 {seen.itl_p90_s:.4f} s over target: +1 decode")
         p = self._settle("prefill", seen.prefill_replicas, min(want_p, c.prefill.max_replicas))
