@@ -17,16 +17,16 @@ def seen(rate: float, p: int, d: int, ttft=None, itl=None, seconds: float = 10.0
                        prefill_replicas=p, decode_replicas=d)  # fmt: skip
 
 
-CONFIG = PlannerConfig(ttft_s=0.12, itl_s=0.0125, prefill=PoolBounds(1, 8),
+CONFIG = PlannerConfig(ttft_s=0.12, itl_s=0.013, prefill=PoolBounds(1, 8),
                        decode=PoolBounds(1, 8), gpu_budget=12, shrink_after=3)  # fmt: skip
 
 
 def test_pools_are_sized_from_the_forecast_load():
-    """10 req/s of 100-token prompts and answers: 4 prefill workers (see the replica
-    calculator's hand-computed case), 3 decode workers."""
+    """10 req/s of 100-token prompts and answers: 4 prefill workers and 4 decode workers (the
+    replica calculator's hand-computed cases)."""
     planner = Planner(CONFIG, linear_model())
     decision = planner.step(seen(10.0, 1, 1))
-    assert (decision.prefill_replicas, decision.decode_replicas) == (4, 3)
+    assert (decision.prefill_replicas, decision.decode_replicas) == (4, 4)
     assert decision.forecast_rate == 10.0
 
 
@@ -40,8 +40,8 @@ def test_an_untrained_model_holds_the_pools():
 
 def test_a_missed_target_adds_a_worker_to_the_pool_at_fault():
     planner = Planner(CONFIG, linear_model())
-    decision = planner.step(seen(10.0, 4, 3, ttft=0.3, itl=0.01))
-    assert (decision.prefill_replicas, decision.decode_replicas) == (5, 3)
+    decision = planner.step(seen(10.0, 4, 4, ttft=0.3, itl=0.01))
+    assert (decision.prefill_replicas, decision.decode_replicas) == (5, 4)
     assert any("TTFT" in r for r in decision.reasons)
 
 
@@ -82,8 +82,8 @@ def test_pools_are_sized_for_the_load_when_new_workers_would_serve():
 def test_no_correction_while_the_pools_last_worker_is_still_starting():
     """A missed target with a worker already on its way: that worker is the correction."""
     planner = Planner(CONFIG, linear_model())
-    waiting = dataclasses.replace(seen(10.0, 4, 3, ttft=0.3, itl=0.02), prefill_starting=1,
+    waiting = dataclasses.replace(seen(10.0, 4, 4, ttft=0.3, itl=0.02), prefill_starting=1,
                                   decode_starting=1)  # fmt: skip
     decision = planner.step(waiting)
-    assert (decision.prefill_replicas, decision.decode_replicas) == (4, 3)
+    assert (decision.prefill_replicas, decision.decode_replicas) == (4, 4)
     assert not decision.reasons

@@ -80,14 +80,15 @@ def test_prefill_replicas_see_the_tail_of_the_lengths_not_only_the_mean():
 def test_decode_replicas_by_littles_law_and_the_kv_that_fits():
     """10 req/s of 100 output tokens: 1,000 tokens/s. A step of b sequences takes 10 + 0.5 b
     ms and a worker streaming r tokens/s decodes b = r·s at once, so it settles at s = 10 /
-    (1 - 0.0005 r) ms: 20 ms for one worker (within 21), 13.3 for two, 12 for three."""
+    (1 - 0.0005 r) ms; the target holds for the p90 batch, b + 1.28 sqrt(b). One worker: s =
+    20 ms, b = 20, p90 25.7: 22.9 ms. Two: 13.3 ms, b = 6.7, p90 10.0: 15.0 ms. Three: 12 ms,
+    b = 4, p90 6.6: 13.3 ms. Four: 11.4 ms, b = 2.9, p90 5.0: 12.5 ms."""
     model, bounds = linear_model(), PoolBounds(1, 8)
     args = dict(prompt_tokens=[500] * 10, output_tokens=[100] * 10, bounds=bounds)
-    assert decode_replicas(model, 10.0, itl_s=0.021, kv_tokens_per_worker=10**6, **args) == 1
-    assert decode_replicas(model, 10.0, itl_s=0.0125, kv_tokens_per_worker=10**6, **args) == 3
-    # One worker holds 1,000 x 0.02 = 20 sequences of 600 tokens (12,000 of KV); two hold
-    # 6.7 each (4,000): at 5,000 a worker, two.
-    assert decode_replicas(model, 10.0, itl_s=0.021, kv_tokens_per_worker=5000, **args) == 2
+    assert decode_replicas(model, 10.0, itl_s=0.021, kv_tokens_per_worker=10**6, **args) == 2
+    assert decode_replicas(model, 10.0, itl_s=0.013, kv_tokens_per_worker=10**6, **args) == 4
+    # p90 batches of 600-token sequences: 6,000 tokens of KV for two, 3,900 for three.
+    assert decode_replicas(model, 10.0, itl_s=0.021, kv_tokens_per_worker=5000, **args) == 3
     # A lax target does not ask for more workers (the batch follows the real step, not the
     # target); 30 req/s is past one worker's 2,000 tokens/s: its steps run away.
     assert decode_replicas(model, 10.0, itl_s=10.0, kv_tokens_per_worker=10**6, **args) == 1

@@ -3,9 +3,7 @@ went (lengths, time to first token, inter-token latency), published every `inter
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -13,8 +11,7 @@ from collections.abc import AsyncIterator
 from tandem.protocol import GenerateOutput, GenerateRequest
 from tandem.protocol.observations import FrontendRequests, RequestSample, requests_subject
 from tandem.runtime import EventPlane
-
-log = logging.getLogger(__name__)
+from tandem.runtime.periodic import Periodic
 
 #: Finished requests kept between two reports; past it the oldest go (a sample suffices).
 MAX_SAMPLES = 2048
@@ -30,7 +27,7 @@ class RequestReporter:
         self.interval = interval
         self._arrived = 0
         self._finished: deque[RequestSample] = deque(maxlen=MAX_SAMPLES)
-        self._task: asyncio.Task[None] | None = None
+        self._timer = Periodic(self.publish_once, interval, "request-reports")
 
     async def observe(
         self, request: GenerateRequest, outputs: AsyncIterator[GenerateOutput]
@@ -57,15 +54,11 @@ class RequestReporter:
             ))  # fmt: skip
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="reports")
+        self._timer.interval = self.interval
+        self._timer.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._timer.stop()
 
     async def publish_once(self) -> None:
         if not self._arrived and not self._finished:
@@ -75,11 +68,3 @@ class RequestReporter:
         self._arrived = 0
         self._finished.clear()
         await self._events.publish(self._subject, report)
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.publish_once()
-            except Exception:  # a lost report costs the planner one interval, not the server
-                log.exception("publishing request reports failed")

@@ -28,6 +28,7 @@ from tandem.protocol.observations import (
     steps_subject,
 )
 from tandem.runtime import EventPlane
+from tandem.runtime.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class PlannerLoop:
         self._since = time.monotonic()
         self.history: deque[Tick] = deque(maxlen=HISTORY)
         self._tasks: list[asyncio.Task[None]] = []
+        self._timer = Periodic(self.tick, interval, "planner")
 
     async def start(self) -> None:
         steps = await self._events.subscribe(steps_subject(self._namespace), WorkerSteps)
@@ -89,10 +91,11 @@ class PlannerLoop:
         loop = asyncio.get_running_loop()
         self._subscriptions = [steps, requests]
         self._tasks = [loop.create_task(self._take_steps(steps)),
-                       loop.create_task(self._take_requests(requests)),
-                       loop.create_task(self._run())]  # fmt: skip
+                       loop.create_task(self._take_requests(requests))]  # fmt: skip
+        self._timer.start()
 
     async def stop(self) -> None:
+        await self._timer.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -117,14 +120,6 @@ class PlannerLoop:
                      decision.decode_replicas, why)  # fmt: skip
             await self.connector.scale(decision.prefill_replicas, decision.decode_replicas)
         return decision
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.tick()
-            except Exception:  # a bad interval must not stop the planning
-                log.exception("planner interval failed")
 
     async def _take_steps(self, sub) -> None:
         async for report in sub:

@@ -10,9 +10,9 @@ From the distribution of lengths, not only their means:
 - decode: a worker of a pool of n streams rate · E[output] / n tokens a second. By Little's
   law it then decodes a batch of that rate times its step time, and the step time grows with
   the batch: the step it settles at is the fixed point s = step(r·s) (over the batch's mean
-  context), found by iteration. n meets the target when that step is within the ITL target
-  and the batch's KV fits the worker's cache; none does while the fixed point runs away (the
-  worker cannot keep up).
+  context), found by iteration; none while it runs away (the worker cannot keep up). The
+  batch's size is Poisson around that mean, so n meets the target when a step of its p90
+  batch is within the ITL target and that batch's KV fits the worker's cache.
 
 Each answer is the smallest n that meets its target within the pool's bounds (the upper
 bound when none does); None when the step model cannot predict yet.
@@ -20,12 +20,16 @@ bound when none does); None when the step model cannot predict yet.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from tandem.planner.step_model import StepModel
+
+#: The standard normal's 90th percentile: the targets are p90s.
+Z90 = 1.2816
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,13 @@ def decode_replicas(
         if model.decode_s(1, context) is None:
             return None
         step = _settled_step(model, rate * mean_out / n, context, itl_s)
-        if step is None or step > itl_s:
+        if step is None:
             continue
         batch = rate * mean_out / n * step
-        if batch * (mean_in + mean_out) <= kv_tokens_per_worker:
+        busy = batch + Z90 * math.sqrt(batch)  # the batch's p90: its size is Poisson
+        if (model.decode_s(busy, busy * context) or math.inf) <= itl_s and (
+            busy * (mean_in + mean_out) <= kv_tokens_per_worker
+        ):
             return n
     return bounds.max_replicas
 

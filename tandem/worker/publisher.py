@@ -9,9 +9,6 @@ and the engine's steps since the last report for the planner (`WorkerSteps`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
 from collections.abc import Callable
 
@@ -19,8 +16,7 @@ from tandem.protocol import KvEvent, LoadStats
 from tandem.protocol.observations import StepSample, WorkerSteps, steps_subject
 from tandem.protocol.worker import KvEventBatch, WorkerLoad, kv_events_subject, load_subject
 from tandem.runtime import EventPlane
-
-log = logging.getLogger(__name__)
+from tandem.runtime.periodic import Periodic
 
 
 class LoadPublisher:
@@ -46,23 +42,17 @@ class LoadPublisher:
         self._take_kv_events = take_kv_events
         self._load_subject = load_subject(namespace, worker_id)
         self._kv_subject = kv_events_subject(namespace, worker_id)
-        self.interval = interval
         self.heartbeat = heartbeat
         self._last: LoadStats | None = None
         self._last_time = 0.0
-        self._task: asyncio.Task[None] | None = None
+        self._timer = Periodic(self.publish_once, interval, "load-publisher")
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="load-publisher")
+        self._timer.start()
 
     async def stop(self) -> None:
         """Stop the loop and publish what is left, so the last events are not lost."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._timer.stop()
         await self.publish_once(force=True)
 
     async def publish_once(self, force: bool = False) -> None:
@@ -84,13 +74,3 @@ class LoadPublisher:
                 self._load_subject, WorkerLoad(worker_id=self._worker_id, stats=stats)
             )
             self._last, self._last_time = stats, now
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.publish_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let a publishing hiccup stop the worker's reports
-                log.exception("publishing load / KV events failed")
-            await asyncio.sleep(self.interval)
