@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from tandem.planner import PoolBounds
 from tandem.planner.plan import Observation, Planner, PlannerConfig
 from tests.test_planner_replicas import linear_model
@@ -58,8 +60,9 @@ def test_shrinking_waits_for_a_steady_lower_load_and_goes_one_at_a_time():
     assert sizes == [(8, 4), (8, 4), (7, 3), (7, 3), (7, 3), (6, 2), (6, 2)]
     # A heavier load that still needs fewer than the 6 there are: they stay (for now)...
     assert planner.step(seen(10.0, p, d)).prefill_replicas == 6
-    # ...and one that needs more than there are gets them at once.
-    assert planner.step(seen(10.0, 2, 1)).prefill_replicas == 4
+    # ...and one that needs more than there are gets them at once (more than 10 req/s would:
+    # the jump is also an error of the forecast, which the margin now covers).
+    assert planner.step(seen(10.0, 2, 1)).prefill_replicas >= 4
 
 
 def test_the_gpu_budget_cuts_the_prefill_pool_first():
@@ -87,3 +90,12 @@ def test_no_correction_while_the_pools_last_worker_is_still_starting():
     decision = planner.step(waiting)
     assert (decision.prefill_replicas, decision.decode_replicas) == (4, 4)
     assert not decision.reasons
+
+
+def test_a_noisy_load_is_sized_above_its_forecast_by_the_forecasts_error():
+    steady, noisy = Planner(CONFIG, linear_model()), Planner(CONFIG, linear_model())
+    for i in range(12):
+        calm = steady.step(seen(10.0, 4, 4))
+        rough = noisy.step(seen(8.0 if i % 2 else 12.0, 4, 4))
+    assert calm.forecast_rate == pytest.approx(10.0)
+    assert rough.forecast_rate > 12.0

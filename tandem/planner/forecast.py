@@ -98,6 +98,11 @@ class Picker:
                   for i, (name, e) in enumerate(self.errors.items())]  # fmt: skip
         return min(scored)[2]
 
+    def error(self) -> float:
+        """The best forecaster's mean absolute one-step error (0 before it has one)."""
+        errors = self.errors[self.best]
+        return float(np.mean(errors)) if errors else 0.0
+
     def forecast(self, ahead: int = 1) -> float | None:
         """The value `ahead` intervals on, by the forecaster with the best one-step record;
         None before any observation."""
