@@ -5,9 +5,8 @@ into the prefill and decode replica counts for the next one:
 
 1. the request rate is forecast (`Picker`: last value, Holt, Holt-Winters, by error) for
    every interval until a worker asked for now would serve (`lead_intervals`), and the pools
-   are sized for the highest plus the forecast's own p90 error that far ahead (its measured
-   one-step error, growing as the square root of the intervals ahead); the lengths are the
-   distribution of the recent requests (a bounded sample);
+   are sized for the highest plus the forecast's own p90 error (from its measured one-step
+   errors); the lengths are the distribution of the recent requests (a bounded sample);
 2. each pool is sized from its target (`replicas.py`), on the step model learned from the
    workers' own steps;
 3. a pool whose observed latency missed its target gets one more worker than both the
@@ -22,7 +21,6 @@ into the prefill and decode replica counts for the next one:
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -96,7 +94,7 @@ class Planner:
         self.outputs.extend(seen.output_tokens)
         rate = max(self.rate.forecast(ahead) or 0.0 for ahead in range(1, c.lead_intervals + 1))
         # Mean absolute error x 1.25: the standard deviation of normal errors.
-        rate += Z90 * 1.25 * self.rate.error() * math.sqrt(c.lead_intervals)
+        rate += Z90 * 1.25 * self.rate.error()
         decision = Decision(seen.prefill_replicas, seen.decode_replicas, rate)
         want_p = prefill_replicas(self.model, rate, self.prompts, c.ttft_s, c.prefill)
         want_d = decode_replicas(self.decode_model, rate, self.prompts, self.outputs, c.itl_s,

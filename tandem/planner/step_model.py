@@ -45,7 +45,7 @@ class _Fit:
             data = np.array(self.rows, dtype=np.float64) if self.rows else None
             distinct = 0 if data is None else len(np.unique(data[:, 1]))
             if distinct < MIN_POINTS:
-                self._coef = None
+                pass  # a quiet spell (one batch size) keeps what more varied steps taught
             else:
                 x, y = data[:, : self.features], data[:, self.features]
                 self._coef = np.linalg.lstsq(x, y, rcond=None)[0]
