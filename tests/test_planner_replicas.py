@@ -105,6 +105,7 @@ def test_a_quiet_spell_of_one_batch_size_keeps_what_the_model_learned():
     model = StepModel(window=6)
     for batch in (1, 2, 4, 8):
         model.add_decode(batch, batch * 100, 0.01 + 5e-4 * batch)
+    assert model.decode_s(10, 1000) is not None  # the planner asks every interval
     for _ in range(6):  # the window now holds one batch size only: no new fit, the old one
         model.add_decode(1, 100, 0.0105)
     assert model.decode_s(10, 1000) == pytest.approx(0.015, rel=1e-6)
