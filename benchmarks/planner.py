@@ -172,8 +172,8 @@ async def run_policy(policy: str, model: Path, args: argparse.Namespace, config:
     cluster = LocalCluster(engines, ["prefill"] * p0 + ["decode"] * d0, served="mock",
                            lease_ttl=10.0, publish_interval=0.1 / s, policy="kv",
                            disagg=DisaggConfig(max_local_prefill_length=0,
-                                               max_prefill_queue_tokens=1 << 60))  # fmt: skip
-    cluster.remote.reports.interval = 1.0 / s
+                                               max_prefill_queue_tokens=1 << 60),
+                           report_interval=1.0 / s)  # fmt: skip
     # The planner sees wall times: its targets are the model ones over the speedup.
     wall = dataclasses.replace(config, ttft_s=config.ttft_s / s, itl_s=config.itl_s / s)
     load = SyntheticWorkload(LengthDist.parse(args.input_len), LengthDist.parse(args.output_len),

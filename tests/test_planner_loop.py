@@ -59,8 +59,8 @@ def test_the_loop_learns_from_the_fleet_and_scales_it_both_ways(tiny_llama):
         cluster = LocalCluster(
             engines, ["prefill", "decode"], served="tiny", publish_interval=0.02,
             disagg=DisaggConfig(max_local_prefill_length=0, max_prefill_queue_tokens=1 << 40),
+            report_interval=0.02,
         )  # fmt: skip
-        cluster.remote.reports.interval = 0.02
         # Targets no single worker can meet at this load: the planner must grow both pools.
         config = PlannerConfig(ttft_s=1e-4, itl_s=1e-4, prefill=PoolBounds(1, 2),
                                decode=PoolBounds(1, 2), gpu_budget=4, shrink_after=1)  # fmt: skip

@@ -6,11 +6,9 @@ the scheduler. `AsyncEngine` runs it off the asyncio thread.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
@@ -23,10 +21,10 @@ from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models.llama import head_dim_of
 from tandem.engine.request_checks import RequestLimits, check_request
 from tandem.engine.sampler import penalised
-from tandem.engine.scheduler import ScheduledBatch, Scheduler, StepWork
+from tandem.engine.scheduler import ScheduledBatch, Scheduler
 from tandem.engine.sequence import PENDING, RUNNING, Sequence
-from tandem.engine.step_fit import StepFit
-from tandem.kvbm.tiers import KvTiers, Rate
+from tandem.engine.step_fit import StepTimes
+from tandem.kvbm.tiers import KvTiers
 from tandem.protocol import (
     GenerateOutput,
     GenerateRequest,
@@ -37,8 +35,6 @@ from tandem.protocol import (
 from tandem.protocol.observations import StepSample
 
 log = logging.getLogger(__name__)
-#: Steps kept for `take_step_samples` between two reports (the planner needs a sample).
-STEP_LOG = 1024
 
 
 def eos_token_ids(model_path: str, hf_config) -> set[int]:
@@ -79,15 +75,8 @@ class EngineCore:
             overlap = config.device.startswith("cuda")
         self.async_scheduling = overlap and config.engine == "real"
         self._in_flight = None
-        self._in_flight_work: StepWork | None = None  # what the in-flight batch computes
-        # On a GPU a launch only queues its batch, so a step's time is its wait for the one
-        # before; on the CPU the launch computes the batch there and then.
-        self._launch_queues = config.device.startswith("cuda")
         self.num_overlapped_steps = 0
-        self.prefill_rate = Rate()  # prompt tokens per second of step time
-        self.step_fit = StepFit()  # what one more prompt token adds to a step
-        # Recent steps for the planner's step model (`take_step_samples`); the oldest go.
-        self.step_log: deque[StepSample] = deque(maxlen=STEP_LOG)
+        self.step_times = StepTimes(launch_queues=config.device.startswith("cuda"))
         self.requests: dict[str, list[Sequence]] = {}
         self.kv_layout = KvLayout(
             num_layers=hf.num_hidden_layers,
@@ -200,14 +189,13 @@ class EngineCore:
         started = time.perf_counter()
         batch = self.scheduler.schedule()
         work = batch.work()
-        waited_for = self._in_flight_work  # the batch on the device, which this call awaits
         if not self._overlappable(batch):
             outputs = self._resolve()
             if outputs:  # only the resolved step can have finished some since scheduling
                 batch = _without_finished(batch)
                 work = batch.work()
             outputs += self._run(batch) if batch else []
-            timed, self._in_flight_work = _plus(waited_for, work if batch else None), None
+            self.step_times.synchronous(work if batch else None, time.perf_counter() - started)
         else:
             launched = self.runner.launch(batch, self._in_flight) if batch else None
             outputs = self._resolve()
@@ -216,13 +204,8 @@ class EngineCore:
                 self._advance(batch)
                 self._hold_pending(launched)
             self._in_flight = launched
-            timed = waited_for if self._launch_queues else (work if batch else None)
-            self._in_flight_work = work if launched is not None and self._launch_queues else None
-        if timed is not None:
-            elapsed = time.perf_counter() - started
-            self.prefill_rate.add(timed.prompt_tokens, elapsed)
-            self.step_fit.add(timed.prompt_tokens, timed.decodes, timed.context, elapsed)
-            self.step_log.append(StepSample(*timed, elapsed))
+            ran = work if launched is not None else None
+            self.step_times.overlapped(ran, time.perf_counter() - started)
         return outputs
 
     def _run(self, batch: ScheduledBatch) -> list[GenerateOutput]:
@@ -353,13 +336,8 @@ class EngineCore:
         self.runner.tiers = tiers
         return tiers
 
-    def prefill_tokens_per_s(self) -> float:
-        """The marginal rate where the steps tell it, else prompt tokens over step time."""
-        per_token = self.step_fit.seconds_per_prompt_token()
-        return 1 / per_token if per_token else self.prefill_rate.value
-
     def _recompute_block_s(self) -> float | None:
-        rate = self.prefill_tokens_per_s()
+        rate = self.step_times.prefill_tokens_per_s()
         return self.config.block_size / rate if rate else None
 
     def kv_caches(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -382,7 +360,7 @@ class EngineCore:
             kv_imports=self.handoff.imports,
             kv_import_fallbacks=self.handoff.import_fallbacks,
             kv_exports_expired=self.handoff.exports_expired,
-            prefill_tokens_per_s=self.prefill_tokens_per_s(),
+            prefill_tokens_per_s=self.step_times.prefill_tokens_per_s(),
             **self._tier_figures(),
         )
 
@@ -399,24 +377,11 @@ class EngineCore:
         return self.block_manager.take_events()
 
     def take_step_samples(self) -> list[StepSample]:
-        """The steps run since the last call, oldest first (safe from another thread: the
-        deque's appends and pops are atomic)."""
-        taken = []
-        with contextlib.suppress(IndexError):
-            while True:
-                taken.append(self.step_log.popleft())
-        return taken
+        return self.step_times.take_samples()
 
     @property
     def running_sequences(self) -> list[Sequence]:
         return [s for seqs in self.requests.values() for s in seqs if s.status is RUNNING]
-
-
-def _plus(a: StepWork | None, b: StepWork | None) -> StepWork | None:
-    """The work of two batches timed together."""
-    if a is None or b is None:
-        return a or b
-    return StepWork(*(x + y for x, y in zip(a, b, strict=True)))
 
 
 def _without_finished(batch: ScheduledBatch) -> ScheduledBatch:

@@ -4,11 +4,18 @@ A step's wall time is modelled as a + b·prompt_tokens + c·decode_seqs + d·con
 (least squares over decayed sums, so memory stays constant and old steps fade). `b` is what
 one more prompt token costs: the rate a router or the tiers should price a recompute at,
 where tokens over the whole step time would also charge the step's fixed cost and its
-decodes to the prompt."""
+decodes to the prompt. `StepTimes` feeds it, and keeps the planner's step log."""
 
 from __future__ import annotations
 
+import contextlib
+from collections import deque
+
 import numpy as np
+
+from tandem.engine.scheduler import StepWork
+from tandem.kvbm.tiers import Rate
+from tandem.protocol.observations import StepSample
 
 FEATURES = 4  # 1, prompt tokens, decode sequences, context tokens
 #: Each feature over its typical size, so that the sums stay well conditioned.
@@ -52,3 +59,61 @@ class StepFit:
             return None
         b = float(coef[active.index(1)] / SCALE[1])
         return b if b > 0 else None
+
+
+#: Steps kept for `StepTimes.take_samples` between two reports (the planner needs a sample).
+STEP_LOG = 1024
+
+
+class StepTimes:
+    """What the engine learns from its step times: prompt tokens per second, the marginal
+    cost (`StepFit`) and a log of recent steps for the planner. Each wall time is paired with
+    the batch it timed: with async scheduling on a GPU a launch only queues its batch, so a
+    step's time is its wait for the batch launched before it; on the CPU a launch computes
+    its batch there and then."""
+
+    def __init__(self, launch_queues: bool) -> None:
+        self.prefill_rate = Rate()  # prompt tokens per second of step time
+        self.fit = StepFit()
+        self.log: deque[StepSample] = deque(maxlen=STEP_LOG)  # the oldest go
+        self._launch_queues = launch_queues
+        self._in_flight: StepWork | None = None  # the batch queued on the device
+
+    def synchronous(self, work: StepWork | None, seconds: float) -> None:
+        """A step that waited for the batch in flight, if any, then ran `work`."""
+        timed, self._in_flight = _plus(self._in_flight, work), None
+        self._record(timed, seconds)
+
+    def overlapped(self, work: StepWork | None, seconds: float) -> None:
+        """A step that launched `work` (None: nothing) and read the batch before it."""
+        timed = work
+        if self._launch_queues:
+            timed, self._in_flight = self._in_flight, work
+        self._record(timed, seconds)
+
+    def prefill_tokens_per_s(self) -> float:
+        """The marginal rate where the steps tell it, else prompt tokens over step time."""
+        per_token = self.fit.seconds_per_prompt_token()
+        return 1 / per_token if per_token else self.prefill_rate.value
+
+    def take_samples(self) -> list[StepSample]:
+        """The steps since the last call, oldest first (safe from another thread: the
+        deque's appends and pops are atomic)."""
+        taken = []
+        with contextlib.suppress(IndexError):
+            while True:
+                taken.append(self.log.popleft())
+        return taken
+
+    def _record(self, work: StepWork | None, seconds: float) -> None:
+        if work is not None:
+            self.prefill_rate.add(work.prompt_tokens, seconds)
+            self.fit.add(work.prompt_tokens, work.decodes, work.context, seconds)
+            self.log.append(StepSample(*work, seconds))
+
+
+def _plus(a: StepWork | None, b: StepWork | None) -> StepWork | None:
+    """The work of two batches timed together."""
+    if a is None or b is None:
+        return a or b
+    return StepWork(*(x + y for x, y in zip(a, b, strict=True)))

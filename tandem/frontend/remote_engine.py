@@ -102,11 +102,13 @@ class RemoteEngine:
         first_output_timeout: float | None = FIRST_OUTPUT_TIMEOUT,
         output_timeout: float | None = None,
         migration_limit: int = MIGRATION_LIMIT,
+        report_interval: float = 1.0,
     ) -> None:
         """`first_output_timeout`: seconds a worker may take to start a stream (None: no
         limit); `output_timeout`: seconds between two outputs of a stream (None: no limit);
         `migration_limit`: times a request may move to another worker after its worker was
-        lost (0: never)."""
+        lost (0: never); `report_interval`: seconds between two request reports to the
+        planner."""
         self.migration = Migration(self._generate, migration_limit)
         self.first_output_timeout = first_output_timeout
         self.output_timeout = output_timeout
@@ -129,7 +131,7 @@ class RemoteEngine:
         self.fallbacks: Counter[str] = Counter()
         self._client = client
         self.namespace = namespace
-        self.reports = RequestReporter(events, namespace, new_instance_id())  # to the planner
+        self.reports = RequestReporter(events, namespace, new_instance_id(), report_interval)
         self._streams: dict[str, ResponseStream] = {}
         self._addresses: dict[str, str] = {}  # where each stream runs (per-sequence cancel)
         self._tasks: set[asyncio.Task[None]] = set()

@@ -24,7 +24,6 @@ class RequestReporter:
         self._events = events
         self._subject = requests_subject(namespace, frontend_id)
         self.frontend_id = frontend_id
-        self.interval = interval
         self._arrived = 0
         self._finished: deque[RequestSample] = deque(maxlen=MAX_SAMPLES)
         self._timer = Periodic(self.publish_once, interval, "request-reports")
@@ -54,7 +53,6 @@ class RequestReporter:
             ))  # fmt: skip
 
     def start(self) -> None:
-        self._timer.interval = self.interval
         self._timer.start()
 
     async def stop(self) -> None:

@@ -75,13 +75,13 @@ class PlannerLoop:
     ) -> None:
         self.planner = planner
         self.connector = connector
-        self.interval = interval
         self._events, self._namespace = events, namespace
         self._arrived = 0
         self._finished: list[RequestSample] = []
         self._since = time.monotonic()
         self.history: deque[Tick] = deque(maxlen=HISTORY)
         self._tasks: list[asyncio.Task[None]] = []
+        self._subscriptions: list = []
         self._timer = Periodic(self.tick, interval, "planner")
 
     async def start(self) -> None:
@@ -101,7 +101,7 @@ class PlannerLoop:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for sub in getattr(self, "_subscriptions", []):
+        for sub in self._subscriptions:
             await sub.unsubscribe()
 
     async def tick(self) -> Decision:
@@ -122,13 +122,10 @@ class PlannerLoop:
         return decision
 
     async def _take_steps(self, sub) -> None:
+        p = self.planner
+        by_role = {"prefill": {p.model}, "decode": {p.decode_model}}
         async for report in sub:
-            models = {self.planner.model, self.planner.decode_model}
-            if report.role == "prefill":
-                models = {self.planner.model}
-            elif report.role == "decode":
-                models = {self.planner.decode_model}
-            for model in models:
+            for model in by_role.get(report.role, {p.model, p.decode_model}):
                 for step in report.steps:
                     model.add_step(step)
 

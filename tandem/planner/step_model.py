@@ -44,9 +44,8 @@ class _Fit:
             self._stale = False
             data = np.array(self.rows, dtype=np.float64) if self.rows else None
             distinct = 0 if data is None else len(np.unique(data[:, 1]))
-            if distinct < MIN_POINTS:
-                pass  # a quiet spell (one batch size) keeps what more varied steps taught
-            else:
+            # Too few: keep the last fit (a quiet spell at one batch size teaches nothing new).
+            if distinct >= MIN_POINTS:
                 x, y = data[:, : self.features], data[:, self.features]
                 self._coef = np.linalg.lstsq(x, y, rcond=None)[0]
         return self._coef
