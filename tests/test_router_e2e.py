@@ -12,6 +12,7 @@ import time
 
 import httpx
 import openai
+import pytest
 from nats_support import needs_nats
 
 from tandem.deploy.processes import NatsServer, free_port
@@ -110,8 +111,8 @@ def test_openai_sessions_through_kv_router_over_nats(tmp_path):
     model = make_tiny_model(tmp_path / "tiny")
     port, router_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "serve.log"
-    with NatsServer() as nats, open(log_path, "w") as log:
+    log_path, router_log_path = tmp_path / "serve.log", tmp_path / "router.log"
+    with NatsServer() as nats, open(log_path, "w") as log, open(router_log_path, "w") as router_log:
         router = subprocess.Popen(
             [
                 sys.executable,
@@ -123,7 +124,7 @@ def test_openai_sessions_through_kv_router_over_nats(tmp_path):
                 "--port",
                 str(router_port),
             ],
-            stdout=log,
+            stdout=router_log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
@@ -198,4 +199,8 @@ def test_openai_sessions_through_kv_router_over_nats(tmp_path):
                 proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            router.wait(timeout=10)
+            try:
+                router.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                router.kill()
+                pytest.fail("the router ignored SIGTERM for 30 s:\n" + router_log_path.read_text())
