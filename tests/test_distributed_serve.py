@@ -201,7 +201,7 @@ def test_sigkilled_worker_loses_no_stream_and_is_replaced(cluster):
     start = time.monotonic()
     cluster.wait_for_workers(1, timeout=LEASE_TTL + 3)
     assert time.monotonic() - start <= LEASE_TTL + 3
-    restarted = r"worker [01] \(aggregated\) exited with status -9; restarting it"
+    restarted = r"worker [0-9a-f]{16} \(aggregated\) exited with status -9; restarting it"
     assert re.search(restarted, cluster.log()), cluster.log()
     cluster.wait_for_workers(2, timeout=120)
     assert survivor in cluster.worker_pids()

@@ -358,20 +358,20 @@ def test_supervisor_restarts_with_backoff_and_resets_the_budget(tmp_path, monkey
     def crash_and_wait(delay: float) -> None:
         """The current worker crashes; no restart before `delay` seconds, one after."""
         n = len(spawned)
-        cluster.workers[0].code = 1
+        cluster.slots[0].proc.code = 1
         assert cluster.check() is None
         now[0] += delay - 0.01
         assert cluster.check() is None and len(spawned) == n, "restarted before its backoff"
         now[0] += 0.02
         assert cluster.check() is None and len(spawned) == n + 1
-        assert cluster.workers[0] is spawned[-1]
+        assert cluster.slots[0].proc is spawned[-1]
 
-    assert cluster.workers[0] is worker
+    assert cluster.slots[0].proc is worker
     crash_and_wait(1.0)
     crash_and_wait(2.0)
     crash_and_wait(4.0)
     # A fourth crash in a row, without a healthy period: the budget is spent.
-    cluster.workers[0].code = 1
+    cluster.slots[0].proc.code = 1
     assert cluster.check() == 1
 
     # Healthy for a minute between crashes: the budget starts over each time.

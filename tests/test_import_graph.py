@@ -28,9 +28,9 @@ ALLOWED = {
     "bench": {"protocol"},
     "planner": {"protocol", "runtime"},
     "deploy": {"protocol", "runtime", "transfer", "worker", "router", "frontend", "engine",
-               "http"},
+               "http", "planner"},
     "cli": {"protocol", "runtime", "transfer", "engine", "worker", "router", "frontend",
-            "http", "deploy", "bench"},
+            "http", "deploy", "bench", "planner"},
 }
 
 

@@ -40,6 +40,13 @@ def test_an_untrained_model_holds_the_pools():
     assert "not ready" in decision.reasons[0]
 
 
+def test_an_idle_prefill_pool_is_priced_by_the_decode_workers_prefill_steps():
+    from tandem.planner import StepModel
+
+    decision = Planner(CONFIG, StepModel(), linear_model()).step(seen(10.0, 1, 1))
+    assert (decision.prefill_replicas, decision.decode_replicas) == (4, 4)
+
+
 def test_a_missed_target_adds_a_worker_to_the_pool_at_fault():
     planner = Planner(CONFIG, linear_model())
     decision = planner.step(seen(10.0, 4, 4, ttft=0.3, itl=0.01))

@@ -35,6 +35,7 @@ from tandem.cli.flags import (
     setup_logging,
 )
 from tandem.cli.frontend import frontend_spec
+from tandem.cli.planner import add_planner_flags, planner_config, planner_thread
 from tandem.runtime import event_loop
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ def add_serve(subparsers: Any) -> None:
         default=30.0,
         help="on shutdown, seconds a worker may take to finish its requests (%(default)s)",
     )
+    add_planner_flags(p)
     add_router_flags(p)
     add_frontend_flags(p)
     add_engine_flags(p)
@@ -153,6 +155,10 @@ def run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    planning = planner_config(args)
+    if isinstance(planning, str):
+        print(f"tandem serve: error: {planning}", file=sys.stderr)
+        return 2
     device = args.device or default_device()
     if device == "cuda" and not cuda_available():
         print("tandem serve: error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
@@ -176,7 +182,8 @@ def run_serve(args: argparse.Namespace) -> int:
             sock.close()  # the frontend process binds it
             served = args.served_model_name or default_served_model_name(args.model)
             specs_for = local_specs(args, model_path, served, device)
-            return run_local(specs_for, args.nats, args.drain_timeout)
+            planner = None if planning is None else planner_thread(args, planning)
+            return run_local(specs_for, args.nats, args.drain_timeout, planner)
         serve_embedded(args, model_path, device, sock)
     return 0
 

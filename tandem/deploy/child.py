@@ -58,6 +58,7 @@ def run_worker(spec: WorkerSpec) -> int:
                 namespace=spec.namespace,
                 lease_ttl=spec.lease_ttl,
                 drain_timeout=spec.drain_timeout,
+                instance_id=spec.instance_id,
             )
         )
     finally:

@@ -25,6 +25,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     served: str
     nats: str
     role: Role = "aggregated"
+    instance_id: str | None = None  # its discovery id (default: a fresh one)
     host: str = "127.0.0.1"
     port: int = 0
     advertise_host: str | None = None

@@ -247,3 +247,32 @@ class MigrationCollector(Collector):
         )
         family.add_metric([], self._engine.migrations)
         yield family
+
+
+class PlannerCollector(Collector):
+    """The SLA planner's last decision: `tandem_planner_replicas{pool}` and the request rate
+    it observed and forecast (nothing before a planner has reported)."""
+
+    def __init__(self, follower) -> None:
+        self._follower = follower
+
+    def collect(self) -> Iterator[Metric]:
+        report = self._follower.last
+        if report is None:
+            return
+        replicas = GaugeMetricFamily(
+            f"{PREFIX}_planner_replicas", "Workers the planner asks for, by pool.", labels=["pool"]
+        )
+        replicas.add_metric(["prefill"], report.prefill_replicas)
+        replicas.add_metric(["decode"], report.decode_replicas)
+        yield replicas
+        rate = GaugeMetricFamily(
+            f"{PREFIX}_planner_request_rate",
+            "Requests a second: observed over the planner's last interval, and the forecast"
+            " it sized the pools for.",
+            labels=["kind"],
+        )
+        rate.add_metric(["observed"], report.observed_rate)
+        if report.forecast_rate is not None:
+            rate.add_metric(["forecast"], report.forecast_rate)
+        yield rate

@@ -48,7 +48,7 @@ from tandem.frontend.disagg import (
     prefill_then_decode,
 )
 from tandem.frontend.migration import MIGRATION_LIMIT, Migration, WorkerLost
-from tandem.frontend.request_reports import RequestReporter
+from tandem.frontend.request_reports import PlanFollower, RequestReporter
 from tandem.frontend.streams import OutputTimeout, coalesced, next_output
 from tandem.protocol import GenerateOutput, GenerateRequest, KvTransferParams, LoadStats
 from tandem.protocol.worker import (
@@ -132,6 +132,7 @@ class RemoteEngine:
         self._client = client
         self.namespace = namespace
         self.reports = RequestReporter(events, namespace, new_instance_id(), report_interval)
+        self.plan = PlanFollower(events, namespace)
         self._streams: dict[str, ResponseStream] = {}
         self._addresses: dict[str, str] = {}  # where each stream runs (per-sequence cancel)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -165,6 +166,7 @@ class RemoteEngine:
         await self.pool.start()
         await self.prefill.start()
         self.reports.start()
+        await self.plan.start()
 
     async def wait_for_workers(
         self, n: int = 1, timeout: float | None = None, prefill: int = 0
@@ -176,6 +178,7 @@ class RemoteEngine:
 
     async def close(self) -> None:
         await self.reports.stop()
+        await self.plan.stop()
         await self.pool.close()
         await self.prefill.close()
         for stream in list(self._streams.values()):
@@ -350,7 +353,7 @@ class RemoteEngine:
         return self.pool.describe() + self.prefill.describe()
 
     def metrics_collectors(self) -> list[Any]:
-        from tandem.frontend.metrics import MigrationCollector
+        from tandem.frontend.metrics import MigrationCollector, PlannerCollector
         from tandem.router.metrics import RouterCollector
 
         return [
@@ -358,6 +361,7 @@ class RemoteEngine:
             RouterCollector(self.prefill, prefix="tandem_prefill_router"),
             DisaggCollector(self.planner, self.fallbacks),
             MigrationCollector(self),
+            PlannerCollector(self.plan),
         ]
 
     def _forget(self, rid: str, stream: ResponseStream) -> None:

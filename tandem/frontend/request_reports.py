@@ -1,17 +1,28 @@
 """What a frontend tells the planner: how many requests arrived, and how the finished ones
-went (lengths, time to first token, inter-token latency), published every `interval`."""
+went (lengths, time to first token, inter-token latency), published every `interval`; and
+what the planner tells the frontends (its last decision, exported as metrics)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 
 from tandem.protocol import GenerateOutput, GenerateRequest
-from tandem.protocol.observations import FrontendRequests, RequestSample, requests_subject
+from tandem.protocol.observations import (
+    FrontendRequests,
+    PlannerReport,
+    RequestSample,
+    planner_subject,
+    requests_subject,
+)
 from tandem.runtime import EventPlane
 from tandem.runtime.periodic import Periodic
+
+log = logging.getLogger(__name__)
 
 #: Finished requests kept between two reports; past it the oldest go (a sample suffices).
 MAX_SAMPLES = 2048
@@ -66,3 +77,30 @@ class RequestReporter:
         self._arrived = 0
         self._finished.clear()
         await self._events.publish(self._subject, report)
+
+
+class PlanFollower:
+    """The planner's last decision, if a planner runs in this namespace."""
+
+    def __init__(self, events: EventPlane, namespace: str) -> None:
+        self._events, self._subject = events, planner_subject(namespace)
+        self.last: PlannerReport | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sub = None
+
+    async def start(self) -> None:
+        self._sub = await self._events.subscribe(self._subject, PlannerReport)
+        self._task = asyncio.get_running_loop().create_task(self._follow(self._sub))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def _follow(self, sub) -> None:
+        async for report in sub:
+            self.last = report

@@ -22,8 +22,10 @@ import numpy as np
 from tandem.planner.plan import Decision, Observation, Planner
 from tandem.protocol.observations import (
     FrontendRequests,
+    PlannerReport,
     RequestSample,
     WorkerSteps,
+    planner_subject,
     requests_subject,
     steps_subject,
 )
@@ -113,6 +115,15 @@ class PlannerLoop:
         self._arrived, self._finished, self._since = 0, [], now
         decision = self.planner.step(seen)
         self.history.append(Tick(now, seen, decision))
+        report = PlannerReport(
+            observed_rate=seen.requests / seen.seconds if seen.seconds > 0 else 0.0,
+            forecast_rate=decision.forecast_rate, prefill_replicas=decision.prefill_replicas,
+            decode_replicas=decision.decode_replicas, reasons=decision.reasons,
+        )  # fmt: skip
+        try:
+            await self._events.publish(planner_subject(self._namespace), report)
+        except Exception as exc:  # the event plane down: plan on, unreported
+            log.warning("planner: could not publish its decision: %s", exc)
         if (decision.prefill_replicas, decision.decode_replicas) != (prefill, decode):
             why = "; ".join(decision.reasons) or "forecast"
             log.info("planner: %.1f requests/s forecast; prefill %d -> %d, decode %d -> %d (%s)",

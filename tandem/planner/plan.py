@@ -97,6 +97,9 @@ class Planner:
         rate += Z90 * 1.25 * self.rate.error()
         decision = Decision(seen.prefill_replicas, seen.decode_replicas, rate)
         want_p = prefill_replicas(self.model, rate, self.prompts, c.ttft_s, c.prefill)
+        if want_p is None:  # no prefill step seen yet (short prompts stay on the decode
+            # workers): the decode workers' prefill steps price a prompt on the same engine
+            want_p = prefill_replicas(self.decode_model, rate, self.prompts, c.ttft_s, c.prefill)
         want_d = decode_replicas(self.decode_model, rate, self.prompts, self.outputs, c.itl_s,
                                  c.kv_tokens_per_worker, c.decode)  # fmt: skip
         if want_p is None or want_d is None:

@@ -1,5 +1,6 @@
 """What the planner observes: engine steps from the workers, finished requests from the
-frontends, each published on the event plane as it happens (batched per publish)."""
+frontends, each published on the event plane as it happens (batched per publish); and what
+it decided, for every frontend to export."""
 
 from __future__ import annotations
 
@@ -43,6 +44,16 @@ class FrontendRequests(msgspec.Struct, kw_only=True):
     finished: list[RequestSample]
 
 
+class PlannerReport(msgspec.Struct, kw_only=True):
+    """One planner interval: the load it saw and forecast, the pool sizes it asked for."""
+
+    observed_rate: float  # requests a second over the interval
+    forecast_rate: float | None  # what the pools were sized for; None while the model learns
+    prefill_replicas: int
+    decode_replicas: int
+    reasons: list[str] = msgspec.field(default_factory=list)
+
+
 def steps_subject(namespace: str, worker_id: str = "*") -> str:
     """Subject of a worker's step reports (`*`: every worker's)."""
     return f"{namespace}.steps.{worker_id}"
@@ -51,3 +62,8 @@ def steps_subject(namespace: str, worker_id: str = "*") -> str:
 def requests_subject(namespace: str, frontend_id: str = "*") -> str:
     """Subject of a frontend's finished-request reports (`*`: every frontend's)."""
     return f"{namespace}.requests.{frontend_id}"
+
+
+def planner_subject(namespace: str) -> str:
+    """Subject of the planner's decisions."""
+    return f"{namespace}.planner"

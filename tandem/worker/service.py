@@ -52,6 +52,7 @@ async def serve_worker(
     lease_ttl: float | None = None,
     drain_timeout: float = 30.0,
     stop: asyncio.Event | None = None,
+    instance_id: str | None = None,
 ) -> int:
     """Serve until `stop` is set or a SIGTERM / SIGINT arrives, then drain and return 0; or
     until the engine dies: the worker has left discovery by then, and this returns 1 (the
@@ -79,6 +80,7 @@ async def serve_worker(
             lease_ttl=lease_ttl,
             kv_source=kv_source_for(engine, client) if card.role == "decode" else None,
             cuda_ipc=cuda_ipc_for(engine) if card.role == "prefill" else None,
+            instance_id=instance_id,
         )
         info = await worker.start()
         # One line on stdout that supervisors and tests can wait for.

@@ -1,0 +1,134 @@
+"""The SLA planner beside the local supervisor (`tandem serve ... --planner`).
+
+The supervisor's main thread polls its children; the planner needs an event loop (it hears
+the workers' steps and the frontends' requests over NATS), so it runs on a thread of its own.
+`ProcessScaler` is its connector: it resizes the supervisor's pools, and counts a worker as
+serving once that worker's instance id appears in discovery, so the planner knows which of
+the workers it asked for are still starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+from tandem.deploy.supervisor import Supervisor
+from tandem.planner import StepModel
+from tandem.planner.loop import PlannerLoop
+from tandem.planner.plan import Planner, PlannerConfig
+from tandem.protocol.worker import GENERATE_ENDPOINT, WORKER_COMPONENT
+from tandem.runtime import Discovery, event_loop
+
+log = logging.getLogger("tandem.planner")
+
+POOLS = ("prefill", "decode")
+#: Seconds before the planner starts over after its loop failed (NATS unreachable, ...).
+RETRY_S = 5.0
+
+
+class ProcessScaler:
+    """A `Connector` over a `Supervisor`'s worker processes."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.serving: set[str] = set()  # instance ids registered in discovery
+
+    def replicas(self) -> tuple[int, int]:
+        prefill, decode = (self.supervisor.size(pool) for pool in POOLS)
+        return prefill, decode
+
+    def starting(self) -> tuple[int, int]:
+        prefill, decode = (self._starting(pool) for pool in POOLS)
+        return prefill, decode
+
+    def _starting(self, pool: str) -> int:
+        ids = self.supervisor.instance_ids(pool)
+        return max(0, self.supervisor.size(pool) - sum(i in self.serving for i in ids))
+
+    async def scale(self, prefill: int, decode: int) -> None:
+        for pool, n in zip(POOLS, (prefill, decode), strict=True):
+            self.supervisor.want(pool, n)
+
+    async def follow(self, discovery: Discovery, namespace: str) -> None:
+        """Keep `serving` current from discovery, until cancelled."""
+        prefix = f"{namespace}.{WORKER_COMPONENT}.{GENERATE_ENDPOINT}"
+        async with contextlib.aclosing(discovery.watch(prefix)) as events:
+            async for event in events:
+                if event.kind == "added":
+                    self.serving.add(event.instance.instance_id)
+                else:
+                    self.serving.discard(event.instance.instance_id)
+
+
+class PlannerThread:
+    """`PlannerLoop` on its own thread and event loop, acting through a `ProcessScaler`."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        nats_url: str,
+        config: PlannerConfig,
+        *,
+        namespace: str,
+        interval: float,
+    ) -> None:
+        self.scaler = ProcessScaler(supervisor)
+        self.planner = Planner(config, StepModel(), StepModel())
+        self.nats_url, self.namespace, self.interval = nats_url, namespace, interval
+        self.loop: PlannerLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._event_loop is not None and self._stop is not None:
+            self._event_loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        event_loop.run(self._main())
+
+    async def _main(self) -> None:
+        self._event_loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._ready.set()
+        while not self._stop.is_set():
+            try:
+                await self._serve()
+            except Exception:
+                log.exception("planner: its loop failed; starting over in %.0f s", RETRY_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), RETRY_S)
+
+    async def _serve(self) -> None:
+        from tandem.runtime.nats_discovery import NatsDiscovery
+        from tandem.runtime.nats_event_plane import NatsEventPlane
+
+        assert self._stop is not None
+        discovery = await NatsDiscovery.connect(self.nats_url)
+        events = await NatsEventPlane.connect(self.nats_url)
+        follow = asyncio.ensure_future(self.scaler.follow(discovery, self.namespace))
+        self.loop = PlannerLoop(self.planner, events, self.scaler, namespace=self.namespace,
+                                interval=self.interval)  # fmt: skip
+        try:
+            await self.loop.start()
+            c = self.planner.config
+            log.info("planner: every %g s, targets TTFT %g s and ITL %g s (p90)",
+                     self.interval, c.ttft_s, c.itl_s)  # fmt: skip
+            stopped = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait([stopped, follow], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if follow.done():
+                follow.result()  # the discovery watch failed: raise it
+                raise RuntimeError("the discovery watch ended")
+        finally:
+            follow.cancel()
+            await self.loop.stop()
+            await events.close()
+            await discovery.close()
