@@ -72,6 +72,17 @@ def test_shrinking_waits_for_a_steady_lower_load_and_goes_one_at_a_time():
     assert planner.step(seen(10.0, 2, 1)).prefill_replicas >= 4
 
 
+def test_no_shrinking_while_the_pools_workers_are_starting():
+    """A fleet coming up has served nothing: an empty interval says nothing of its size."""
+    planner = Planner(dataclasses.replace(CONFIG, shrink_after=1), linear_model())
+    starting = dataclasses.replace(seen(0.0, 2, 3), prefill_starting=1, decode_starting=3)
+    for _ in range(3):
+        decision = planner.step(starting)
+        assert (decision.prefill_replicas, decision.decode_replicas) == (2, 3)
+    decision = planner.step(seen(0.0, 2, 3))  # all serving now, and still no traffic
+    assert (decision.prefill_replicas, decision.decode_replicas) == (1, 2)
+
+
 def test_the_gpu_budget_cuts_the_prefill_pool_first():
     config = PlannerConfig(ttft_s=0.12, itl_s=0.0125, gpu_budget=5)
     decision = Planner(config, linear_model()).step(seen(10.0, 1, 1))

@@ -228,3 +228,28 @@ def wait_for(condition, what: str, timeout: float = 120.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out: {what}"
         time.sleep(0.2)
+
+
+@needs_nats
+def test_tandem_planner_with_the_local_connector_supervises_its_workers(tmp_path: Path):
+    """Standalone: its workers join NATS discovery (a frontend started apart would find
+    them), the planner reports; SIGTERM drains and stops them."""
+    model = make_tiny_model(tmp_path / "tiny")
+    log_path = tmp_path / "planner.log"
+    with NatsServer() as nats, open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli.main", "planner", "--nats", nats.url, str(model),
+             "--engine", "mock", "--prefill-workers", "1", "--decode-workers", "2",
+             "--planner-interval", "0.5"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: log_path.read_text().count(" ready at ") == 3, "three workers")
+            assert "started 1 prefill worker(s), 2 decode worker(s) and 0 frontend(s)" in (
+                log_path.read_text()
+            )
+            assert "planner: every 0.5 s" in log_path.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+        assert code == 0, log_path.read_text()

@@ -1,7 +1,7 @@
 """`tandem`: one command, one subcommand per job.
 
 Each subcommand is a module of this package (`serve`, `profile`, `bench`, `worker`,
-`frontend`, `router`) with an `add_<name>` function that declares its flags and a
+`frontend`, `router`, `planner`) with an `add_<name>` function that declares its flags and a
 `run_<name>` function that does the work; flags that several share live in
 `tandem.cli.flags`. Heavy imports (torch, the engine, the server) happen inside the `run_`
 functions so that `tandem --help` and flag errors answer at once.
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from tandem.cli.bench import add_bench
 from tandem.cli.frontend import add_frontend
+from tandem.cli.planner import add_planner
 from tandem.cli.profile import add_profile
 from tandem.cli.router import add_router
 from tandem.cli.serve import add_serve
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker(subparsers)
     add_frontend(subparsers)
     add_router(subparsers)
+    add_planner(subparsers)
     return parser
 
 

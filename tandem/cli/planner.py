@@ -1,13 +1,25 @@
-"""The SLA planner's flags (`tandem serve --planner ...`) and the config they make."""
+"""`tandem planner`: the SLA planner standalone, against NATS, acting through a connector
+(`local`: it supervises the worker processes itself; `kubernetes`: it scales two
+Deployments). Also the planner's flags that `tandem serve --planner` shares, and the config
+they make."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
-from tandem.cli.flags import int_at_least, positive_float
+from tandem.cli.engine_flags import add_engine_flags, add_mock_flags, default_device
+from tandem.cli.flags import (
+    add_log_level,
+    add_runtime_flags,
+    int_at_least,
+    positive_float,
+    setup_logging,
+    use_cluster_secret,
+)
 from tandem.planner import PoolBounds
 from tandem.planner.plan import PlannerConfig
 
@@ -23,15 +35,52 @@ PLANNER_ONLY = (
 )
 
 
-def add_planner_flags(p: Any) -> None:
-    g = p.add_argument_group("SLA planner")
-    g.add_argument(
-        "--planner",
-        action="store_true",
-        help="resize the prefill and decode pools to meet --ttft-slo and --itl-slo as traffic"
-        " changes, starting from --prefill-workers and --decode-workers; its decisions are"
-        " logged and exported as tandem_planner_* metrics",
+def add_planner(subparsers: Any) -> None:
+    """Declare `tandem planner` and its flags on `subparsers`."""
+    p = subparsers.add_parser(
+        "planner",
+        help="resize the prefill and decode pools to meet latency targets",
+        description=(
+            "Hear the workers' steps and the frontends' requests over NATS, forecast the load"
+            " and size the prefill and decode pools to meet --ttft-slo and --itl-slo. With"
+            " --connector local it starts, supervises and drains the workers itself (MODEL and"
+            " the engine flags as for `tandem worker`); with --connector kubernetes it patches"
+            " the scale of two Deployments (in-cluster service account, else kubeconfig)."
+        ),
     )
+    p.add_argument("model", nargs="?", metavar="MODEL", help="--connector local: as for"
+                   " `tandem serve`")  # fmt: skip
+    add_runtime_flags(p)
+    c = p.add_argument_group("connector")
+    c.add_argument("--connector", choices=("local", "kubernetes"), default="local",
+                   help="(%(default)s)")  # fmt: skip
+    c.add_argument("--prefill-workers", type=int_at_least(1), default=1, metavar="P",
+                   help="local: prefill workers to start with (%(default)s)")  # fmt: skip
+    c.add_argument("--decode-workers", type=int_at_least(1), default=1, metavar="D",
+                   help="local: decode workers to start with (%(default)s)")  # fmt: skip
+    c.add_argument("--served-model-name", help="local: the model name in the workers' card")
+    c.add_argument("--drain-timeout", type=positive_float, default=30.0,
+                   help="local: seconds a draining worker may take (%(default)s)")  # fmt: skip
+    c.add_argument("--k8s-namespace", default="default", help="kubernetes: (%(default)s)")
+    c.add_argument("--prefill-deployment", metavar="NAME", help="kubernetes: the prefill pool")
+    c.add_argument("--decode-deployment", metavar="NAME", help="kubernetes: the decode pool")
+    add_planner_flags(p, switch=False)
+    add_log_level(p)
+    add_engine_flags(p)
+    add_mock_flags(p)
+    p.set_defaults(run=run_planner, planner=True)
+
+
+def add_planner_flags(p: Any, switch: bool = True) -> None:
+    g = p.add_argument_group("SLA planner")
+    if switch:
+        g.add_argument(
+            "--planner",
+            action="store_true",
+            help="resize the prefill and decode pools to meet --ttft-slo and --itl-slo as"
+            " traffic changes, starting from --prefill-workers and --decode-workers; its"
+            " decisions are logged and exported as tandem_planner_* metrics",
+        )
     g.add_argument("--ttft-slo", type=positive_float, metavar="SECONDS",
                    help="time-to-first-token target, p90 (0.5)")  # fmt: skip
     g.add_argument("--itl-slo", type=positive_float, metavar="SECONDS",
@@ -50,23 +99,25 @@ def add_planner_flags(p: Any) -> None:
 
 
 def planner_config(args: argparse.Namespace) -> PlannerConfig | str | None:
-    """The planner's config from the flags: None without --planner, or the error's text."""
+    """The planner's config from the flags: None without --planner, or the error's text.
+    The starting sizes are checked against the bounds where they come from flags."""
     if not args.planner:
         given = [flag for dest, flag in PLANNER_ONLY if getattr(args, dest) is not None]
         return f"{', '.join(given)} need --planner" if given else None
     if args.prefill_workers is None:
         return "--planner sizes the prefill and decode pools: give --prefill-workers and" \
             " --decode-workers (the sizes it starts from)"  # fmt: skip
+    sized = getattr(args, "connector", "local") == "local"
     bounds = []
     pools = (("prefill", args.prefill_workers, args.max_prefill_workers),
              ("decode", args.decode_workers, args.max_decode_workers))  # fmt: skip
     for pool, start, most in pools:
         most = 8 if most is None else most
-        if start > most:
+        if sized and start > most:
             return f"--{pool}-workers {start} is above --max-{pool}-workers {most}"
         bounds.append(PoolBounds(1, most))
     budget = 16 if args.max_gpu_budget is None else args.max_gpu_budget
-    if args.prefill_workers + args.decode_workers > budget:
+    if sized and args.prefill_workers + args.decode_workers > budget:
         return f"--prefill-workers + --decode-workers is above --max-gpu-budget {budget}"
     interval = planner_interval(args)
     startup = 30.0 if args.worker_startup is None else args.worker_startup
@@ -82,13 +133,100 @@ def planner_interval(args: argparse.Namespace) -> float:
 
 def planner_thread(args: argparse.Namespace, config: PlannerConfig) -> Callable[..., Any]:
     """What `run_local` starts beside its supervisor: the planner on its own thread."""
-    from tandem.deploy.planning import PlannerThread
-    from tandem.protocol.worker import DEFAULT_NAMESPACE
-
-    namespace = getattr(args, "namespace", None) or DEFAULT_NAMESPACE
+    from tandem.deploy.planning import PlannerThread, ProcessScaler
+    from tandem.planner import StepModel
+    from tandem.planner.plan import Planner
 
     def make(supervisor: Any, nats_url: str) -> PlannerThread:
-        return PlannerThread(supervisor, nats_url, config, namespace=namespace,
+        planner = Planner(config, StepModel(), StepModel())
+        scaler = ProcessScaler(supervisor)
+        return PlannerThread(scaler, planner, nats_url, namespace=namespace(args),
                              interval=planner_interval(args))  # fmt: skip
 
     return make
+
+
+def namespace(args: argparse.Namespace) -> str:
+    from tandem.protocol.worker import DEFAULT_NAMESPACE
+
+    return getattr(args, "namespace", None) or DEFAULT_NAMESPACE
+
+
+def run_planner(args: argparse.Namespace) -> int:
+    """Plan until SIGTERM / Ctrl-C (0); 2 for a usage error, reported before anything
+    starts."""
+    setup_logging(args.log_level)
+    use_cluster_secret(args)
+    config = planner_config(args)
+    if isinstance(config, str) or config is None:
+        print(f"tandem planner: error: {config}", file=sys.stderr)
+        return 2
+    if args.connector == "kubernetes":
+        return _plan_kubernetes(args, config)
+    from tandem.cli.serve import worker_specs
+    from tandem.deploy.supervisor import run_local
+    from tandem.engine.model_source import (
+        ModelSourceError,
+        default_served_model_name,
+        resolve_model,
+    )
+
+    try:
+        model_path = resolve_model(
+            args.model, need_weights=args.engine == "real" and args.load_format == "auto"
+        )
+    except ModelSourceError as exc:
+        print(f"tandem planner: error: {exc}", file=sys.stderr)
+        return 2
+    served = args.served_model_name or default_served_model_name(args.model)
+    device = args.device or default_device()
+
+    def specs_for(nats: str) -> tuple[list[Any], list[Any]]:
+        return worker_specs(args, model_path, served, device, nats), []  # no frontend
+
+    return run_local(specs_for, args.nats, args.drain_timeout, planner_thread(args, config))
+
+
+def _plan_kubernetes(args: argparse.Namespace, config: PlannerConfig) -> int:
+    missing = [flag for flag, name in (("--prefill-deployment", args.prefill_deployment),
+                                       ("--decode-deployment", args.decode_deployment))
+               if not name]  # fmt: skip
+    if missing:
+        print(f"tandem planner: error: --connector kubernetes needs {' and '.join(missing)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        from tandem.deploy.kubernetes import KubernetesScaler
+
+        scaler = KubernetesScaler.connect(
+            args.k8s_namespace, {"prefill": args.prefill_deployment,
+                                 "decode": args.decode_deployment},
+        )  # fmt: skip
+    except ImportError:
+        print("tandem planner: error: --connector kubernetes needs the kubernetes client:"
+              " pip install 'tandem[kubernetes]'", file=sys.stderr)  # fmt: skip
+        return 2
+    except Exception as exc:  # no kubeconfig, no service account
+        print(f"tandem planner: error: cannot reach Kubernetes: {exc}", file=sys.stderr)
+        return 2
+    from tandem.runtime import event_loop
+
+    return event_loop.run(_until_signal(scaler, args, config))
+
+
+async def _until_signal(scaler: Any, args: argparse.Namespace, config: PlannerConfig) -> int:
+    import asyncio
+    import contextlib
+    import signal
+
+    from tandem.deploy.planning import run_planner as plan
+    from tandem.planner import StepModel
+    from tandem.planner.plan import Planner
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await plan(scaler, Planner(config, StepModel(), StepModel()), args.nats, stop,
+               namespace=namespace(args), interval=planner_interval(args))  # fmt: skip
+    return 0

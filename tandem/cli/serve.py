@@ -245,26 +245,36 @@ def local_specs(
     """For `tandem serve --workers N` (or P prefill + D decode workers): a function of the NATS
     URL giving the worker specs and the frontend specs that the supervisor starts. A function,
     because the supervisor knows the URL only once it has started nats-server."""
-    from tandem.deploy.specs import WorkerSpec
-
-    if args.prefill_workers:
-        roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
-    else:
-        roles = ["aggregated"] * args.workers
-    engine = engine_config(args, model_path, device)
 
     def specs_for(nats: str) -> tuple[list[WorkerSpec], list[FrontendSpec]]:
-        workers = [
-            WorkerSpec(engine=engine, served=served, nats=nats, role=role,
-                       drain_timeout=args.drain_timeout, log_level=args.log_level)
-            for role in roles
-        ]  # fmt: skip
         frontend = frontend_spec(
             args, nats, served=served, tokenizer=str(model_path),
             min_workers=args.decode_workers or args.workers,
             min_prefill_workers=args.prefill_workers or 0,
             reuse_port=args.api_server_count > 1,
         )  # fmt: skip
+        workers = worker_specs(args, model_path, served, device, nats)
         return workers, [frontend] * args.api_server_count
 
     return specs_for
+
+
+def worker_specs(
+    args: argparse.Namespace, model_path: Path, served: str, device: str, nats: str
+) -> list[WorkerSpec]:
+    """`--workers N` aggregated workers, or `--prefill-workers P --decode-workers D`."""
+    from tandem.deploy.specs import WorkerSpec
+    from tandem.protocol.worker import DEFAULT_NAMESPACE
+
+    if args.prefill_workers:
+        roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
+    else:
+        roles = ["aggregated"] * args.workers
+    engine = engine_config(args, model_path, device)
+    return [
+        WorkerSpec(engine=engine, served=served, nats=nats, role=role,
+                   namespace=getattr(args, "namespace", DEFAULT_NAMESPACE),
+                   drain_timeout=args.drain_timeout,
+                   log_level=args.log_level)
+        for role in roles
+    ]  # fmt: skip

@@ -1,7 +1,11 @@
-"""The SLA planner beside the local supervisor (`tandem serve ... --planner`).
+"""The SLA planner at work over NATS: `run_planner`, with a connector that acts on the pools
+(`ProcessScaler` for the local supervisor's worker processes, `KubernetesScaler` for
+Deployments).
 
-The supervisor's main thread polls its children; the planner needs an event loop (it hears
-the workers' steps and the frontends' requests over NATS), so it runs on a thread of its own.
+Beside the supervisor (`tandem serve ... --planner`, `tandem planner --connector local`) it
+runs on a thread of its own (`PlannerThread`): the supervisor's main thread polls its
+children, the planner needs an event loop to hear the workers' steps and the frontends'
+requests.
 `ProcessScaler` is its connector: it resizes the supervisor's pools, and counts a worker as
 serving once that worker's instance id appears in discovery, so the planner knows which of
 the workers it asked for are still starting.
@@ -13,11 +17,11 @@ import asyncio
 import contextlib
 import logging
 import threading
+from typing import Any
 
 from tandem.deploy.supervisor import Supervisor
-from tandem.planner import StepModel
 from tandem.planner.loop import PlannerLoop
-from tandem.planner.plan import Planner, PlannerConfig
+from tandem.planner.plan import Planner
 from tandem.protocol.worker import GENERATE_ENDPOINT, WORKER_COMPONENT
 from tandem.runtime import Discovery, event_loop
 
@@ -63,21 +67,12 @@ class ProcessScaler:
 
 
 class PlannerThread:
-    """`PlannerLoop` on its own thread and event loop, acting through a `ProcessScaler`."""
+    """`run_planner` on its own thread and event loop (beside a supervisor's polling)."""
 
-    def __init__(
-        self,
-        supervisor: Supervisor,
-        nats_url: str,
-        config: PlannerConfig,
-        *,
-        namespace: str,
-        interval: float,
-    ) -> None:
-        self.scaler = ProcessScaler(supervisor)
-        self.planner = Planner(config, StepModel(), StepModel())
+    def __init__(self, connector: Any, planner: Planner, nats_url: str, *, namespace: str,
+                 interval: float) -> None:  # fmt: skip
+        self.connector, self.planner = connector, planner
         self.nats_url, self.namespace, self.interval = nats_url, namespace, interval
-        self.loop: PlannerLoop | None = None
         self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -98,37 +93,53 @@ class PlannerThread:
     async def _main(self) -> None:
         self._event_loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         self._ready.set()
-        while not self._stop.is_set():
-            try:
-                await self._serve()
-            except Exception:
-                log.exception("planner: its loop failed; starting over in %.0f s", RETRY_S)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), RETRY_S)
+        await run_planner(self.connector, self.planner, self.nats_url, self._stop,
+                          namespace=self.namespace, interval=self.interval)  # fmt: skip
 
-    async def _serve(self) -> None:
-        from tandem.runtime.nats_discovery import NatsDiscovery
-        from tandem.runtime.nats_event_plane import NatsEventPlane
 
-        assert self._stop is not None
-        discovery = await NatsDiscovery.connect(self.nats_url)
-        events = await NatsEventPlane.connect(self.nats_url)
-        follow = asyncio.ensure_future(self.scaler.follow(discovery, self.namespace))
-        self.loop = PlannerLoop(self.planner, events, self.scaler, namespace=self.namespace,
-                                interval=self.interval)  # fmt: skip
+async def run_planner(
+    connector: Any,
+    planner: Planner,
+    nats_url: str,
+    stop: asyncio.Event,
+    *,
+    namespace: str,
+    interval: float,
+) -> None:
+    """The planner loop over NATS until `stop` is set, acting through `connector` (which
+    also has `follow(discovery, namespace)`, run meanwhile to keep its view of the pools);
+    a failure is logged and the loop starts over after RETRY_S."""
+    while not stop.is_set():
         try:
-            await self.loop.start()
-            c = self.planner.config
-            log.info("planner: every %g s, targets TTFT %g s and ITL %g s (p90)",
-                     self.interval, c.ttft_s, c.itl_s)  # fmt: skip
-            stopped = asyncio.ensure_future(self._stop.wait())
-            await asyncio.wait([stopped, follow], return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            if follow.done():
-                follow.result()  # the discovery watch failed: raise it
-                raise RuntimeError("the discovery watch ended")
-        finally:
-            follow.cancel()
-            await self.loop.stop()
-            await events.close()
-            await discovery.close()
+            await _plan(connector, planner, nats_url, stop, namespace, interval)
+        except Exception:
+            log.exception("planner: its loop failed; starting over in %.0f s", RETRY_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RETRY_S)
+
+
+async def _plan(connector: Any, planner: Planner, nats_url: str, stop: asyncio.Event,
+                namespace: str, interval: float) -> None:  # fmt: skip
+    from tandem.runtime.nats_discovery import NatsDiscovery
+    from tandem.runtime.nats_event_plane import NatsEventPlane
+
+    discovery = await NatsDiscovery.connect(nats_url)
+    events = await NatsEventPlane.connect(nats_url)
+    follow = asyncio.ensure_future(connector.follow(discovery, namespace))
+    loop = PlannerLoop(planner, events, connector, namespace=namespace, interval=interval)
+    try:
+        await loop.start()
+        c = planner.config
+        log.info("planner: every %g s, targets TTFT %g s and ITL %g s (p90)",
+                 interval, c.ttft_s, c.itl_s)  # fmt: skip
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([stopped, follow], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if follow.done():
+            follow.result()  # the connector's watch failed: raise it
+            raise RuntimeError("the connector's watch ended")
+    finally:
+        follow.cancel()
+        await loop.stop()
+        await events.close()
+        await discovery.close()

@@ -14,7 +14,8 @@ into the prefill and decode replica counts for the next one:
    was wrong, and waiting for the next forecast would miss the target again), unless
    workers it asked for are still starting: their arrival is the correction under way;
 4. growing is immediate, shrinking waits until `shrink_after` intervals in a row asked for
-   fewer (a restarted planner, or a noisy interval, does not tear down workers), and the
+   fewer (a restarted planner, or a noisy interval, does not tear down workers) and while
+   none of the pool's workers is starting (a fleet coming up has served nothing yet), and the
    total stays within `gpu_budget` (the decode pool keeps the larger share of a cut, since
    its streams are the ones already running).
 """
@@ -111,16 +112,19 @@ class Planner:
         if seen.itl_p90_s is not None and seen.itl_p90_s > c.itl_s and not seen.decode_starting:
             want_d = max(want_d, seen.decode_replicas + 1)
             decision.reasons.append(f"ITL p90 {seen.itl_p90_s:.4f} s over target: +1 decode")
-        p = self._settle("prefill", seen.prefill_replicas, min(want_p, c.prefill.max_replicas))
-        d = self._settle("decode", seen.decode_replicas, min(want_d, c.decode.max_replicas))
+        p = self._settle("prefill", seen.prefill_replicas, min(want_p, c.prefill.max_replicas),
+                         seen.prefill_starting)  # fmt: skip
+        d = self._settle("decode", seen.decode_replicas, min(want_d, c.decode.max_replicas),
+                         seen.decode_starting)  # fmt: skip
         decision.prefill_replicas, decision.decode_replicas = self._within_budget(p, d)
         return decision
 
-    def _settle(self, pool: str, current: int, wanted: int) -> int:
-        """Grow at once; shrink by one only after `shrink_after` intervals asking for less."""
-        if wanted >= current:
+    def _settle(self, pool: str, current: int, wanted: int, starting: int) -> int:
+        """Grow at once; shrink by one only after `shrink_after` intervals asking for less,
+        and none while the pool has workers starting (nothing yet shows what they serve)."""
+        if wanted >= current or starting:
             self._lower_streak[pool] = 0
-            return wanted
+            return max(wanted, current)
         self._lower_streak[pool] += 1
         if self._lower_streak[pool] < self.config.shrink_after:
             return current
