@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from disagg_goodput import VOCAB, write_mock_model
 from kv_transfer import BLOCK, GEOMETRIES
 
@@ -152,6 +153,15 @@ def static_sizes(args: argparse.Namespace, config: PlannerConfig, rate: float) -
     return p, d
 
 
+def oracle_worker_seconds(args: argparse.Namespace, config: PlannerConfig) -> float:
+    """A bound no policy can beat by much: the pools the calculator asks for at each moment's
+    true rate on the exact step times, started and drained instantly (5 s steps)."""
+    step = 5.0
+    sizes = (static_sizes(args, config, rate_at(t + step / 2, args))
+             for t in np.arange(0.0, args.duration, step))  # fmt: skip
+    return sum(p + d for p, d in sizes) * step
+
+
 def engine(model: Path, args: argparse.Namespace) -> AsyncEngine:
     return AsyncEngine(EngineConfig(model=str(model), engine="mock", dtype="bfloat16",
                                     num_gpu_blocks=args.blocks, block_size=BLOCK,
@@ -253,6 +263,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                            lead_intervals=math.ceil(args.startup_s / args.interval))  # fmt: skip
     sizes = {"static-peak": static_sizes(args, config, 4 * args.base_rate),
              "static-mean": static_sizes(args, config, 2.5 * args.base_rate)}  # fmt: skip
+    oracle = oracle_worker_seconds(args, config)
     times = arrival_times(args)
     print(f"{len(times)} requests over {args.duration:g} s (model time), rate {args.base_rate:g}"
           f" -> {4 * args.base_rate:g} -> {args.base_rate:g} req/s; static pools (prefill,"
@@ -266,7 +277,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             rows.append(row)
             print(f"  {policy}: {row['attainment']:.1%} met the SLOs ({row['failed']} failed),"
                   f" {row['worker_seconds']:.0f} worker-s", flush=True)  # fmt: skip
-    return {"static_sizes": sizes, "rows": rows}
+    return {"static_sizes": sizes, "oracle_worker_seconds": oracle, "rows": rows}
 
 
 def report(result: dict) -> None:
@@ -278,6 +289,10 @@ def report(result: dict) -> None:
         versus = f"{r['worker_seconds'] / peak['worker_seconds']:.2f}x" if peak else "-"
         print(f"{r['policy']:>12} {r['requests']:>8} {r['failed']:>6} {r['attainment']:>8.1%}"
               f" {r['worker_seconds']:>9.0f} {versus:>8} {r['goodput_per_worker_s']:>13.3f}")
+    oracle, duration = result["oracle_worker_seconds"], result["args"]["duration"]
+    ideal = sum(result["static_sizes"]["static-peak"]) * duration
+    print(f"\noracle (exact step times, true rate, instant start and drain): {oracle:.0f}"
+          f" worker-s = {oracle / ideal:.2f}x static-peak's over the same {duration:g} s")
     if "planner" in rows and peak and "static-mean" in rows:
         p = rows["planner"]
         print(f"\nplanner: attainment {p['attainment']:.1%} (target >= 95%), worker-seconds"
@@ -310,8 +325,8 @@ def main() -> None:
     args = parse_args()
     started = time.perf_counter()
     result = asyncio.run(main_async(args))
-    report(result)
     result["args"] = vars(args)
+    report(result)
     result["runtime_s"] = time.perf_counter() - started
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2, default=str))

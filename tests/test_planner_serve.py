@@ -8,6 +8,7 @@ shrink by draining, with no request lost."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import re
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 from nats_support import needs_nats
 
 from tandem.cli import main as cli
-from tandem.cli.planner import planner_config
+from tandem.cli.planner import new_planner, planner_config
 from tandem.cli.serve import local_specs
 from tandem.deploy.planning import ProcessScaler
 from tandem.deploy.processes import NatsServer, free_port
@@ -49,11 +50,24 @@ def test_planner_flags_are_checked_before_anything_starts(tmp_path, capsys):
     assert "above --max-gpu-budget 2" in error(
         "--planner", "--prefill-workers", "1", "--decode-workers", "2", "--max-gpu-budget", "2"
     )
+    assert "cannot read performance profile" in error(
+        "--planner", "--prefill-workers", "1", "--decode-workers", "1",
+        "--planner-profile", str(tmp_path / "missing.json"),
+    )  # fmt: skip
     args = cli.parse_args(["serve", "--planner", "--prefill-workers", "1", "--decode-workers",
                            "2", "--planner-interval", "4", "--worker-startup", "9"])  # fmt: skip
     config = planner_config(args)
     assert (config.ttft_s, config.itl_s, config.lead_intervals) == (0.5, 0.05, 3)
     assert (config.prefill.max_replicas, config.decode.max_replicas) == (8, 8)
+    assert new_planner(args, config).model.prefill_s(100) is None  # learns from the workers
+    profile = tmp_path / "profile.json"
+    steps = {"prefill": [[128, 20.0], [512, 60.0], [2048, 250.0]],
+             "decode": [[1, 256, 8.0], [8, 256, 9.0], [32, 256, 12.0]]}  # fmt: skip
+    profile.write_text(json.dumps(steps))
+    args.planner_profile = str(profile)
+    seeded = new_planner(args, config)  # decides from the first interval
+    assert seeded.model.prefill_s(512) == pytest.approx(0.060, rel=0.1)
+    assert seeded.decode_model.decode_s(8, 8 * 256) == pytest.approx(0.009, rel=0.1)
 
 
 def completions(client: openai.OpenAI, n: int) -> list[int]:

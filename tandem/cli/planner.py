@@ -20,8 +20,8 @@ from tandem.cli.flags import (
     setup_logging,
     use_cluster_secret,
 )
-from tandem.planner import PoolBounds
-from tandem.planner.plan import PlannerConfig
+from tandem.planner import PoolBounds, StepModel
+from tandem.planner.plan import Planner, PlannerConfig
 
 #: Flags that mean nothing without --planner (dest, flag).
 PLANNER_ONLY = (
@@ -32,6 +32,7 @@ PLANNER_ONLY = (
     ("max_decode_workers", "--max-decode-workers"),
     ("max_gpu_budget", "--max-gpu-budget"),
     ("worker_startup", "--worker-startup"),
+    ("planner_profile", "--planner-profile"),
 )
 
 
@@ -96,6 +97,9 @@ def add_planner_flags(p: Any, switch: bool = True) -> None:
     g.add_argument("--worker-startup", type=positive_float, metavar="SECONDS",
                    help="how long a new worker takes to serve: the planner sizes for the load"
                    " that far ahead (30)")  # fmt: skip
+    g.add_argument("--planner-profile", metavar="FILE",
+                   help="a `tandem profile` output to seed both pools' step models with, so"
+                   " the planner decides before the workers' own steps have taught it")  # fmt: skip
 
 
 def planner_config(args: argparse.Namespace) -> PlannerConfig | str | None:
@@ -119,6 +123,11 @@ def planner_config(args: argparse.Namespace) -> PlannerConfig | str | None:
     budget = 16 if args.max_gpu_budget is None else args.max_gpu_budget
     if sized and args.prefill_workers + args.decode_workers > budget:
         return f"--prefill-workers + --decode-workers is above --max-gpu-budget {budget}"
+    if args.planner_profile is not None:
+        try:
+            StepModel.from_profile(args.planner_profile)
+        except ValueError as exc:
+            return str(exc)
     interval = planner_interval(args)
     startup = 30.0 if args.worker_startup is None else args.worker_startup
     return PlannerConfig(
@@ -134,16 +143,21 @@ def planner_interval(args: argparse.Namespace) -> float:
 def planner_thread(args: argparse.Namespace, config: PlannerConfig) -> Callable[..., Any]:
     """What `run_local` starts beside its supervisor: the planner on its own thread."""
     from tandem.deploy.planning import PlannerThread, ProcessScaler
-    from tandem.planner import StepModel
-    from tandem.planner.plan import Planner
 
     def make(supervisor: Any, nats_url: str) -> PlannerThread:
-        planner = Planner(config, StepModel(), StepModel())
         scaler = ProcessScaler(supervisor)
+        planner, interval = new_planner(args, config), planner_interval(args)
         return PlannerThread(scaler, planner, nats_url, namespace=namespace(args),
-                             interval=planner_interval(args))  # fmt: skip
+                             interval=interval)  # fmt: skip
 
     return make
+
+
+def new_planner(args: argparse.Namespace, config: PlannerConfig) -> Planner:
+    """A planner whose step models start from --planner-profile, if given."""
+    path = args.planner_profile
+    models = [StepModel() if path is None else StepModel.from_profile(path) for _ in range(2)]
+    return Planner(config, *models)
 
 
 def namespace(args: argparse.Namespace) -> str:
@@ -220,13 +234,11 @@ async def _until_signal(scaler: Any, args: argparse.Namespace, config: PlannerCo
     import signal
 
     from tandem.deploy.planning import run_planner as plan
-    from tandem.planner import StepModel
-    from tandem.planner.plan import Planner
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await plan(scaler, Planner(config, StepModel(), StepModel()), args.nats, stop,
+    await plan(scaler, new_planner(args, config), args.nats, stop,
                namespace=namespace(args), interval=planner_interval(args))  # fmt: skip
     return 0
