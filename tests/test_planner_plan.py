@@ -110,6 +110,16 @@ def test_no_correction_while_the_pools_last_worker_is_still_starting():
     assert not decision.reasons
 
 
+def test_no_correction_for_an_interval_a_new_worker_served_only_part_of():
+    """The worker came up during the interval: the latencies seen were the smaller pool's."""
+    planner = Planner(CONFIG, linear_model())
+    before = dataclasses.replace(seen(10.0, 4, 4), decode_starting=1)
+    assert planner.step(before).decode_replicas == 4
+    missed = seen(10.0, 4, 4, itl=0.02)  # no worker starting now: the new one serves
+    assert planner.step(missed).decode_replicas == 4
+    assert planner.step(missed).decode_replicas == 5  # a full interval of 4 missed too
+
+
 def test_a_noisy_load_is_sized_above_its_forecast_by_the_forecasts_error():
     steady, noisy = Planner(CONFIG, linear_model()), Planner(CONFIG, linear_model())
     for i in range(12):

@@ -12,7 +12,8 @@ into the prefill and decode replica counts for the next one:
 3. a pool whose observed latency missed its target gets one more worker than both the
    calculation and its current size (the reactive correction: the model or the forecast
    was wrong, and waiting for the next forecast would miss the target again), unless
-   workers it asked for are still starting: their arrival is the correction under way;
+   workers it asked for are still starting (their arrival is the correction under way) or
+   came up during the interval (it saw the smaller pool);
 4. growing is immediate, shrinking waits until `shrink_after` intervals in a row asked for
    fewer (a restarted planner, or a noisy interval, does not tear down workers) and while
    none of the pool's workers is starting (a fleet coming up has served nothing yet), and the
@@ -87,6 +88,7 @@ class Planner:
         self.prompts: deque[int] = deque(maxlen=LENGTH_SAMPLE)
         self.outputs: deque[int] = deque(maxlen=LENGTH_SAMPLE)
         self._lower_streak = {"prefill": 0, "decode": 0}
+        self._starting = (0, 0)  # the last interval's starting workers, per pool
 
     def step(self, seen: Observation) -> Decision:
         c = self.config
@@ -106,10 +108,11 @@ class Planner:
         if want_p is None or want_d is None:
             decision.reasons.append("step model not ready: pools held")
             return decision
-        if seen.ttft_p90_s is not None and seen.ttft_p90_s > c.ttft_s and not seen.prefill_starting:
+        grown_p, grown_d = self._grown(seen)
+        if seen.ttft_p90_s is not None and seen.ttft_p90_s > c.ttft_s and not grown_p:
             want_p = max(want_p, seen.prefill_replicas + 1)
             decision.reasons.append(f"TTFT p90 {seen.ttft_p90_s:.3f} s over target: +1 prefill")
-        if seen.itl_p90_s is not None and seen.itl_p90_s > c.itl_s and not seen.decode_starting:
+        if seen.itl_p90_s is not None and seen.itl_p90_s > c.itl_s and not grown_d:
             want_d = max(want_d, seen.decode_replicas + 1)
             decision.reasons.append(f"ITL p90 {seen.itl_p90_s:.4f} s over target: +1 decode")
         p = self._settle("prefill", seen.prefill_replicas, min(want_p, c.prefill.max_replicas),
@@ -118,6 +121,14 @@ class Planner:
                          seen.decode_starting)  # fmt: skip
         decision.prefill_replicas, decision.decode_replicas = self._within_budget(p, d)
         return decision
+
+    def _grown(self, seen: Observation) -> tuple[bool, bool]:
+        """Per pool: is it larger now than the latencies just seen can tell? Workers are still
+        starting, or some came up during the interval (it was served by fewer for a while)."""
+        before, self._starting = self._starting, (seen.prefill_starting, seen.decode_starting)
+        prefill, decode = (now > 0 or was > now
+                           for was, now in zip(before, self._starting, strict=True))  # fmt: skip
+        return prefill, decode
 
     def _settle(self, pool: str, current: int, wanted: int, starting: int) -> int:
         """Grow at once; shrink by one only after `shrink_after` intervals asking for less,
