@@ -84,14 +84,17 @@ def write_mock_model(path: Path, geometry: Geometry, max_len: int) -> Path:
     return path
 
 
-class Fleet:
-    """Two mock workers, each with its own engine and TCP request server, and the frontend's
-    RemoteEngine over them: `aggregated` (two aggregated workers, KV-aware routing) or
-    `disaggregated` (one prefill and one decode worker; every request is prefilled on the
-    prefill worker and its KV pulled over TCP by the decode worker)."""
+#: The two fleets compared here: two GPUs as two aggregated workers, or one of each role.
+ROLES = {"aggregated": ["aggregated"] * 2, "disaggregated": ["prefill", "decode"]}
 
-    def __init__(self, model: Path, mode: str, args: argparse.Namespace) -> None:
-        roles = ["aggregated"] * 2 if mode == "aggregated" else ["prefill", "decode"]
+
+class Fleet:
+    """Mock workers of the given roles, each with its own engine and TCP request server, and
+    the frontend's RemoteEngine over them: aggregated workers (KV-aware routing), or prefill
+    and decode workers (every request is prefilled on a prefill worker and its KV pulled over
+    TCP by a decode worker)."""
+
+    def __init__(self, model: Path, roles: list[str], args: argparse.Namespace) -> None:
         self.engines = [self._engine(model, args) for _ in roles]
         planner = DisaggConfig(max_local_prefill_length=0, max_prefill_queue_tokens=1 << 60)
         if args.local_prefill:
@@ -144,9 +147,12 @@ class Workload(NamedTuple):
 
 
 async def run_point(
-    model: Path, mode: str, workload: Workload, rate: float, args: argparse.Namespace
+    model: Path, mode: str, workload: Workload, rate: float, args: argparse.Namespace,
+    roles: list[str] | None = None,
 ) -> dict:
-    """One fresh fleet, `--requests` Poisson arrivals at `rate` (model time)."""
+    """One fresh fleet (`roles`, by default the mode's), `--requests` Poisson arrivals at
+    `rate` (model time)."""
+    roles = roles or ROLES[mode]
     load = SyntheticWorkload(
         LengthDist.parse(workload.input_len),
         LengthDist.parse(workload.output_len),
@@ -156,17 +162,18 @@ async def run_point(
     # The same seeds in both modes: the same prompts arrive at the same moments.
     arrival = Arrival("poisson", rate=rate * args.mock_speedup, seed=args.seed)
     bounds = Bounds(duration_s=args.max_seconds, num_requests=args.requests)
-    async with Fleet(model, mode, args) as fleet:
+    async with Fleet(model, roles, args) as fleet:
         before = fleet.counters()
         result = await run_load(load, engine_sender(fleet.remote.generate), arrival, bounds)
         after = fleet.counters()
-    row = {"workload": workload.name, "mode": mode, "rate": rate}
+    row = {"workload": workload.name, "mode": mode, "rate": rate, "roles": roles}
     row.update(measured(result, args))
-    row["busy_fraction"] = (after["busy_s"] - before["busy_s"]) / (result.elapsed_s * 2)
+    row["busy_fraction"] = (after["busy_s"] - before["busy_s"]) / (result.elapsed_s * len(roles))
     row["paths"] = {k: v - before["paths"].get(k, 0) for k, v in after["paths"].items()}
     for key in ("kv_imports", "kv_import_fallbacks", "kv_exports_expired"):
         row[key] = after[key] - before[key]
     row["goodput"] = rate * row["good_fraction"]
+    row["goodput_per_worker"] = row["goodput"] / len(roles)
     return row
 
 
@@ -321,7 +328,13 @@ def misses(row: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    return parser(__doc__).parse_args(argv)
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """The fleets', workloads' and SLOs' flags (benchmarks/planner_split.py shares them)."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     p.add_argument("--output", type=Path, default=Path("results/disagg_goodput.json"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workloads", nargs="+", choices=["long", "chat"], default=["long", "chat"])
@@ -359,7 +372,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " prefilled on the decode worker) instead of every request through the prefill worker",
     )
     p.add_argument("--max-seconds", type=float, default=240.0, help="wall bound of each point")
-    return p.parse_args(argv)
+    return p
 
 
 def main() -> None:

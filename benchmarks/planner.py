@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from disagg_goodput import VOCAB, write_mock_model
 from kv_transfer import BLOCK, GEOMETRIES
+from planner_split import PerfModelSteps
 
 from tandem.bench.engine_client import engine_sender
 from tandem.bench.runner import Arrival, Bounds, run_load
@@ -52,7 +53,6 @@ from tandem.deploy import LocalCluster
 from tandem.deploy.scaling import ClusterScaler
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
-from tandem.engine.mock.perf_model import PolynomialPerfModel
 from tandem.frontend.disagg import DisaggConfig
 from tandem.planner import PoolBounds, StepModel, decode_replicas, prefill_replicas
 from tandem.planner.loop import PlannerLoop
@@ -124,21 +124,6 @@ class Reactive:
             self._calm[pool] = 0
             return n - 1
         return n
-
-
-class PerfModelSteps:
-    """The mock's own performance model behind the step model's two questions: static fleets
-    are provisioned from the exact step times (an operator's best case)."""
-
-    def __init__(self, kv_tokens: int) -> None:
-        self.perf, self.kv_tokens = PolynomialPerfModel(), kv_tokens
-
-    def prefill_s(self, tokens: float) -> float:
-        return self.perf.prefill_ms(int(tokens)) / 1e3
-
-    def decode_s(self, batch: float, context_tokens: float) -> float:
-        usage = min(1.0, context_tokens / self.kv_tokens)
-        return self.perf.decode_ms(int(batch), int(context_tokens), usage) / 1e3
 
 
 def static_sizes(args: argparse.Namespace, config: PlannerConfig, rate: float) -> tuple[int, int]:

@@ -5,8 +5,10 @@ into the prefill and decode replica counts for the next one:
 
 1. the request rate is forecast (`Picker`: last value, Holt, Holt-Winters, by error) for
    every interval until a worker asked for now would serve (`lead_intervals`), and the pools
-   are sized for the highest plus the forecast's own p90 error (from its measured one-step
-   errors); the lengths are the distribution of the recent requests (a bounded sample);
+   are sized for the highest with a margin for the forecast's own error (from its measured
+   one-step errors): the prefill pool for that rate plus its p90 error, the decode pool for
+   the p90 of its batch with the rate's spread added to the batch's own; the lengths are
+   the distribution of the recent requests (a bounded sample);
 2. each pool is sized from its target (`replicas.py`), on the step model learned from the
    workers' own steps;
 3. a pool whose observed latency missed its target gets one more worker than both the
@@ -96,15 +98,15 @@ class Planner:
         self.prompts.extend(seen.prompt_tokens)
         self.outputs.extend(seen.output_tokens)
         rate = max(self.rate.forecast(ahead) or 0.0 for ahead in range(1, c.lead_intervals + 1))
-        # Mean absolute error x 1.25: the standard deviation of normal errors.
-        rate += Z90 * 1.25 * self.rate.error()
-        decision = Decision(seen.prefill_replicas, seen.decode_replicas, rate)
-        want_p = prefill_replicas(self.model, rate, self.prompts, c.ttft_s, c.prefill)
+        sd = 1.25 * self.rate.error()  # mean absolute error x 1.25: normal errors' sd
+        high = rate + Z90 * sd
+        decision = Decision(seen.prefill_replicas, seen.decode_replicas, high)
+        want_p = prefill_replicas(self.model, high, self.prompts, c.ttft_s, c.prefill)
         if want_p is None:  # no prefill step seen yet (short prompts stay on the decode
             # workers): the decode workers' prefill steps price a prompt on the same engine
-            want_p = prefill_replicas(self.decode_model, rate, self.prompts, c.ttft_s, c.prefill)
+            want_p = prefill_replicas(self.decode_model, high, self.prompts, c.ttft_s, c.prefill)
         want_d = decode_replicas(self.decode_model, rate, self.prompts, self.outputs, c.itl_s,
-                                 c.kv_tokens_per_worker, c.decode)  # fmt: skip
+                                 c.kv_tokens_per_worker, c.decode, rate_sd=sd)  # fmt: skip
         if want_p is None or want_d is None:
             decision.reasons.append("step model not ready: pools held")
             return decision

@@ -11,8 +11,9 @@ From the distribution of lengths, not only their means:
   law it then decodes a batch of that rate times its step time, and the step time grows with
   the batch: the step it settles at is the fixed point s = step(r·s) (over the batch's mean
   context), found by iteration; none while it runs away (the worker cannot keep up). The
-  batch's size is Poisson around that mean, so n meets the target when a step of its p90
-  batch is within the ITL target and that batch's KV fits the worker's cache.
+  batch's size is Poisson around that mean (widened by the forecast's uncertainty), so n
+  meets the target when a step of its p90 batch is within the ITL target and that batch's
+  KV fits the worker's cache.
 
 Each answer is the smallest n that meets its target within the pool's bounds (the upper
 bound when none does); None when the step model cannot predict yet.
@@ -75,9 +76,12 @@ def decode_replicas(
     itl_s: float,
     kv_tokens_per_worker: int,
     bounds: PoolBounds,
+    rate_sd: float = 0.0,
 ) -> int | None:
     """Workers for `rate` requests a second with these prompt and output lengths (samples)
-    within an inter-token latency target of `itl_s`."""
+    within an inter-token latency target of `itl_s`. `rate_sd`: the rate's own uncertainty
+    (the forecast's error), whose spread of the batch adds to the Poisson one's: the p90 of
+    the sum, not a p90 on top of a p90."""
     if rate <= 0 or not output_tokens:
         return bounds.min_replicas
     mean_out = float(np.mean(output_tokens))
@@ -90,7 +94,8 @@ def decode_replicas(
         if step is None:
             continue
         batch = rate * mean_out / n * step
-        busy = batch + Z90 * math.sqrt(batch)  # the batch's p90: its size is Poisson
+        spread = rate_sd * mean_out / n * step
+        busy = batch + Z90 * math.sqrt(batch + spread**2)  # the batch's p90 (Poisson + rate)
         if (model.decode_s(busy, busy * context) or math.inf) <= itl_s and (
             busy * (mean_in + mean_out) <= kv_tokens_per_worker
         ):
