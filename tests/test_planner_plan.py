@@ -83,6 +83,21 @@ def test_no_shrinking_while_the_pools_workers_are_starting():
     assert (decision.prefill_replicas, decision.decode_replicas) == (1, 2)
 
 
+def test_an_aggregated_pool_grows_for_either_target_and_prefills_too():
+    """No prefill pool: one pool whose workers also spend rate/n x 0.1 s a second on prompts,
+    which stretches their decode steps. 2 and 5 req/s take 2 and 5 workers where split
+    pools take 1+1 and 2+2; a missed TTFT adds to the one pool."""
+    aggregated = dataclasses.replace(CONFIG, prefill=PoolBounds(0, 0))
+    for rate, workers, split in ((2.0, 2, (1, 1)), (5.0, 5, (2, 2))):
+        one = Planner(aggregated, linear_model()).step(seen(rate, 0, 1))
+        assert (one.prefill_replicas, one.decode_replicas) == (0, workers)
+        two = Planner(CONFIG, linear_model()).step(seen(rate, 1, 1))
+        assert (two.prefill_replicas, two.decode_replicas) == split
+    missed = Planner(aggregated, linear_model()).step(seen(5.0, 0, 6, ttft=0.5))
+    assert (missed.prefill_replicas, missed.decode_replicas) == (0, 7)
+    assert "TTFT" in missed.reasons[0]
+
+
 def test_the_gpu_budget_cuts_the_prefill_pool_first():
     config = PlannerConfig(ttft_s=0.12, itl_s=0.0125, gpu_budget=5)
     decision = Planner(config, linear_model()).step(seen(10.0, 1, 1))

@@ -96,17 +96,6 @@ def test_decode_replicas_by_littles_law_and_the_kv_that_fits():
     assert decode_replicas(StepModel(), 10.0, itl_s=0.02, kv_tokens_per_worker=1, **args) is None
 
 
-def test_the_forecasts_uncertainty_widens_the_decode_batch():
-    """Three workers at 10 req/s (above): b = 4, p90 6.6, 13.3 ms. With the rate uncertain by
-    3 req/s the batch's sd is sqrt(4 + 1.2²) = 2.33, its p90 7.0: 13.5 ms, past a 13.4 ms
-    target; four workers hold it (b = 2.9, sd 1.9, p90 5.3: 12.6 ms)."""
-    model, bounds = linear_model(), PoolBounds(1, 8)
-    args = dict(prompt_tokens=[500] * 10, output_tokens=[100] * 10, bounds=bounds,
-                itl_s=0.0134, kv_tokens_per_worker=10**6)  # fmt: skip
-    assert decode_replicas(model, 10.0, **args) == 3
-    assert decode_replicas(model, 10.0, rate_sd=3.0, **args) == 4
-
-
 def test_pool_bounds_are_checked():
     with pytest.raises(ValueError, match="replica bounds"):
         PoolBounds(3, 2)

@@ -42,7 +42,10 @@ def test_planner_flags_are_checked_before_anything_starts(tmp_path, capsys):
     assert "--ttft-slo, --planner-interval need --planner" in error(
         "--ttft-slo", "0.2", "--planner-interval", "5"
     )
-    assert "give --prefill-workers and --decode-workers" in error("--planner")
+    assert "with --workers, the bound is --max-gpu-budget" in error(
+        "--planner", "--workers", "2", "--max-decode-workers", "3"
+    )
+    assert "--workers 20 is above --max-gpu-budget 16" in error("--planner", "--workers", "20")
     assert "--decode-workers 3 is above --max-decode-workers 2" in error(
         "--planner", "--prefill-workers", "1", "--decode-workers", "3",
         "--max-decode-workers", "2",
@@ -89,8 +92,19 @@ def metric(text: str, name: str, labels: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
+SPLIT = ["--prefill-workers", "1", "--decode-workers", "1", "--max-prefill-workers", "2",
+         "--max-decode-workers", "2", "--max-local-prefill-length", "0"]  # fmt: skip
+AGGREGATED = ["--workers", "1", "--max-gpu-budget", "2"]
+
+
 @needs_nats
-def test_serve_with_the_planner_grows_both_pools_and_loses_no_request(tmp_path: Path):
+@pytest.mark.parametrize(("pools", "grown"), [(SPLIT, [2.0, 2.0, None]),
+                                             (AGGREGATED, [None, None, 2.0])],
+                         ids=["split", "aggregated"])  # fmt: skip
+def test_serve_with_the_planner_grows_its_pools_and_loses_no_request(
+    tmp_path: Path, pools: list[str], grown: list
+):
+    """Split pools grow both; an aggregated pool grows as one."""
     model = make_tiny_model(tmp_path / "tiny")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -101,11 +115,8 @@ def test_serve_with_the_planner_grows_both_pools_and_loses_no_request(tmp_path: 
         proc = subprocess.Popen(
             [sys.executable, "-m", "tandem.cli.main", "serve", str(model), "--engine", "mock",
              "--mock-speedup", "10", "--num-gpu-blocks", "512", "--nats", nats.url,
-             "--port", str(port), "--prefill-workers", "1", "--decode-workers", "1",
-             "--planner", "--ttft-slo", "0.0001", "--itl-slo", "0.0001",
-             "--planner-interval", "1", "--worker-startup", "1",
-             "--max-prefill-workers", "2", "--max-decode-workers", "2",
-             "--max-local-prefill-length", "0"],
+             "--port", str(port), *pools, "--planner", "--ttft-slo", "0.0001",
+             "--itl-slo", "0.0001", "--planner-interval", "1", "--worker-startup", "1"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         # Retries: a 503 from admission (its in-flight limit adapts to the TTFT it sees) is
@@ -124,18 +135,18 @@ def test_serve_with_the_planner_grows_both_pools_and_loses_no_request(tmp_path: 
                     time.sleep(0.3)
                     continue
                 sizes = [metric(metrics, "tandem_planner_replicas", f'pool="{pool}"')
-                         for pool in ("prefill", "decode")]  # fmt: skip
-                if sizes == [2.0, 2.0] and health.get("workers") == 4:
+                         for pool in ("prefill", "decode", "aggregated")]  # fmt: skip
+                if sizes == grown and health.get("workers") == sum(filter(None, grown)):
                     break
                 for wave in (3, 6, 9):  # steps of three sizes: the step models can fit
                     served += completions(client, wave)
             served += completions(client, 8)  # on the grown pools
             assert served == [TOKENS] * len(served), "a request lost tokens"
             assert metric(metrics, "tandem_planner_request_rate", 'kind="observed"') is not None
-            assert "prefill workers: 1 -> 2" in log_path.read_text()
-            assert "decode workers: 1 -> 2" in log_path.read_text()
+            for role in ("prefill", "decode") if pools is SPLIT else ("aggregated",):
+                assert f"{role} workers: 1 -> 2" in log_path.read_text()
             workers = httpx.get(f"{base}/v1/workers", timeout=2).json()["data"]
-            assert len({w["address"] for w in workers}) == 4
+            assert len({w["address"] for w in workers}) == sum(filter(None, grown))
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -78,9 +78,10 @@ def add_planner_flags(p: Any, switch: bool = True) -> None:
         g.add_argument(
             "--planner",
             action="store_true",
-            help="resize the prefill and decode pools to meet --ttft-slo and --itl-slo as"
-            " traffic changes, starting from --prefill-workers and --decode-workers; its"
-            " decisions are logged and exported as tandem_planner_* metrics",
+            help="resize the worker pools to meet --ttft-slo and --itl-slo as traffic changes,"
+            " starting from --prefill-workers and --decode-workers (or --workers: one"
+            " aggregated pool); its decisions are logged and exported as tandem_planner_*"
+            " metrics",
         )
     g.add_argument("--ttft-slo", type=positive_float, metavar="SECONDS",
                    help="time-to-first-token target, p90 (0.5)")  # fmt: skip
@@ -108,21 +109,28 @@ def planner_config(args: argparse.Namespace) -> PlannerConfig | str | None:
     if not args.planner:
         given = [flag for dest, flag in PLANNER_ONLY if getattr(args, dest) is not None]
         return f"{', '.join(given)} need --planner" if given else None
-    if args.prefill_workers is None:
-        return "--planner sizes the prefill and decode pools: give --prefill-workers and" \
-            " --decode-workers (the sizes it starts from)"  # fmt: skip
-    sized = getattr(args, "connector", "local") == "local"
-    bounds = []
-    pools = (("prefill", args.prefill_workers, args.max_prefill_workers),
-             ("decode", args.decode_workers, args.max_decode_workers))  # fmt: skip
-    for pool, start, most in pools:
-        most = 8 if most is None else most
-        if sized and start > most:
-            return f"--{pool}-workers {start} is above --max-{pool}-workers {most}"
-        bounds.append(PoolBounds(1, most))
     budget = 16 if args.max_gpu_budget is None else args.max_gpu_budget
-    if sized and args.prefill_workers + args.decode_workers > budget:
-        return f"--prefill-workers + --decode-workers is above --max-gpu-budget {budget}"
+    if args.prefill_workers is None:  # `tandem serve --workers N`: one aggregated pool
+        split = [f for f in ("--max-prefill-workers", "--max-decode-workers")
+                 if getattr(args, f[2:].replace("-", "_")) is not None]  # fmt: skip
+        if split:
+            return f"{', '.join(split)} bound split pools: with --workers, the bound is" \
+                " --max-gpu-budget"  # fmt: skip
+        if args.workers > budget:
+            return f"--workers {args.workers} is above --max-gpu-budget {budget}"
+        bounds = [PoolBounds(0, 0), PoolBounds(1, budget)]
+    else:
+        sized = getattr(args, "connector", "local") == "local"
+        bounds = []
+        pools = (("prefill", args.prefill_workers, args.max_prefill_workers),
+                 ("decode", args.decode_workers, args.max_decode_workers))  # fmt: skip
+        for pool, start, most in pools:
+            most = 8 if most is None else most
+            if sized and start > most:
+                return f"--{pool}-workers {start} is above --max-{pool}-workers {most}"
+            bounds.append(PoolBounds(1, most))
+        if sized and args.prefill_workers + args.decode_workers > budget:
+            return f"--prefill-workers + --decode-workers is above --max-gpu-budget {budget}"
     if args.planner_profile is not None:
         try:
             StepModel.from_profile(args.planner_profile)
@@ -145,7 +153,8 @@ def planner_thread(args: argparse.Namespace, config: PlannerConfig) -> Callable[
     from tandem.deploy.planning import PlannerThread, ProcessScaler
 
     def make(supervisor: Any, nats_url: str) -> PlannerThread:
-        scaler = ProcessScaler(supervisor)
+        aggregated = config.prefill.max_replicas == 0
+        scaler = ProcessScaler(supervisor, (None, "aggregated") if aggregated else None)
         planner, interval = new_planner(args, config), planner_interval(args)
         return PlannerThread(scaler, planner, nats_url, namespace=namespace(args),
                              interval=interval)  # fmt: skip
@@ -156,7 +165,8 @@ def planner_thread(args: argparse.Namespace, config: PlannerConfig) -> Callable[
 def new_planner(args: argparse.Namespace, config: PlannerConfig) -> Planner:
     """A planner whose step models start from --planner-profile, if given."""
     path = args.planner_profile
-    models = [StepModel() if path is None else StepModel.from_profile(path) for _ in range(2)]
+    pools = 1 if config.prefill.max_replicas == 0 else 2  # an aggregated pool: one model
+    models = [StepModel() if path is None else StepModel.from_profile(path) for _ in range(pools)]
     return Planner(config, *models)
 
 

@@ -175,7 +175,8 @@ def run_serve(args: argparse.Namespace) -> int:
         except ModelSourceError as exc:
             print(f"tandem serve: error: {exc}", file=sys.stderr)
             return 2
-        if args.workers > 1 or args.nats or args.prefill_workers or args.api_server_count > 1:
+        if (args.workers > 1 or args.nats or args.prefill_workers or args.api_server_count > 1
+                or args.planner):  # fmt: skip
             from tandem.deploy.supervisor import run_local
             from tandem.engine.model_source import default_served_model_name
 

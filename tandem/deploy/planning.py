@@ -26,34 +26,40 @@ from tandem.protocol.worker import GENERATE_ENDPOINT, WORKER_COMPONENT
 from tandem.runtime import Discovery, event_loop
 
 log = logging.getLogger("tandem.planner")
-
-POOLS = ("prefill", "decode")
 #: Seconds before the planner starts over after its loop failed (NATS unreachable, ...).
 RETRY_S = 5.0
 
 
 class ProcessScaler:
-    """A `Connector` over a `Supervisor`'s worker processes."""
+    """A `Connector` over a `Supervisor`'s worker processes. `pools`: the supervisor's roles
+    behind the planner's prefill and decode pools; an aggregated pool is the decode pool
+    with no prefill pool (None)."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
+    def __init__(self, supervisor: Supervisor, pools: tuple[str | None, str] | None = None) -> None:
+        self.supervisor, self.pools = supervisor, pools or ("prefill", "decode")
         self.serving: set[str] = set()  # instance ids registered in discovery
 
     def replicas(self) -> tuple[int, int]:
-        prefill, decode = (self.supervisor.size(pool) for pool in POOLS)
+        prefill, decode = (self._size(role) for role in self.pools)
         return prefill, decode
 
     def starting(self) -> tuple[int, int]:
-        prefill, decode = (self._starting(pool) for pool in POOLS)
+        prefill, decode = (self._starting(role) for role in self.pools)
         return prefill, decode
 
-    def _starting(self, pool: str) -> int:
-        ids = self.supervisor.instance_ids(pool)
-        return max(0, self.supervisor.size(pool) - sum(i in self.serving for i in ids))
+    def _size(self, role: str | None) -> int:
+        return 0 if role is None else self.supervisor.size(role)
+
+    def _starting(self, role: str | None) -> int:
+        if role is None:
+            return 0
+        ids = self.supervisor.instance_ids(role)
+        return max(0, self.supervisor.size(role) - sum(i in self.serving for i in ids))
 
     async def scale(self, prefill: int, decode: int) -> None:
-        for pool, n in zip(POOLS, (prefill, decode), strict=True):
-            self.supervisor.want(pool, n)
+        for role, n in zip(self.pools, (prefill, decode), strict=True):
+            if role is not None:
+                self.supervisor.want(role, n)
 
     async def follow(self, discovery: Discovery, namespace: str) -> None:
         """Keep `serving` current from discovery, until cancelled."""

@@ -129,7 +129,7 @@ class Supervisor:
                     slot = WorkerSlot(_with_id(self.templates[role], fresh=True))
                     self.slots.append(slot)
                     self._spawn_worker(slot)
-                for slot in reversed(pool[n:] if n < len(pool) else []):
+                for slot in reversed(pool[n:]):  # the newest go first
                     self._retire(slot)
                 if n != len(pool):
                     log.info("%s workers: %d -> %d", role, len(pool), n)

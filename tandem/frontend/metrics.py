@@ -263,8 +263,11 @@ class PlannerCollector(Collector):
         replicas = GaugeMetricFamily(
             f"{PREFIX}_planner_replicas", "Workers the planner asks for, by pool.", labels=["pool"]
         )
-        replicas.add_metric(["prefill"], report.prefill_replicas)
-        replicas.add_metric(["decode"], report.decode_replicas)
+        if report.aggregated:
+            replicas.add_metric(["aggregated"], report.decode_replicas)
+        else:
+            replicas.add_metric(["prefill"], report.prefill_replicas)
+            replicas.add_metric(["decode"], report.decode_replicas)
         yield replicas
         rate = GaugeMetricFamily(
             f"{PREFIX}_planner_request_rate",

@@ -119,6 +119,7 @@ class PlannerLoop:
             observed_rate=seen.requests / seen.seconds if seen.seconds > 0 else 0.0,
             forecast_rate=decision.forecast_rate, prefill_replicas=decision.prefill_replicas,
             decode_replicas=decision.decode_replicas, reasons=decision.reasons,
+            aggregated=self.planner.config.prefill.max_replicas == 0,
         )  # fmt: skip
         try:
             await self._events.publish(planner_subject(self._namespace), report)

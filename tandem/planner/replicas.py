@@ -11,9 +11,10 @@ From the distribution of lengths, not only their means:
   law it then decodes a batch of that rate times its step time, and the step time grows with
   the batch: the step it settles at is the fixed point s = step(r·s) (over the batch's mean
   context), found by iteration; none while it runs away (the worker cannot keep up). The
-  batch's size is Poisson around that mean (widened by the forecast's uncertainty), so n
-  meets the target when a step of its p90 batch is within the ITL target and that batch's
-  KV fits the worker's cache.
+  batch's size is Poisson around that mean, so n meets the target when a step of its p90
+  batch is within the ITL target and that batch's KV fits the worker's cache. Workers that
+  also prefill (an aggregated pool) spend a share of their time on prompts, rate / n ·
+  E[prefill time]; their decode steps stretch by it.
 
 Each answer is the smallest n that meets its target within the pool's bounds (the upper
 bound when none does); None when the step model cannot predict yet.
@@ -22,7 +23,7 @@ bound when none does); None when the step model cannot predict yet.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,27 +77,40 @@ def decode_replicas(
     itl_s: float,
     kv_tokens_per_worker: int,
     bounds: PoolBounds,
-    rate_sd: float = 0.0,
+    prefills_too: bool = False,
 ) -> int | None:
     """Workers for `rate` requests a second with these prompt and output lengths (samples)
-    within an inter-token latency target of `itl_s`. `rate_sd`: the rate's own uncertainty
-    (the forecast's error), whose spread of the batch adds to the Poisson one's: the p90 of
-    the sum, not a p90 on top of a p90."""
+    within an inter-token latency target of `itl_s`. `prefills_too`: the workers compute
+    their prompts as well (an aggregated pool): the share of time that takes stretches
+    every decode step."""
     if rate <= 0 or not output_tokens:
         return bounds.min_replicas
     mean_out = float(np.mean(output_tokens))
     mean_in = float(np.mean(prompt_tokens)) if prompt_tokens else 0.0
     context = mean_in + mean_out / 2  # a sequence's KV halfway through its answer
+    prefill_s = 0.0  # a request's prompt, in seconds of its worker's time
+    if prefills_too and prompt_tokens:
+        times = [model.prefill_s(n) for n in prompt_tokens]
+        if any(t is None for t in times):
+            return None
+        prefill_s = float(np.mean(times))
     for n in range(max(bounds.min_replicas, 1), bounds.max_replicas + 1):
         if model.decode_s(1, context) is None:
             return None
-        step = _settled_step(model, rate * mean_out / n, context, itl_s)
+        prefilling = rate / n * prefill_s  # the fraction of a worker's time
+        if prefilling >= 1:
+            continue
+
+        def step_of(batch: float, kv: float, free: float = 1 - prefilling) -> float | None:
+            seconds = model.decode_s(batch, kv)
+            return None if seconds is None else seconds / free
+
+        step = _settled_step(step_of, rate * mean_out / n, context, itl_s)
         if step is None:
             continue
         batch = rate * mean_out / n * step
-        spread = rate_sd * mean_out / n * step
-        busy = batch + Z90 * math.sqrt(batch + spread**2)  # the batch's p90 (Poisson + rate)
-        if (model.decode_s(busy, busy * context) or math.inf) <= itl_s and (
+        busy = batch + Z90 * math.sqrt(batch)  # the batch's p90: its size is Poisson
+        if (step_of(busy, busy * context) or math.inf) <= itl_s and (
             busy * (mean_in + mean_out) <= kv_tokens_per_worker
         ):
             return n
@@ -104,16 +118,19 @@ def decode_replicas(
 
 
 def _settled_step(
-    model: StepModel, tokens_per_s: float, context: float, itl_s: float
+    step_of: Callable[[float, float], float | None],
+    tokens_per_s: float,
+    context: float,
+    itl_s: float,
 ) -> float | None:
-    """The step time s = decode_s(r·s) a worker decoding `tokens_per_s` settles at; None
+    """The step time s = step_of(r·s) a worker decoding `tokens_per_s` settles at; None
     when the model cannot tell or the steps grow without bound (past 1,000x the target)."""
-    step = model.decode_s(1, context)
+    step = step_of(1, context)
     for _ in range(200):
         if step is None or step > 1e3 * itl_s:
             return None
         batch = tokens_per_s * step
-        settled = model.decode_s(batch, batch * context)
+        settled = step_of(batch, batch * context)
         if settled is None or abs(settled - step) <= 1e-9 + 1e-6 * step:
             return settled
         step = settled

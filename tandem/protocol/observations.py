@@ -50,8 +50,9 @@ class PlannerReport(msgspec.Struct, kw_only=True):
     observed_rate: float  # requests a second over the interval
     forecast_rate: float | None  # what the pools were sized for; None while the model learns
     prefill_replicas: int
-    decode_replicas: int
+    decode_replicas: int  # with `aggregated`, the one pool's
     reasons: list[str] = msgspec.field(default_factory=list)
+    aggregated: bool = False  # one pool of workers doing both
 
 
 def steps_subject(namespace: str, worker_id: str = "*") -> str:
