@@ -5,10 +5,8 @@ Deployments).
 Beside the supervisor (`tandem serve ... --planner`, `tandem planner --connector local`) it
 runs on a thread of its own (`PlannerThread`): the supervisor's main thread polls its
 children, the planner needs an event loop to hear the workers' steps and the frontends'
-requests.
-`ProcessScaler` is its connector: it resizes the supervisor's pools, and counts a worker as
-serving once that worker's instance id appears in discovery, so the planner knows which of
-the workers it asked for are still starting.
+requests. `ProcessScaler` counts a worker as serving once its instance id appears in
+discovery, so the planner knows which of the workers it asked for are still starting.
 """
 
 from __future__ import annotations
