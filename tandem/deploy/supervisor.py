@@ -272,7 +272,7 @@ def run_local(
                 break
             time.sleep(0.2)
         if stopping:
-            log.info("signal %d: stopping workers and frontend", stopping[0])
+            log.info("signal %d: stopping the workers and frontends", stopping[0])
     finally:
         if planning is not None:
             planning.stop()
