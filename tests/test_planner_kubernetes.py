@@ -129,3 +129,9 @@ def test_tandem_planner_names_what_the_kubernetes_connector_lacks(capsys):
     code = cli.main(["planner", "--nats", "nats://127.0.0.1:1", "--connector", "kubernetes",
                      "--prefill-deployment", "p"])  # fmt: skip
     assert code == 2 and "needs --decode-deployment" in capsys.readouterr().err
+    code = cli.main(["planner", "--nats", "nats://127.0.0.1:1", "--connector", "kubernetes",
+                     "--workers", "2"])  # fmt: skip
+    assert code == 2 and "--workers is for --connector local" in capsys.readouterr().err
+    code = cli.main(["planner", "--nats", "nats://127.0.0.1:1", "--workers", "2",
+                     "--decode-workers", "1"])  # fmt: skip
+    assert code == 2 and "not both" in capsys.readouterr().err

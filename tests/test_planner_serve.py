@@ -7,6 +7,7 @@ shrink by draining, with no request lost."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import re
@@ -29,6 +30,9 @@ from tandem.deploy.planning import ProcessScaler
 from tandem.deploy.processes import NatsServer, free_port
 from tandem.deploy.supervisor import Supervisor
 from tandem.engine.testing import make_tiny_model
+from tandem.protocol.worker import GENERATE_ENDPOINT, WORKER_COMPONENT
+from tandem.runtime import MemoryDiscovery
+from tandem.runtime.messages import InstanceInfo
 
 TOKENS = 12
 
@@ -178,8 +182,6 @@ def test_the_process_scaler_counts_workers_not_in_discovery_as_starting():
     scaler = ProcessScaler(supervisor)
     scaler.serving = {"p1", "d1"}
     assert scaler.replicas() == (1, 2) and scaler.starting() == (0, 1)
-    import asyncio
-
     asyncio.run(scaler.scale(2, 2))
     assert scaler.replicas() == (2, 2) and scaler.starting() == (1, 1)
 
@@ -278,3 +280,51 @@ def test_tandem_planner_with_the_local_connector_supervises_its_workers(tmp_path
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)
         assert code == 0, log_path.read_text()
+
+
+class IdleProc:
+    pid = 0
+
+    def poll(self) -> None:
+        return None
+
+
+def test_the_process_scaler_measures_how_long_its_workers_take_to_serve(tmp_path, monkeypatch):
+    """From the spawn to the worker's first appearance in discovery, once per start; the
+    planner then sizes for the load that far ahead."""
+    args = cli.parse_args(["serve", str(tmp_path), "--engine", "mock", "--prefill-workers", "1",
+                           "--decode-workers", "1"])  # fmt: skip
+    workers, _ = local_specs(args, tmp_path, "tiny", "cpu")("nats://127.0.0.1:1")
+    now = [100.0]
+    supervisor = Supervisor(workers, [], clock=lambda: now[0])
+    monkeypatch.setattr(supervisor, "_spawn", lambda kind, spec: IdleProc())
+    supervisor.start()
+    scaler = ProcessScaler(supervisor)
+    decode = supervisor.instance_ids("decode")[0]
+
+    def card(metadata: dict) -> InstanceInfo:
+        return InstanceInfo(namespace="tandem", component=WORKER_COMPONENT,
+                            endpoint=GENERATE_ENDPOINT, instance_id=decode,
+                            address="127.0.0.1:1", metadata=metadata)  # fmt: skip
+
+    async def main() -> None:
+        discovery = MemoryDiscovery()
+        follow = asyncio.ensure_future(scaler.follow(discovery, "tandem"))
+        await asyncio.sleep(0.01)
+        assert scaler.measured_startup() is None and scaler.starting() == (1, 1)
+        now[0] += 42.0  # loading the model...
+        await discovery.register(card({}))
+        await asyncio.sleep(0.05)
+        now[0] += 10.0
+        await discovery.register(card({"changed": True}))  # a new card is no new start
+        await asyncio.sleep(0.05)
+        follow.cancel()
+        await discovery.close()
+
+    asyncio.run(main())
+    assert list(scaler.startups) == [42.0] and scaler.measured_startup() == 42.0
+    assert scaler.starting() == (1, 0)
+    planner = new_planner(cli.parse_args(["serve", "--planner", "--workers", "2"]),
+                          planner_config(cli.parse_args(["serve", "--planner"])))  # fmt: skip
+    planner.plan_ahead(scaler.measured_startup(), 10.0)
+    assert planner.config.lead_intervals == 5

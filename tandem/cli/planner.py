@@ -55,10 +55,12 @@ def add_planner(subparsers: Any) -> None:
     c = p.add_argument_group("connector")
     c.add_argument("--connector", choices=("local", "kubernetes"), default="local",
                    help="(%(default)s)")  # fmt: skip
-    c.add_argument("--prefill-workers", type=int_at_least(1), default=1, metavar="P",
-                   help="local: prefill workers to start with (%(default)s)")  # fmt: skip
-    c.add_argument("--decode-workers", type=int_at_least(1), default=1, metavar="D",
-                   help="local: decode workers to start with (%(default)s)")  # fmt: skip
+    c.add_argument("--prefill-workers", type=int_at_least(1), metavar="P",
+                   help="local: prefill workers to start with (1)")  # fmt: skip
+    c.add_argument("--decode-workers", type=int_at_least(1), metavar="D",
+                   help="local: decode workers to start with (1)")  # fmt: skip
+    c.add_argument("--workers", type=int_at_least(1), metavar="N",
+                   help="local: one pool of N aggregated workers instead")  # fmt: skip
     c.add_argument("--served-model-name", help="local: the model name in the workers' card")
     c.add_argument("--drain-timeout", type=positive_float, default=30.0,
                    help="local: seconds a draining worker may take (%(default)s)")  # fmt: skip
@@ -97,7 +99,7 @@ def add_planner_flags(p: Any, switch: bool = True) -> None:
                    help="workers in both pools together, at most (16)")  # fmt: skip
     g.add_argument("--worker-startup", type=positive_float, metavar="SECONDS",
                    help="how long a new worker takes to serve: the planner sizes for the load"
-                   " that far ahead (30)")  # fmt: skip
+                   " that far ahead, until it has timed its workers' start-ups (30)")  # fmt: skip
     g.add_argument("--planner-profile", metavar="FILE",
                    help="a `tandem profile` output to seed both pools' step models with, so"
                    " the planner decides before the workers' own steps have taught it")  # fmt: skip
@@ -181,6 +183,13 @@ def run_planner(args: argparse.Namespace) -> int:
     starts."""
     setup_logging(args.log_level)
     use_cluster_secret(args)
+    if args.workers is not None and (args.prefill_workers or args.decode_workers):
+        print("tandem planner: error: --workers (one aggregated pool) or --prefill-workers and"
+              " --decode-workers, not both", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.workers is None:  # split pools, 1 + 1 unless told
+        args.prefill_workers = args.prefill_workers or 1
+        args.decode_workers = args.decode_workers or 1
     config = planner_config(args)
     if isinstance(config, str) or config is None:
         print(f"tandem planner: error: {config}", file=sys.stderr)
@@ -215,6 +224,10 @@ def _plan_kubernetes(args: argparse.Namespace, config: PlannerConfig) -> int:
     missing = [flag for flag, name in (("--prefill-deployment", args.prefill_deployment),
                                        ("--decode-deployment", args.decode_deployment))
                if not name]  # fmt: skip
+    if config.prefill.max_replicas == 0:
+        print("tandem planner: error: --workers is for --connector local; Kubernetes pools"
+              " are a prefill and a decode Deployment", file=sys.stderr)  # fmt: skip
+        return 2
     if missing:
         print(f"tandem planner: error: --connector kubernetes needs {' and '.join(missing)}",
               file=sys.stderr)  # fmt: skip

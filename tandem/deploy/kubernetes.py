@@ -58,6 +58,10 @@ class KubernetesScaler:
         prefill, decode = (max(0, self._asked[p] - self._ready[p]) for p in POOLS)
         return prefill, decode
 
+    def measured_startup(self) -> None:
+        """Not measured (yet): the planner keeps --worker-startup."""
+        return None
+
     async def scale(self, prefill: int, decode: int) -> None:
         for pool, n in zip(POOLS, (prefill, decode), strict=True):
             if n != self._asked[pool]:

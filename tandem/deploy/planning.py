@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections import deque
 from typing import Any
 
 from tandem.deploy.supervisor import Supervisor
@@ -26,6 +27,8 @@ from tandem.runtime import Discovery, event_loop
 log = logging.getLogger("tandem.planner")
 #: Seconds before the planner starts over after its loop failed (NATS unreachable, ...).
 RETRY_S = 5.0
+#: Start-ups remembered: the planner plans as far ahead as the longest of them.
+STARTUPS = 8
 
 
 class ProcessScaler:
@@ -36,6 +39,11 @@ class ProcessScaler:
     def __init__(self, supervisor: Supervisor, pools: tuple[str | None, str] | None = None) -> None:
         self.supervisor, self.pools = supervisor, pools or ("prefill", "decode")
         self.serving: set[str] = set()  # instance ids registered in discovery
+        self.startups: deque[float] = deque(maxlen=STARTUPS)  # seconds, spawn to discovery
+
+    def measured_startup(self) -> float | None:
+        """The longest of the recent start-ups (None before one): how far ahead to plan."""
+        return max(self.startups, default=None)
 
     def replicas(self) -> tuple[int, int]:
         prefill, decode = (self._size(role) for role in self.pools)
@@ -64,10 +72,13 @@ class ProcessScaler:
         prefix = f"{namespace}.{WORKER_COMPONENT}.{GENERATE_ENDPOINT}"
         async with contextlib.aclosing(discovery.watch(prefix)) as events:
             async for event in events:
-                if event.kind == "added":
-                    self.serving.add(event.instance.instance_id)
-                else:
-                    self.serving.discard(event.instance.instance_id)
+                iid = event.instance.instance_id
+                if event.kind == "removed":
+                    self.serving.discard(iid)
+                elif iid not in self.serving:  # (a serving worker's new card is no start)
+                    self.serving.add(iid)
+                    if (startup := self.supervisor.serves(iid)) is not None:
+                        self.startups.append(startup)
 
 
 class PlannerThread:

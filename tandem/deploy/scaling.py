@@ -66,6 +66,10 @@ class ClusterScaler:
                     self._draining.add(worker)
                     self._background(self._drain(worker))
 
+    def measured_startup(self) -> None:
+        """Its start-up is modelled (`startup_s`), not measured."""
+        return None
+
     def worker_seconds(self) -> float:
         """GPU-seconds held so far: by every worker, from its ask to its drain's end."""
         now = time.monotonic()

@@ -54,6 +54,7 @@ class WorkerSlot:
     restarts: int = 0  # in a row, without a healthy period
     restart_at: float | None = None  # it exited: respawn then (after its backoff)
     retire_by: float | None = None  # told to drain: killed if still running then
+    served: bool = False  # seen serving since its process started
 
 
 class Supervisor:
@@ -120,6 +121,16 @@ class Supervisor:
             return [s.spec.instance_id or "" for s in self.slots
                     if s.spec.role == role and s.retire_by is None]  # fmt: skip
 
+    def serves(self, instance_id: str) -> float | None:
+        """That worker was seen serving: its start-up in seconds, the first time since its
+        process was (re)started; None after that, or if it is not ours."""
+        with self._lock:
+            for slot in self.slots:
+                if slot.spec.instance_id == instance_id and not slot.served:
+                    slot.served = True
+                    return self._clock() - slot.started
+        return None
+
     def _resize(self) -> None:
         with self._lock:
             wanted, self._wanted = self._wanted, {}
@@ -142,7 +153,7 @@ class Supervisor:
     # -- processes -------------------------------------------------------------------------
 
     def _spawn_worker(self, slot: WorkerSlot) -> None:
-        slot.started, slot.restart_at = self._clock(), None
+        slot.started, slot.restart_at, slot.served = self._clock(), None, False
         slot.proc = self._spawn("worker", slot.spec)
 
     def _spawn(self, kind: str, spec: WorkerSpec | FrontendSpec) -> subprocess.Popen[bytes]:

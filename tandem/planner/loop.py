@@ -55,6 +55,10 @@ class Connector(Protocol):
         """Start or drain workers towards these sizes (may return before they are done)."""
         ...
 
+    def measured_startup(self) -> float | None:
+        """Seconds its recent workers took from the ask to serving, if it measures them."""
+        ...
+
 
 @dataclass
 class Tick:
@@ -113,6 +117,8 @@ class PlannerLoop:
         seen = observation(now - self._since, self._arrived, self._finished, prefill, decode,
                            self.connector.starting())  # fmt: skip
         self._arrived, self._finished, self._since = 0, [], now
+        if (startup := self.connector.measured_startup()) is not None:
+            self.planner.plan_ahead(startup, self._timer.interval)
         decision = self.planner.step(seen)
         self.history.append(Tick(now, seen, decision))
         report = PlannerReport(

@@ -26,8 +26,9 @@ into the prefill and decode replica counts for the next one:
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tandem.planner.forecast import Constant, Picker, Seasonal, Smoothing
 from tandem.planner.replicas import Z90, PoolBounds, decode_replicas, prefill_replicas
@@ -94,6 +95,12 @@ class Planner:
         self.outputs: deque[int] = deque(maxlen=LENGTH_SAMPLE)
         self._lower_streak = {"prefill": 0, "decode": 0}
         self._starting = (0, 0)  # the last interval's starting workers, per pool
+
+    def plan_ahead(self, startup_s: float, interval_s: float) -> None:
+        """Size for the load as far ahead as a new worker takes to serve (measured)."""
+        lead = max(1, math.ceil(startup_s / interval_s))
+        if lead != self.config.lead_intervals:
+            self.config = replace(self.config, lead_intervals=lead)
 
     def step(self, seen: Observation) -> Decision:
         c = self.config
