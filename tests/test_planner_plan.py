@@ -135,6 +135,16 @@ def test_no_correction_for_an_interval_a_new_worker_served_only_part_of():
     assert planner.step(missed).decode_replicas == 5  # a full interval of 4 missed too
 
 
+def test_the_gap_between_steps_is_learned_from_the_median_inter_token_latency():
+    """Three decode workers at 10 req/s should settle at 12 ms steps; tokens came 17 ms
+    apart: 5 ms a token went elsewhere, learned at 0.3 a interval, none below zero."""
+    planner = Planner(CONFIG, linear_model())
+    planner.step(dataclasses.replace(seen(10.0, 4, 3), itl_p50_s=0.017))
+    assert planner.step_gap_s == pytest.approx(0.3 * 0.005, rel=1e-3)
+    planner.step(dataclasses.replace(seen(10.0, 4, 3), itl_p50_s=0.002))
+    assert planner.step_gap_s == pytest.approx(0.7 * 0.3 * 0.005, rel=1e-3)
+
+
 def test_a_noisy_load_is_sized_above_its_forecast_by_the_forecasts_error():
     steady, noisy = Planner(CONFIG, linear_model()), Planner(CONFIG, linear_model())
     for i in range(12):

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tandem.planner import PoolBounds, StepModel, decode_replicas, prefill_replicas
+from tandem.planner.replicas import settled_step
 
 
 def linear_model(prefill_per_token: float = 1e-3, decode_base: float = 0.01,
@@ -94,6 +95,20 @@ def test_decode_replicas_by_littles_law_and_the_kv_that_fits():
     assert decode_replicas(model, 10.0, itl_s=10.0, kv_tokens_per_worker=10**6, **args) == 1
     assert decode_replicas(model, 30.0, itl_s=10.0, kv_tokens_per_worker=10**6, **args) == 2
     assert decode_replicas(StepModel(), 10.0, itl_s=0.02, kv_tokens_per_worker=1, **args) is None
+
+
+def test_a_gap_beyond_the_step_counts_in_every_token():
+    """A token takes its step plus 1 ms (the host's own work between steps): at a 13 ms
+    target four workers no longer do (s = 11 / (1 - 0.125) = 12.6 ms, b = 3.1, p90 5.4:
+    13.7 ms), six do (s = 12.0 ms, b = 2.0, p90 3.8: 12.9 ms). One of three workers at
+    10 req/s settles at 12 ms (above)."""
+    model, bounds = linear_model(), PoolBounds(1, 8)
+    args = dict(prompt_tokens=[500] * 10, output_tokens=[100] * 10, bounds=bounds,
+                itl_s=0.013, kv_tokens_per_worker=10**6)  # fmt: skip
+    assert decode_replicas(model, 10.0, **args) == 4
+    assert decode_replicas(model, 10.0, step_gap_s=0.001, **args) == 6
+    step = settled_step(model, 10.0 / 3, [500] * 10, [100] * 10, itl_s=0.013)
+    assert step == pytest.approx(0.012, rel=1e-3)
 
 
 def test_pool_bounds_are_checked():

@@ -173,6 +173,7 @@ def observation(
         output_tokens=[r.output_tokens for r in finished],
         ttft_p90_s=float(np.quantile(ttfts, 0.9)) if ttfts else None,
         itl_p90_s=float(np.quantile(itls, 0.9)) if itls else None,
+        itl_p50_s=float(np.quantile(itls, 0.5)) if itls else None,
         prefill_replicas=prefill,
         decode_replicas=decode,
         prefill_starting=starting[0],

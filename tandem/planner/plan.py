@@ -11,7 +11,9 @@ into the prefill and decode replica counts for the next one:
    the KV imports the decode steps carry leave error that this margin covers); the lengths
    are the distribution of the recent requests (a bounded sample);
 2. each pool is sized from its target (`replicas.py`), on the step model learned from the
-   workers' own steps;
+   workers' own steps; a decode token also takes the gap the planner learns between steps
+   (the interval's median inter-token latency less the step the model predicts at that
+   load: the host's own time, KV arriving), smoothed over intervals;
 3. a pool whose observed latency missed its target gets one more worker than both the
    calculation and its current size (the reactive correction: the model or the forecast
    was wrong, and waiting for the next forecast would miss the target again), unless
@@ -31,11 +33,19 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from tandem.planner.forecast import Constant, Picker, Seasonal, Smoothing
-from tandem.planner.replicas import Z90, PoolBounds, decode_replicas, prefill_replicas
+from tandem.planner.replicas import (
+    Z90,
+    PoolBounds,
+    decode_replicas,
+    prefill_replicas,
+    settled_step,
+)
 from tandem.planner.step_model import StepModel
 
 #: Requests whose lengths are kept as the length distribution.
 LENGTH_SAMPLE = 4096
+#: The weight of the newest interval in the smoothed step gap.
+GAP_WEIGHT = 0.3
 
 
 @dataclass
@@ -52,6 +62,7 @@ class Observation:
     decode_replicas: int
     prefill_starting: int = 0  # asked for, not serving yet
     decode_starting: int = 0
+    itl_p50_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,7 @@ class Planner:
         self.outputs: deque[int] = deque(maxlen=LENGTH_SAMPLE)
         self._lower_streak = {"prefill": 0, "decode": 0}
         self._starting = (0, 0)  # the last interval's starting workers, per pool
+        self.step_gap_s = 0.0  # learned: see _learn_step_gap
 
     def plan_ahead(self, startup_s: float, interval_s: float) -> None:
         """Size for the load as far ahead as a new worker takes to serve (measured)."""
@@ -108,18 +120,19 @@ class Planner:
         self.prompts.extend(seen.prompt_tokens)
         self.outputs.extend(seen.output_tokens)
         rate = max(self.rate.forecast(ahead) or 0.0 for ahead in range(1, c.lead_intervals + 1))
-        # Mean absolute error x 1.25: the standard deviation of normal errors.
-        rate += Z90 * 1.25 * self.rate.error()
-        decision = Decision(seen.prefill_replicas, seen.decode_replicas, rate)
+        sd = 1.25 * self.rate.error()  # mean absolute error x 1.25: normal errors' sd
+        high = rate + Z90 * sd
+        decision = Decision(seen.prefill_replicas, seen.decode_replicas, high)
         aggregated = c.prefill.max_replicas == 0
-        want_p = prefill_replicas(self.model, rate, self.prompts, c.ttft_s,
+        want_p = prefill_replicas(self.model, high, self.prompts, c.ttft_s,
                                   c.decode if aggregated else c.prefill)  # fmt: skip
         if want_p is None:  # no prefill step seen yet (short prompts stay on the decode
             # workers): the decode workers' prefill steps price a prompt on the same engine
-            want_p = prefill_replicas(self.decode_model, rate, self.prompts, c.ttft_s, c.prefill)
+            want_p = prefill_replicas(self.decode_model, high, self.prompts, c.ttft_s, c.prefill)
+        self._learn_step_gap(seen, aggregated)
         want_d = decode_replicas(self.decode_model, rate, self.prompts, self.outputs, c.itl_s,
-                                 c.kv_tokens_per_worker, c.decode,
-                                 prefills_too=aggregated)  # fmt: skip
+                                 c.kv_tokens_per_worker, c.decode, prefills_too=aggregated,
+                                 step_gap_s=self.step_gap_s, rate_sd=sd)  # fmt: skip
         if want_p is None or want_d is None:
             decision.reasons.append("step model not ready: pools held")
             return decision
@@ -142,6 +155,20 @@ class Planner:
                          seen.decode_starting)  # fmt: skip
         decision.prefill_replicas, decision.decode_replicas = self._within_budget(p, d)
         return decision
+
+    def _learn_step_gap(self, seen: Observation, aggregated: bool) -> None:
+        """The time between a sequence's tokens beyond its worker's step (scheduling, the
+        host's own work, KV arriving): the interval's median inter-token latency less the
+        step the model predicts at that load, smoothed over intervals."""
+        serving = seen.decode_replicas - seen.decode_starting
+        if seen.itl_p50_s is None or serving < 1 or seen.seconds <= 0 or not self.outputs:
+            return
+        per_worker = seen.requests / seen.seconds / serving
+        predicted = settled_step(self.decode_model, per_worker, self.prompts, self.outputs,
+                                 seen.itl_p50_s, aggregated)  # fmt: skip
+        if predicted is not None:
+            gap = max(0.0, seen.itl_p50_s - predicted)
+            self.step_gap_s += GAP_WEIGHT * (gap - self.step_gap_s)
 
     def _grown(self, seen: Observation) -> tuple[bool, bool]:
         """Per pool: is it larger now than the latencies just seen can tell? Workers are still

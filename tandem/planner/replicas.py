@@ -78,43 +78,84 @@ def decode_replicas(
     kv_tokens_per_worker: int,
     bounds: PoolBounds,
     prefills_too: bool = False,
+    step_gap_s: float = 0.0,
+    rate_sd: float = 0.0,
 ) -> int | None:
     """Workers for `rate` requests a second with these prompt and output lengths (samples)
     within an inter-token latency target of `itl_s`. `prefills_too`: the workers compute
     their prompts as well (an aggregated pool): the share of time that takes stretches
-    every decode step."""
+    every decode step. `step_gap_s`: what a token takes beyond its step (learned).
+    `rate_sd`: the rate's own uncertainty (the forecast's error), whose spread of the batch
+    adds to the Poisson one's: the p90 of the sum, not a p90 on top of a p90."""
     if rate <= 0 or not output_tokens:
         return bounds.min_replicas
-    mean_out = float(np.mean(output_tokens))
     mean_in = float(np.mean(prompt_tokens)) if prompt_tokens else 0.0
+    mean_out = float(np.mean(output_tokens))
     context = mean_in + mean_out / 2  # a sequence's KV halfway through its answer
-    prefill_s = 0.0  # a request's prompt, in seconds of its worker's time
-    if prefills_too and prompt_tokens:
-        times = [model.prefill_s(n) for n in prompt_tokens]
-        if any(t is None for t in times):
-            return None
-        prefill_s = float(np.mean(times))
     for n in range(max(bounds.min_replicas, 1), bounds.max_replicas + 1):
-        if model.decode_s(1, context) is None:
+        step_of = _step_of(model, rate / n, prompt_tokens, prefills_too, step_gap_s)
+        if step_of is None:
             return None
-        prefilling = rate / n * prefill_s  # the fraction of a worker's time
-        if prefilling >= 1:
-            continue
-
-        def step_of(batch: float, kv: float, free: float = 1 - prefilling) -> float | None:
-            seconds = model.decode_s(batch, kv)
-            return None if seconds is None else seconds / free
-
         step = _settled_step(step_of, rate * mean_out / n, context, itl_s)
         if step is None:
             continue
         batch = rate * mean_out / n * step
-        busy = batch + Z90 * math.sqrt(batch)  # the batch's p90: its size is Poisson
+        spread = rate_sd * mean_out / n * step
+        busy = batch + Z90 * math.sqrt(batch + spread**2)  # the batch's p90 (Poisson + rate)
         if (step_of(busy, busy * context) or math.inf) <= itl_s and (
             busy * (mean_in + mean_out) <= kv_tokens_per_worker
         ):
             return n
     return bounds.max_replicas
+
+
+def settled_step(
+    model: StepModel,
+    rate: float,
+    prompt_tokens: Sequence[int],
+    output_tokens: Sequence[int],
+    itl_s: float,
+    prefills_too: bool = False,
+) -> float | None:
+    """The step one worker taking `rate` requests a second settles at (None: unknown, or
+    past what it can serve)."""
+    if rate <= 0 or not output_tokens:
+        return None
+    mean_in = float(np.mean(prompt_tokens)) if prompt_tokens else 0.0
+    mean_out = float(np.mean(output_tokens))
+    step_of = _step_of(model, rate, prompt_tokens, prefills_too, 0.0)
+    if step_of is None:
+        return None
+    return _settled_step(step_of, rate * mean_out, mean_in + mean_out / 2, itl_s)
+
+
+def _step_of(
+    model: StepModel,
+    rate: float,
+    prompt_tokens: Sequence[int],
+    prefills_too: bool,
+    step_gap_s: float,
+) -> Callable[[float, float], float | None] | None:
+    """Seconds between a sequence's tokens at a batch and its KV tokens, on a worker taking
+    `rate` requests a second: the decode step, stretched by the time its prompts take when
+    it prefills them too, plus the gap; None when the model cannot tell (or the prompts
+    alone fill the worker's time: infinite)."""
+    if model.decode_s(1, 1) is None:
+        return None
+    free = 1.0  # of the worker's time, what the prompts leave to decoding
+    if prefills_too and prompt_tokens:
+        times = [model.prefill_s(n) for n in prompt_tokens]
+        if any(t is None for t in times):
+            return None
+        free = 1 - rate * float(np.mean(times))  # type: ignore[arg-type]
+
+    def step_of(batch: float, kv: float) -> float | None:
+        seconds = model.decode_s(batch, kv)
+        if seconds is None or free <= 0:
+            return None if seconds is None else math.inf
+        return seconds / free + step_gap_s
+
+    return step_of
 
 
 def _settled_step(
