@@ -39,7 +39,8 @@ def scaler_for(kube: FakeKube, **kw) -> KubernetesScaler:
 
 def test_the_connector_reads_and_scales_the_deployments():
     with FakeKube("serving", {"llama-prefill": 1, "llama-decode": 2}) as kube:
-        scaler = scaler_for(kube)
+        now = [0.0]
+        scaler = scaler_for(kube, clock=lambda: now[0])
 
         async def main():
             with pytest.raises(RuntimeError, match="not been read"):
@@ -50,9 +51,12 @@ def test_the_connector_reads_and_scales_the_deployments():
             assert kube.patches == [("llama-prefill", 2)]
             await scaler.refresh()
             assert scaler.replicas() == (2, 2) and scaler.starting() == (1, 0)
+            assert scaler.measured_startup() is None
+            now[0] += 75.0
             kube.ready["llama-prefill"] = 2  # the new pod passed its readiness probe
             await scaler.refresh()
             assert scaler.starting() == (0, 0)
+            assert scaler.measured_startup() == 75.0  # from the scale-up to ready
 
         asyncio.run(main())
     with pytest.raises(ValueError, match="decode pool"):

@@ -6,18 +6,25 @@ from the Deployments: asked for = `spec.replicas`, serving = `status.readyReplic
 down is Kubernetes' SIGTERM to a pod, on which a Tandem worker drains (its pod's
 `terminationGracePeriodSeconds` must cover `--drain-timeout`).
 
-The client is synchronous: its calls run on a worker thread, off the planner's event loop.
+It times start-ups too: from a scale-up to all of that pool's pods ready (the planner plans as
+far ahead as the longest recent one). The client is synchronous: its calls run on a worker
+thread, off the planner's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 POOLS = ("prefill", "decode")
+#: Start-ups remembered: the planner plans as far ahead as the longest of them.
+STARTUPS = 8
 
 
 class KubernetesScaler:
@@ -28,6 +35,7 @@ class KubernetesScaler:
         deployments: dict[str, str],  # pool -> Deployment name
         *,
         poll_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         missing = [pool for pool in POOLS if pool not in deployments]
         if missing:
@@ -37,6 +45,9 @@ class KubernetesScaler:
         self._asked = dict.fromkeys(POOLS, 0)
         self._ready = dict.fromkeys(POOLS, 0)
         self._read = False  # never act on pools not read yet
+        self._clock = clock
+        self._grown_at: dict[str, float] = {}  # pool -> when it was last scaled up
+        self.startups: deque[float] = deque(maxlen=STARTUPS)  # ask to all ready, seconds
 
     @classmethod
     def connect(cls, namespace: str, deployments: dict[str, str], **kw: Any) -> KubernetesScaler:
@@ -58,9 +69,9 @@ class KubernetesScaler:
         prefill, decode = (max(0, self._asked[p] - self._ready[p]) for p in POOLS)
         return prefill, decode
 
-    def measured_startup(self) -> None:
-        """Not measured (yet): the planner keeps --worker-startup."""
-        return None
+    def measured_startup(self) -> float | None:
+        """The longest recent time from a scale-up to all of the pool's pods ready."""
+        return max(self.startups, default=None)
 
     async def scale(self, prefill: int, decode: int) -> None:
         for pool, n in zip(POOLS, (prefill, decode), strict=True):
@@ -70,6 +81,10 @@ class KubernetesScaler:
                                         self.deployments[pool], self.namespace, body)  # fmt: skip
                 log.info("deployment %s/%s (%s): %d -> %d replicas", self.namespace,
                          self.deployments[pool], pool, self._asked[pool], n)  # fmt: skip
+                if n > self._asked[pool]:
+                    self._grown_at.setdefault(pool, self._clock())
+                else:
+                    self._grown_at.pop(pool, None)  # no start to time any more
                 self._asked[pool] = n
 
     async def refresh(self) -> None:
@@ -79,6 +94,8 @@ class KubernetesScaler:
                                             self.deployments[pool], self.namespace)  # fmt: skip
             self._asked[pool] = found.spec.replicas or 0
             self._ready[pool] = (found.status.ready_replicas or 0) if found.status else 0
+            if pool in self._grown_at and self._ready[pool] >= self._asked[pool]:
+                self.startups.append(self._clock() - self._grown_at.pop(pool))
         self._read = True
 
     async def follow(self, discovery: Any = None, namespace: str = "") -> None:
