@@ -113,8 +113,9 @@ def planner_config(args: argparse.Namespace) -> PlannerConfig | str | None:
         return f"{', '.join(given)} need --planner" if given else None
     budget = 16 if args.max_gpu_budget is None else args.max_gpu_budget
     if args.prefill_workers is None:  # `tandem serve --workers N`: one aggregated pool
-        split = [f for f in ("--max-prefill-workers", "--max-decode-workers")
-                 if getattr(args, f[2:].replace("-", "_")) is not None]  # fmt: skip
+        split = [flag for flag, value in (("--max-prefill-workers", args.max_prefill_workers),
+                                          ("--max-decode-workers", args.max_decode_workers))
+                 if value is not None]  # fmt: skip
         if split:
             return f"{', '.join(split)} bound split pools: with --workers, the bound is" \
                 " --max-gpu-budget"  # fmt: skip
@@ -152,11 +153,11 @@ def planner_interval(args: argparse.Namespace) -> float:
 
 def planner_thread(args: argparse.Namespace, config: PlannerConfig) -> Callable[..., Any]:
     """What `run_local` starts beside its supervisor: the planner on its own thread."""
-    from tandem.deploy.planning import PlannerThread, ProcessScaler
+    from tandem.deploy.planning import POOLS, PlannerThread, ProcessScaler
 
     def make(supervisor: Any, nats_url: str) -> PlannerThread:
         aggregated = config.prefill.max_replicas == 0
-        scaler = ProcessScaler(supervisor, (None, "aggregated") if aggregated else None)
+        scaler = ProcessScaler(supervisor, (None, "aggregated") if aggregated else POOLS)
         planner, interval = new_planner(args, config), planner_interval(args)
         return PlannerThread(scaler, planner, nats_url, namespace=namespace(args),
                              interval=interval)  # fmt: skip

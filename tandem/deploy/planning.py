@@ -25,6 +25,7 @@ from tandem.protocol.worker import GENERATE_ENDPOINT, WORKER_COMPONENT
 from tandem.runtime import Discovery, event_loop
 
 log = logging.getLogger("tandem.planner")
+POOLS = ("prefill", "decode")  # the supervisor's roles behind the planner's two pools
 #: Seconds before the planner starts over after its loop failed (NATS unreachable, ...).
 RETRY_S = 5.0
 #: Start-ups remembered: the planner plans as far ahead as the longest of them.
@@ -36,8 +37,10 @@ class ProcessScaler:
     behind the planner's prefill and decode pools; an aggregated pool is the decode pool
     with no prefill pool (None)."""
 
-    def __init__(self, supervisor: Supervisor, pools: tuple[str | None, str] | None = None) -> None:
-        self.supervisor, self.pools = supervisor, pools or ("prefill", "decode")
+    def __init__(
+        self, supervisor: Supervisor, pools: tuple[str | None, str] = POOLS
+    ) -> None:
+        self.supervisor, self.pools = supervisor, pools
         self.serving: set[str] = set()  # instance ids registered in discovery
         self.startups: deque[float] = deque(maxlen=STARTUPS)  # seconds, spawn to discovery
 

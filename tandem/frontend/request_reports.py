@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -21,8 +20,6 @@ from tandem.protocol.observations import (
 )
 from tandem.runtime import EventPlane
 from tandem.runtime.periodic import Periodic
-
-log = logging.getLogger(__name__)
 
 #: Finished requests kept between two reports; past it the oldest go (a sample suffices).
 MAX_SAMPLES = 2048

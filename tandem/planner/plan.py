@@ -5,11 +5,10 @@ into the prefill and decode replica counts for the next one:
 
 1. the request rate is forecast (`Picker`: last value, Holt, Holt-Winters, by error) for
    every interval until a worker asked for now would serve (`lead_intervals`), and the pools
-   are sized for the highest plus the forecast's own p90 error (from its measured one-step
-   errors; measured, a tighter margin that folded the rate's spread into the decode
-   batch's p90 met the targets for 85 % of requests instead of 95 %: the step model and
-   the KV imports the decode steps carry leave error that this margin covers); the lengths
-   are the distribution of the recent requests (a bounded sample);
+   are sized for the highest with a margin for the forecast's own error (from its measured
+   one-step errors): the prefill pool for that rate plus its p90 error, the decode pool for
+   the p90 of its batch with the rate's spread added to the batch's own; the lengths are
+   the distribution of the recent requests (a bounded sample);
 2. each pool is sized from its target (`replicas.py`), on the step model learned from the
    workers' own steps; a decode token also takes the gap the planner learns between steps
    (the interval's median inter-token latency less the step the model predicts at that
@@ -139,11 +138,11 @@ class Planner:
         if aggregated:  # one pool: as many workers as either target needs
             want_p, want_d = 0, max(want_p, want_d)
         grown_p, grown_d = self._grown(seen)
-        if seen.ttft_p90_s is not None and seen.ttft_p90_s > c.ttft_s and aggregated:
-            if not grown_d:
-                want_d = max(want_d, seen.decode_replicas + 1)
-                decision.reasons.append(f"TTFT p90 {seen.ttft_p90_s:.3f} s over target: +1")
-        elif seen.ttft_p90_s is not None and seen.ttft_p90_s > c.ttft_s and not grown_p:
+        ttft_missed = seen.ttft_p90_s is not None and seen.ttft_p90_s > c.ttft_s
+        if ttft_missed and aggregated and not grown_d:  # the one pool prefills
+            want_d = max(want_d, seen.decode_replicas + 1)
+            decision.reasons.append(f"TTFT p90 {seen.ttft_p90_s:.3f} s over target: +1")
+        elif ttft_missed and not aggregated and not grown_p:
             want_p = max(want_p, seen.prefill_replicas + 1)
             decision.reasons.append(f"TTFT p90 {seen.ttft_p90_s:.3f} s over target: +1 prefill")
         if seen.itl_p90_s is not None and seen.itl_p90_s > c.itl_s and not grown_d:
