@@ -118,15 +118,18 @@ def test_corrupt_and_torn_disk_blocks_are_refused_and_dropped(tmp_path, damage: 
 
 def test_disk_writes_run_behind_the_caller_and_a_failed_one_drops_its_block(tmp_path) -> None:
     """`put` returns while its file is still being written (the engine's step loop never
-    waits for the disk); the block reads back from memory meanwhile; a write that fails
-    leaves no block behind, and a removed event says so."""
+    waits for the disk) and keeps its own copy (the caller reuses its block at once); the
+    block reads back from memory meanwhile; a write that fails leaves no block behind, and
+    a removed event says so."""
     import threading
 
     events = Events()
     disk = DiskTier(tmp_path, "m", LAYOUT, 10 * (HEADER.size + LAYOUT.block_bytes), events.append)
     gate, write = threading.Event(), disk._write
     disk._write = lambda *args: (gate.wait(10), write(*args))
-    disk.put(1, 11, block(1))
+    source = block(1)
+    disk.put(1, 11, source)
+    source.zero_()  # the device slot taken by another block
     assert 1 in disk and not disk.path(1).exists()  # queued: the caller did not wait
     assert torch.equal(disk.get(1), block(1))
     gate.set()

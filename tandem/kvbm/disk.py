@@ -3,11 +3,11 @@ cache geometry, bounded in bytes, found again by a restarted worker.
 
 A file is written under a temporary name and renamed into place, so a crash leaves either
 the whole block or a temporary file that the next start deletes. Writes run on a writer
-thread (the engine's step loop only copies the block's bytes); until one lands, reads of that
-block are served from those bytes. Every read checks the
-header (magic, version, geometry fingerprint, the block's hash, the size) and an XXH3
-checksum of the contents; a file that fails is deleted and reported as `CorruptBlock`: the
-caller recomputes the block, never uses it.
+thread (the engine's step loop only queues a copy of the block: on CUDA into pinned memory,
+without waiting for it); until one lands, reads of that block are served from that copy.
+Every read checks the header (magic, version, geometry fingerprint, the block's hash, the
+size) and an XXH3 checksum of the contents; a file that fails is deleted and reported as
+`CorruptBlock`: the caller recomputes the block, never uses it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import torch
@@ -38,6 +39,15 @@ EVENT_BLOCKS = 4096
 #: Block writes queued behind the writer thread, at most (~2 MiB each for an 8B model): one
 #: more waits for the oldest, so the step loop slows to the disk's pace only past that.
 MAX_WRITES = 64
+
+
+class _Write(NamedTuple):
+    """A block queued for the writer: its copy, the event after which that copy holds it
+    (a copy from a GPU; None from host memory), and the write's future."""
+
+    staged: torch.Tensor
+    ready: torch.cuda.Event | None
+    future: Future
 
 
 class CorruptBlock(OSError):
@@ -75,8 +85,8 @@ class DiskTier:
             raise ValueError(f"a disk tier of {capacity_bytes} bytes holds no block")
         self.emit = emit
         self.files: OrderedDict[int, int] = OrderedDict()  # sequence hash -> local hash, LRU first
-        # Writes queued or running, oldest first: the block's bytes and the write's future.
-        self._writes: OrderedDict[int, tuple[bytes, Future]] = OrderedDict()
+        # Writes queued or running, oldest first.
+        self._writes: OrderedDict[int, _Write] = OrderedDict()
         self._writer = ThreadPoolExecutor(1, "kv-disk-write")
         self._scan()
 
@@ -95,14 +105,15 @@ class DiskTier:
         if sequence_hash in self.files:
             self.files.move_to_end(sequence_hash)
             return
-        payload = contents.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-        if len(payload) != self.payload_bytes:
-            raise ValueError(f"a block of {len(payload)} bytes, not {self.payload_bytes}")
+        size = contents.numel() * contents.element_size()
+        if size != self.payload_bytes:
+            raise ValueError(f"a block of {size} bytes, not {self.payload_bytes}")
         while len(self.files) >= self.capacity:
             self._drop(next(iter(self.files)))
         self._settle(wait_for=len(self._writes) - MAX_WRITES + 1)
-        write = self._writer.submit(self._write, sequence_hash, local_hash, payload)
-        self._writes[sequence_hash] = (payload, write)
+        staged, ready = _stage(contents)
+        write = self._writer.submit(self._write, sequence_hash, local_hash, staged, ready)
+        self._writes[sequence_hash] = _Write(staged, ready, write)
         self.files[sequence_hash] = local_hash
         block = KvBlock(sequence_hash, local_hash)
         self.emit(KvStored(event_id=0, parent_sequence_hash=None, blocks=[block], tier="disk"))
@@ -111,8 +122,15 @@ class DiskTier:
         """Wait until every queued write is on disk (or has failed and been dropped)."""
         self._settle(wait_for=len(self._writes))
 
-    def _write(self, sequence_hash: int, local_hash: int, payload: bytes) -> None:
+    def _write(
+        self,
+        sequence_hash: int,
+        local_hash: int,
+        staged: torch.Tensor,
+        ready: torch.cuda.Event | None,
+    ) -> None:
         """Writer thread: header and checksum, a temporary file, renamed into place."""
+        payload = _payload(staged, ready)
         header = HEADER.pack(MAGIC, VERSION, self.fingerprint, sequence_hash, local_hash,
                              len(payload), xxhash.xxh3_64_intdigest(payload))  # fmt: skip
         final = self.path(sequence_hash)
@@ -130,7 +148,7 @@ class DiskTier:
         """Book the writes that are done, oldest first, waiting for the first `wait_for` of
         them; a failed write drops its block (logged): it was never on disk."""
         while self._writes:
-            sequence_hash, (_, write) = next(iter(self._writes.items()))
+            sequence_hash, (_, _, write) = next(iter(self._writes.items()))
             if wait_for <= 0 and not write.done():
                 return
             wait_for -= 1
@@ -156,7 +174,7 @@ class DiskTier:
         thread, with the caller doing the rest on the engine's."""
         queued = self._writes.get(sequence_hash)  # one lookup: atomic on another thread
         if queued is not None:
-            payload = bytearray(queued[0])
+            payload = bytearray(_payload(queued.staged, queued.ready))
         else:
             try:
                 data = self.path(sequence_hash).read_bytes()
@@ -186,8 +204,8 @@ class DiskTier:
 
     def _drop(self, sequence_hash: int) -> None:
         queued = self._writes.pop(sequence_hash, None)
-        if queued is not None and not queued[1].cancel():
-            queued[1].exception()  # running: let it land before the file is deleted
+        if queued is not None and not queued.future.cancel():
+            queued.future.exception()  # running: let it land before the file is deleted
         self.files.pop(sequence_hash, None)
         self.path(sequence_hash).unlink(missing_ok=True)
         self.emit(KvRemoved(event_id=0, sequence_hashes=[sequence_hash], tier="disk"))
@@ -227,3 +245,23 @@ class DiskTier:
             for i in range(0, len(blocks), EVENT_BLOCKS):  # each event well under NATS's 1 MB
                 self.emit(KvStored(event_id=0, parent_sequence_hash=None,
                                    blocks=blocks[i : i + EVENT_BLOCKS], tier="disk"))  # fmt: skip
+
+
+def _stage(contents: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A copy of a block for the writer thread, which may read it any time later. From a GPU
+    it lands in pinned memory on the engine's stream and the caller does not wait for it
+    (a `.cpu()` there would wait for the step that is running)."""
+    if not contents.is_cuda:
+        return contents.detach().contiguous().clone(), None
+    staged = torch.empty(contents.shape, dtype=contents.dtype, pin_memory=True)
+    staged.copy_(contents, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return staged, ready
+
+
+def _payload(staged: torch.Tensor, ready: torch.cuda.Event | None) -> memoryview:
+    """A staged block's bytes, once its copy has landed."""
+    if ready is not None:
+        ready.synchronize()
+    return memoryview(staged.reshape(-1).view(torch.uint8).numpy())
