@@ -196,6 +196,8 @@ def main() -> int:
                    help="only gate_up + SiLU: unfused against the gated launch, with a sweep")
     p.add_argument("--no-skinny", dest="skinny", action="store_false",
                    help="skip the skinny Triton linear's sweep")
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES),
+                   help="only these linears (default: all)")  # fmt: skip
     p.add_argument("--output", type=Path, default=Path("results/linear_shapes.json"))
     args = p.parse_args()
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +206,7 @@ def main() -> int:
         return 0
     rows = []
     for m in args.batch:
-        for name, (n, k) in SHAPES.items():
+        for name, (n, k) in [(name, SHAPES[name]) for name in args.shapes]:
             row = {"batch": m, "linear": name, "n": n, "k": k}
             for lib in args.blas:
                 torch.backends.cuda.preferred_blas_library(lib)
