@@ -7,7 +7,8 @@ RoPE and KV store as their own launch, not inside attention), `rowsN` (the skinn
 linear for batches up to N rows, tiles for more than 16 rows from `--tiles JSON`, the best
 of a `linear_shapes.py --sweep`), `splitk` (o_proj and down at 17-64 rows through cuBLAS, not
 split-K partial sums left for the residual norm; `--split-tiles JSON` instead sets their
-tiles to the best of a `linear_shapes.py --splits` sweep), `shortq` (prompts of
+and qkv's tiles to the best of a `linear_shapes.py --splits` sweep), `summed` (qkv at 17-64
+rows through cuBLAS, not split-K summed in the launch), `shortq` (prompts of
 <= 128 tokens with the default prefill tile, not the short-query one), `gated` (gate_up
 through cuBLAS
 or the plain skinny kernel, then the SiLU kernel, instead of one gated launch; `--gated-tiles
@@ -37,12 +38,12 @@ for item in [o for o in off if o.startswith("rows")]:
     sl.MAX_ROWS = int(item[4:])
     skinny = sl.skinny_linear
 
-    def tiled(x, weight, out=None, bias=None, *, config=None, _skinny=skinny):
+    def tiled(x, weight, out=None, bias=None, *, config=None, _skinny=skinny, **kw):
         if config is None and x.shape[0] > 16:
             config = tiles.get(tuple(weight.shape), ())
             if config is None:
                 return torch.nn.functional.linear(x, weight, bias)
-        return _skinny(x, weight, out, bias, config=config or None)
+        return _skinny(x, weight, out, bias, config=config or None, **kw)
 
     sl.skinny_linear = tiled
 if "--attention-tiles" in sys.argv:  # the best decode tile and split count at batch 64
@@ -79,6 +80,15 @@ if "--split-tiles" in sys.argv:  # the best split-K tile per narrow shape, at th
     default_split = sl.split_config
     sl.split_config = lambda n, k: ((tuple(best[n, k][:4]), best[n, k][4]) if (n, k) in best
                                     else default_split(n, k))  # fmt: skip
+if "summed" in off:
+    from tandem.engine.kernels import skinny_linear as sl
+
+    def cublas_past_16_rows(x, weight, bias, _linear=sl.linear):
+        if x.dim() == 2 and x.shape[0] > sl.MAX_ROWS:
+            return torch.nn.functional.linear(x, weight, bias)
+        return _linear(x, weight, bias)
+
+    sl.linear = cublas_past_16_rows
 if "shortq" in off:
     from tandem.engine.kernels import attention as ka
 

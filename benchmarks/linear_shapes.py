@@ -74,17 +74,19 @@ GATED_CONFIGS = [
 
 def time_linear(
     m: int, n: int, k: int, copies: int = 4, calls: int = 20, skinny: tuple | None = None,
-    splits: int = 1,
+    splits: int = 1, summed: bool = False,
 ) -> float:
     """Seconds per call of [m, k] x [n, k]^T (torch.matmul, or the skinny Triton kernel with
-    config `skinny` and K cut in `splits`), replayed from one CUDA graph."""
+    config `skinny` and K cut in `splits`, the parts `summed` in the launch or left as
+    they are), replayed from one CUDA graph."""
     weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-    shape, dtype = ((m, n), torch.bfloat16) if splits == 1 else ((splits, m, n), torch.float32)
+    parted = splits > 1 and not summed
+    shape, dtype = ((splits, m, n), torch.float32) if parted else ((m, n), torch.bfloat16)
     outs = [torch.empty(shape, dtype=dtype, device="cuda") for _ in range(copies)]
     if skinny is not None:
-        got = skinny_linear(x, weights[0], config=skinny, splits=splits)
-        got = got if splits == 1 else got.sum(0).to(x.dtype)
+        got = skinny_linear(x, weights[0], config=skinny, splits=splits, summed=summed)
+        got = got.sum(0).to(x.dtype) if parted else got
         want = torch.matmul(x, weights[0].t())
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-1)
 
@@ -94,7 +96,7 @@ def time_linear(
                 torch.matmul(x, weights[i % copies].t(), out=outs[i % copies])
             else:
                 skinny_linear(x, weights[i % copies], outs[i % copies], config=skinny,
-                              splits=splits)
+                              splits=splits, summed=summed)
 
     return graph_seconds(body) / calls
 
@@ -169,12 +171,14 @@ def gated_rows(batches: list[int]) -> list[dict]:
     return rows
 
 
-def timed_skinny(m: int, n: int, k: int, config: tuple, splits: int = 1) -> tuple[float, tuple]:
+def timed_skinny(
+    m: int, n: int, k: int, config: tuple, splits: int = 1, summed: bool = False
+) -> tuple[float, tuple]:
     """(seconds, config); a config over the shared-memory limit times as infinity."""
     from triton.runtime.errors import OutOfResources
 
     try:
-        return time_linear(m, n, k, skinny=config, splits=splits), config
+        return time_linear(m, n, k, skinny=config, splits=splits, summed=summed), config
     except OutOfResources:
         return float("inf"), config
 
@@ -186,11 +190,14 @@ def main() -> int:
     p.add_argument("--sweep", action="store_true",
                    help="also sweep the skinny kernel's tile shapes")
     p.add_argument("--splits", type=int, nargs="*", default=[],
-                   help="sweep split-K tiles (K cut in so many) of o_proj, down at > 16 rows")
+                   help="sweep split-K tiles (K cut in so many) of o_proj, down (partial sums)"
+                   " and qkv (summed in the launch) at > 16 rows")
     p.add_argument("--gated", action="store_true",
                    help="only gate_up + SiLU: unfused against the gated launch, with a sweep")
     p.add_argument("--no-skinny", dest="skinny", action="store_false",
                    help="skip the skinny Triton linear's sweep")
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES),
+                   help="only these linears (default: all)")  # fmt: skip
     p.add_argument("--output", type=Path, default=Path("results/linear_shapes.json"))
     args = p.parse_args()
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +206,7 @@ def main() -> int:
         return 0
     rows = []
     for m in args.batch:
-        for name, (n, k) in SHAPES.items():
+        for name, (n, k) in [(name, SHAPES[name]) for name in args.shapes]:
             row = {"batch": m, "linear": name, "n": n, "k": k}
             for lib in args.blas:
                 torch.backends.cuda.preferred_blas_library(lib)
@@ -215,8 +222,8 @@ def main() -> int:
                     best = min(timed_skinny(m, n, k, c) for c in configs)
                     row["triton_best_us"] = round(best[0] * 1e6, 2)
                     row["triton_best_config"] = list(best[1])
-                if args.splits and m > 16 and n <= k:
-                    best = min((timed_skinny(m, n, k, c, s)[0], (*c, s))
+                if args.splits and m > 16 and n < 16384:  # qkv: the parts summed in-launch
+                    best = min((timed_skinny(m, n, k, c, s, summed=n > k)[0], (*c, s))
                                for c in SPLIT_CONFIGS for s in args.splits)  # fmt: skip
                     row["triton_split_us"] = round(best[0] * 1e6, 2)
                     row["triton_split_config"] = list(best[1])

@@ -74,6 +74,57 @@ def test_split_k_partial_sums_add_up_to_the_matmul(splits: int, rows: int) -> No
     torch.testing.assert_close(parts.sum(0), x.float() @ w.float().T, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.skipif(sl.triton is None and os.environ.get("CI") != "true", reason="no triton")
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("rows", [17, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_summed_split_k_is_the_parts_added_in_order(splits: int, rows: int, bias: bool) -> None:
+    """The last split of each tile adds the parts in split order: the result is exactly the
+    parts' sum (plus bias) rounded once, every time, and the tile counters end at zero."""
+    gen = torch.Generator().manual_seed(rows + splits)
+    n, k = (200, 520) if DEVICE == "cpu" else (6144, 4096)
+    x = torch.randn(rows, k, generator=gen).to(DEVICE, torch.float16)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, torch.float16)
+    b = torch.randn(n, generator=gen).to(DEVICE, torch.float16) if bias else None
+    config = (32, 128, 4, 2)
+    parts = sl.skinny_linear(x, w, config=config, splits=splits)
+    want = torch.zeros_like(parts[0])
+    for part in parts:
+        want += part
+    want = (want + (b.float() if bias else 0.0)).to(torch.float16)
+    for _ in range(3):
+        got = sl.skinny_linear(x, w, bias=b, config=config, splits=splits, summed=True)
+        assert got.dtype == torch.float16 and got.shape == (rows, n)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(
+        got.float(), x.float() @ w.float().T + (b.float() if bias else 0.0), rtol=1e-2, atol=1e-2
+    )
+    assert not sl._TILE_COUNTS[x.device].any()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the model takes the kernel on CUDA only")
+@pytest.mark.parametrize("rows", [17, 64])
+def test_qkv_at_17_to_64_rows_sums_its_split_k_in_one_launch(rows: int) -> None:
+    """A narrow linear that feeds no residual add (qkv, with Qwen2's bias) takes split K
+    summed in the launch at 17-64 rows: F.linear's result to bf16 rounding, the same bits
+    replayed from a CUDA graph as run eagerly."""
+    from tandem.engine.models.llama import Linear
+
+    layer = Linear(4096, 6144, bias=True).to(DEVICE, torch.bfloat16)
+    x = torch.randn(rows, 4096, device=DEVICE, dtype=torch.bfloat16)
+    want = layer(x)
+    layer.fused = True
+    eager = layer(x)
+    torch.testing.assert_close(eager.float(), want.float(), rtol=2e-2, atol=2e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = layer(x)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, eager)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the model takes the kernel on CUDA only")
 @pytest.mark.parametrize("rows", [17, 64])
 def test_a_fused_mlp_at_17_to_64_rows_feeds_partial_sums_to_the_residual_norm(rows: int) -> None:
