@@ -16,10 +16,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
+from tandem.engine.kv_handoff import KvSource
 from tandem.protocol import (
     GenerateOutput,
     GenerateRequest,
@@ -41,22 +42,6 @@ CALL_TIMEOUT = 30.0
 #: KV events kept for `take_kv_events`; untaken (embedded, or a publisher behind), the oldest
 #: go: a consumer then sees a gap in the event ids and fetches a snapshot (DESIGN.md).
 KV_EVENT_BUFFER = 10_000
-
-
-class KvPayload(Protocol):
-    """Pulled KV blocks, ready to be copied into this engine's cache (in the engine thread)."""
-
-    def write_into(self, k_cache: Any, v_cache: Any, dst_block_ids: list[int]) -> None: ...
-
-
-class KvSource(Protocol):
-    """Where an imported request's KV comes from; `tandem.transfer` implements it."""
-
-    async def fetch(self, params: KvTransferParams, indices: list[int]) -> KvPayload | None:
-        """The blocks at `indices` of `params.block_ids` (None: nothing to copy, mock)."""
-
-    async def release(self, params: KvTransferParams) -> None:
-        """Tell the source it may free the blocks (idempotent)."""
 
 
 class EngineDeadError(RuntimeError):

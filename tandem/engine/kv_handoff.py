@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -20,6 +20,22 @@ from tandem.engine.block_manager import BlockManager
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.sequence import FINISHED, Sequence
 from tandem.protocol import KvLayout, KvTransferParams
+
+
+class KvPayload(Protocol):
+    """Pulled KV blocks, ready to be copied into this engine's cache (in the engine thread)."""
+
+    def write_into(self, k_cache: Any, v_cache: Any, dst_block_ids: list[int]) -> None: ...
+
+
+class KvSource(Protocol):
+    """Where an imported request's KV comes from; `tandem.transfer` implements it."""
+
+    async def fetch(self, params: KvTransferParams, indices: list[int]) -> KvPayload | None:
+        """The blocks at `indices` of `params.block_ids` (None: nothing to copy, mock)."""
+
+    async def release(self, params: KvTransferParams) -> None:
+        """Tell the source it may free the blocks (idempotent)."""
 
 
 class KvHandoff:
