@@ -63,6 +63,10 @@ def run(args: argparse.Namespace, model: str, tiers: dict) -> dict:
     bm = eng.block_manager
     looked_up = bm.prefix_queries // args.block_size or 1
     hits = dict(bm.tiers.hits) if bm.tiers is not None else {}
+    # Loads not taken (recomputing measured faster) and disk writes shed (the writer behind).
+    skipped = dict(bm.tiers.skipped) if bm.tiers is not None else {}
+    disk = bm.tiers.disk if bm.tiers is not None else None
+    shed = disk.shed if disk is not None else 0
     device_hits = bm.prefix_hits // args.block_size - sum(hits.values())
     del eng, bm  # its device memory goes back before the next configuration's engine
     gc.collect()
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace, model: str, tiers: dict) -> dict:
         "hit_rate": {"device": device_hits / looked_up,
                      **{t: n / looked_up for t, n in hits.items()}},
         "largest_prompt": max(len(h) for h in history.values()) - args.answer_len,
+        "loads_skipped": skipped, "disk_writes_shed": shed,
     }  # fmt: skip
 
 
@@ -114,7 +119,8 @@ def main() -> None:
             rates = " ".join(f"{t} {v:.0%}" for t, v in r["hit_rate"].items())
             print(f"{name:>5}: TTFT p50 {r['ttft_p50_s'] * 1e3:7.1f} ms, p99"
                   f" {r['ttft_p99_s'] * 1e3:7.1f} ms, {r['tokens_per_s']:7.0f} tok/s;"
-                  f" hits: {rates}", flush=True)  # fmt: skip
+                  f" hits: {rates}; loads skipped {r['loads_skipped']}, disk writes shed"
+                  f" {r['disk_writes_shed']}", flush=True)  # fmt: skip
     working_set = args.users * r["largest_prompt"]
     print(f"working set ~{working_set} tokens = {working_set / (args.pool_blocks * 16):.1f}x the"
           f" device pool of {args.pool_blocks * 16} tokens")  # fmt: skip

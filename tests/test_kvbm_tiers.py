@@ -145,6 +145,29 @@ def test_disk_writes_run_behind_the_caller_and_a_failed_one_drops_its_block(tmp_
     assert 2 not in disk and not disk.path(2).exists() and events.removed("disk") == [2]
 
 
+def test_a_disk_that_falls_behind_sheds_blocks_instead_of_stalling(tmp_path, monkeypatch) -> None:
+    """With MAX_WRITES queued behind a stuck writer, `put` returns at once and forgets the
+    block (no file, no event): the step loop never waits for the disk. Once the writer
+    catches up, blocks are taken again."""
+    import threading
+
+    from tandem.kvbm import disk as disk_module
+
+    monkeypatch.setattr(disk_module, "MAX_WRITES", 2)
+    events = Events()
+    disk = DiskTier(tmp_path, "m", LAYOUT, 10 * (HEADER.size + LAYOUT.block_bytes), events.append)
+    gate, write = threading.Event(), disk._write
+    disk._write = lambda *args: (gate.wait(10), write(*args))
+    for h in (1, 2, 3):
+        disk.put(h, 10 + h, block(h))
+    assert 3 not in disk and disk.shed == 1 and events.stored("disk") == [1, 2]
+    gate.set()
+    disk.flush()
+    disk.put(3, 13, block(3))
+    disk.flush()
+    assert torch.equal(disk.read(3), block(3)) and events.stored("disk") == [1, 2, 3]
+
+
 def test_tiers_load_only_while_loading_beats_recomputing(tmp_path) -> None:
     """Both rates are measured: the first disk load times the tier; once recomputing a block
     is known to be faster, a hit is left to recompute and no device block is taken."""

@@ -36,8 +36,8 @@ VERSION = 1
 HEADER = struct.Struct("<4sHxxQQQQQ")
 SUFFIX = ".kv"
 EVENT_BLOCKS = 4096
-#: Block writes queued behind the writer thread, at most (~2 MiB each for an 8B model): one
-#: more waits for the oldest, so the step loop slows to the disk's pace only past that.
+#: Block writes queued behind the writer thread, at most (~2 MiB each for an 8B model): past
+#: that a block is not written (`DiskTier.shed`): the step loop never waits for the disk.
 MAX_WRITES = 64
 
 
@@ -88,6 +88,7 @@ class DiskTier:
         # Writes queued or running, oldest first.
         self._writes: OrderedDict[int, _Write] = OrderedDict()
         self._writer = ThreadPoolExecutor(1, "kv-disk-write")
+        self.shed = 0  # blocks not written: the writer was MAX_WRITES behind
         self._scan()
 
     def __contains__(self, sequence_hash: int) -> bool:
@@ -101,16 +102,23 @@ class DiskTier:
 
     def put(self, sequence_hash: int, local_hash: int, contents: torch.Tensor) -> None:
         """Take a block (one already here only turns most recent), evicting the least recent
-        beyond the capacity; its file is written behind, on the writer thread."""
+        beyond the capacity; its file is written behind, on the writer thread. With
+        MAX_WRITES queued, the block is shed instead (a cache may forget: it is recomputed
+        if it is asked for again), logged the first time."""
         if sequence_hash in self.files:
             self.files.move_to_end(sequence_hash)
             return
         size = contents.numel() * contents.element_size()
         if size != self.payload_bytes:
             raise ValueError(f"a block of {size} bytes, not {self.payload_bytes}")
+        self._settle()
+        if len(self._writes) >= MAX_WRITES:
+            if not self.shed:
+                log.warning("disk tier: %d block writes behind: shedding blocks", MAX_WRITES)
+            self.shed += 1
+            return
         while len(self.files) >= self.capacity:
             self._drop(next(iter(self.files)))
-        self._settle(wait_for=len(self._writes) - MAX_WRITES + 1)
         staged, ready = _stage(contents)
         write = self._writer.submit(self._write, sequence_hash, local_hash, staged, ready)
         self._writes[sequence_hash] = _Write(staged, ready, write)
