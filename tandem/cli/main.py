@@ -1,8 +1,8 @@
 """`tandem`: one command, one subcommand per job.
 
 Each subcommand is a module of this package (`serve`, `profile`, `bench`, `worker`,
-`frontend`, `router`, `planner`) with an `add_<name>` function that declares its flags and a
-`run_<name>` function that does the work; flags that several share live in
+`frontend`, `router`, `planner`, `deploy`) with an `add_<name>` function that declares its
+flags and a `run_<name>` function that does the work; flags that several share live in
 `tandem.cli.flags`. Heavy imports (torch, the engine, the server) happen inside the `run_`
 functions so that `tandem --help` and flag errors answer at once.
 """
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from tandem.cli.bench import add_bench
+from tandem.cli.deploy import add_deploy
 from tandem.cli.frontend import add_frontend
 from tandem.cli.planner import add_planner
 from tandem.cli.profile import add_profile
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_frontend(subparsers)
     add_router(subparsers)
     add_planner(subparsers)
+    add_deploy(subparsers)
     return parser
 
 

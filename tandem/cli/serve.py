@@ -261,15 +261,21 @@ def local_specs(
 
 
 def worker_specs(
-    args: argparse.Namespace, model_path: Path, served: str, device: str, nats: str
+    args: argparse.Namespace,
+    model_path: Path,
+    served: str,
+    device: str,
+    nats: str,
+    roles: list[str] | None = None,
 ) -> list[WorkerSpec]:
-    """`--workers N` aggregated workers, or `--prefill-workers P --decode-workers D`."""
+    """A worker of `roles` each (default: `--workers N` aggregated workers, or
+    `--prefill-workers P --decode-workers D`), with the engine of the flags in `args`."""
     from tandem.deploy.specs import WorkerSpec
     from tandem.protocol.worker import DEFAULT_NAMESPACE
 
-    if args.prefill_workers:
+    if roles is None and args.prefill_workers:
         roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
-    else:
+    elif roles is None:
         roles = ["aggregated"] * args.workers
     engine = engine_config(args, model_path, device)
     return [

@@ -1,0 +1,165 @@
+"""One spec for a whole deployment (`graph.yaml`): the model, frontends, router, worker pools,
+planner, NATS and the secrets between them, checked before anything starts.
+
+The spec is plain data (msgspec structs: unknown or mistyped fields fail with their path);
+`check_graph` then finds every inconsistency between its parts at once, each `Problem`
+naming the field and the fix. `tandem deploy` runs (`up`) or renders (`render`) only a graph
+with no problems.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+Count = Annotated[int, Meta(ge=0)]
+AtLeastOne = Annotated[int, Meta(ge=1)]
+Seconds = Annotated[float, Meta(gt=0)]
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+ROLES = ("aggregated", "prefill", "decode")
+
+
+class Spec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ModelSpec(Spec):
+    path: str | None = None  # a Hugging Face folder or a .gguf file; None: the demo model
+    served_name: str | None = None  # default: the folder or file name
+    dtype: Dtype = "auto"
+    block_size: AtLeastOne = 16
+
+
+class FrontendsSpec(Spec):
+    replicas: AtLeastOne = 1
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    api_key_secret: str | None = None  # the Secret (Kubernetes) or variable (local) with the key
+    max_waiting: AtLeastOne = 256
+
+
+class RouterSpec(Spec):
+    mode: Literal["kv", "round_robin", "random", "least_loaded"] = "kv"
+    cost: Literal["blocks", "seconds"] = "blocks"
+
+
+class KvTiersSpec(Spec):
+    host_gib: Annotated[float, Meta(ge=0)] = 0.0
+    disk_path: str | None = None
+    disk_gib: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class PoolSpec(Spec):
+    replicas: Count = 1
+    min_replicas: Count | None = None  # the planner's bounds (default 1 and replicas' max)
+    max_replicas: AtLeastOne | None = None
+    gpus_per_worker: Count = 1
+    tensor_parallel_size: AtLeastOne = 1
+    engine: Literal["tandem", "mock", "vllm"] = "tandem"
+    engine_args: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
+    block_size: AtLeastOne | None = None  # default: model.block_size
+    dtype: Dtype | None = None  # default: model.dtype
+    kv_tiers: KvTiersSpec = msgspec.field(default_factory=KvTiersSpec)
+
+
+class PoolsSpec(Spec):
+    aggregated: PoolSpec | None = None
+    prefill: PoolSpec | None = None
+    decode: PoolSpec | None = None
+
+    def items(self) -> list[tuple[str, PoolSpec]]:
+        return [(r, p) for r in ROLES if (p := getattr(self, r)) is not None]
+
+
+class PlannerSpec(Spec):
+    enabled: bool = False
+    ttft_slo: Seconds = 0.5
+    itl_slo: Seconds = 0.05
+    interval: Seconds = 10.0
+    gpu_budget: AtLeastOne = 16
+    worker_startup: Seconds = 30.0
+
+
+class NatsSpec(Spec):
+    address: str | None = None  # an existing server; None: a bundled one
+    port: Port = 4222  # the bundled server's client port
+    storage_gib: Annotated[float, Meta(gt=0)] = 1.0  # the bundled server's JetStream volume
+
+
+class SecuritySpec(Spec):
+    cluster_secret: str | None = None  # the Secret (Kubernetes) or variable (local) holding it
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+
+class KubernetesSpec(Spec):
+    namespace: str = "default"
+    image: str = "tandem:latest"
+    shm_gib: Annotated[float, Meta(gt=0)] = 8.0
+
+
+class Graph(Spec):
+    name: Annotated[str, Meta(pattern=r"^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$")] = "tandem"
+    model: ModelSpec = msgspec.field(default_factory=ModelSpec)
+    frontends: FrontendsSpec = msgspec.field(default_factory=FrontendsSpec)
+    router: RouterSpec = msgspec.field(default_factory=RouterSpec)
+    pools: PoolsSpec = msgspec.field(default_factory=PoolsSpec)
+    planner: PlannerSpec = msgspec.field(default_factory=PlannerSpec)
+    nats: NatsSpec = msgspec.field(default_factory=NatsSpec)
+    security: SecuritySpec = msgspec.field(default_factory=SecuritySpec)
+    kubernetes: KubernetesSpec = msgspec.field(default_factory=KubernetesSpec)
+
+    def block_size(self, pool: PoolSpec) -> int:
+        return pool.block_size or self.model.block_size
+
+    def dtype(self, pool: PoolSpec) -> str:
+        return pool.dtype or self.model.dtype
+
+
+class Problem(msgspec.Struct, frozen=True):
+    """One thing wrong with a graph: the field (`pools.decode.block_size`) and what to do."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class GraphError(ValueError):
+    """A graph that cannot be used, with every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+
+
+def load_graph(path: str | Path) -> Graph:
+    """The graph in a YAML (or JSON) file; GraphError names a malformed, unknown or mistyped
+    field by its path."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise GraphError([Problem("$", f"cannot read {path}: {exc.strerror}")]) from None
+    return decode_graph(data)
+
+
+def decode_graph(data: bytes | str) -> Graph:
+    try:
+        return msgspec.yaml.decode(data, type=Graph)
+    except msgspec.ValidationError as exc:  # "... - at `$.pools.decode.replicas`"
+        message, _, where = str(exc).partition(" - at `")
+        path = where.rstrip("`").removeprefix("$.") or "$"
+        raise GraphError([Problem(path, message)]) from None
+    except msgspec.DecodeError as exc:
+        raise GraphError([Problem("$", f"not valid YAML: {exc}")]) from None
+
+
+def graph_schema() -> dict[str, Any]:
+    """JSON Schema of the spec, for editors (`# yaml-language-server: $schema=...`)."""
+    return msgspec.json.schema(Graph)
