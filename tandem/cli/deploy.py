@@ -17,20 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from tandem.cli.flags import add_log_level, setup_logging
-from tandem.deploy.graph import Graph, GraphError, PoolSpec, Problem, graph_schema, load_graph
+from tandem.deploy.graph import (
+    SPEC_FIELDS,
+    Graph,
+    GraphError,
+    PoolSpec,
+    Problem,
+    graph_schema,
+    load_graph,
+    pool_argv,
+)
 
 #: A graph with every field and its default, commented.
 EXAMPLE = Path(__file__).parents[1] / "deploy" / "graph.example.yaml"
-#: Engine flags a pool's `engine_args` may not carry: the graph has fields for them.
-SPEC_FIELDS = {
-    "dtype": "dtype",
-    "block-size": "block_size",
-    "engine": "engine",
-    "kv-offloading-size": "kv_tiers.host_gib",
-    "kv-disk-path": "kv_tiers.disk_path",
-    "kv-disk-size": "kv_tiers.disk_gib",
-    "device": "gpus_per_worker",
-}
 
 
 def add_deploy(subparsers: Any) -> None:
@@ -95,29 +94,22 @@ def run_deploy(args: argparse.Namespace) -> int:
 def checked(graph: Graph, render: bool = False) -> dict[str, argparse.Namespace]:
     """Each pool's `tandem serve` flags, parsed; GraphError with every problem of the graph
     (its rules, each pool's engine flags, and for `render` what Kubernetes needs)."""
-    from tandem.deploy.graph_checks import check_graph, model_heads
+    from tandem.deploy.graph_checks import check_for_kubernetes, check_graph, model_heads
 
     problems = check_graph(graph, model_heads(graph.model.path))
-    if render and graph.security.cluster_secret is None:
-        problems.append(
-            Problem(
-                "security.cluster_secret",
-                "pods talk across the network: name the Secret that holds the cluster secret",
-            )
-        )
-    if render and graph.frontends.api_key_secret is None:
-        problems.append(
-            Problem(
-                "frontends.api_key_secret",
-                "a served API needs a key: name the Secret that holds it",
-            )
-        )
+    if render:
+        problems += check_for_kubernetes(graph)
     pools = {}
+    reported = {p.path.rsplit(".", 1)[-1] for p in problems}  # the graph's rules said it
     for role, pool in graph.pools.items():
         try:
             pools[role] = serve_args(graph, pool)
         except GraphError as exc:
-            problems += [Problem(f"pools.{role}.{p.path}", p.message) for p in exc.problems]
+            problems += [
+                Problem(f"pools.{role}.{p.path}", p.message)
+                for p in exc.problems
+                if p.path not in reported
+            ]
     if problems:
         raise GraphError(problems)
     return pools
@@ -148,7 +140,8 @@ def serve_args(graph: Graph, pool: PoolSpec) -> argparse.Namespace:
         ]
     except argparse.ArgumentError as exc:
         flag = (exc.argument_name or "").split("/")[0].lstrip("-")
-        problems.append(Problem(f"engine_args.{flag}", exc.message))
+        field = SPEC_FIELDS.get(flag, f"engine_args.{flag}")  # a flag the spec's field gave
+        problems.append(Problem(field, exc.message))
     if problems:
         raise GraphError(problems)
     return args
@@ -204,35 +197,6 @@ def graph_argv(graph: Graph) -> list[str]:
             pool = getattr(pools, role)
             if pool is not None and pool.max_replicas is not None:
                 argv += [f"--max-{role}-workers", str(pool.max_replicas)]
-    return argv
-
-
-def pool_argv(graph: Graph, pool: PoolSpec) -> list[str]:
-    """One pool's engine as `tandem serve` flags."""
-    argv = [
-        "--dtype",
-        graph.dtype(pool),
-        "--block-size",
-        str(graph.block_size(pool)),
-        "--engine",
-        "mock" if pool.engine == "mock" else "real",
-    ]
-    if pool.gpus_per_worker == 0:
-        argv += ["--device", "cpu"]
-    tiers = pool.kv_tiers
-    if tiers.host_gib:
-        argv += ["--kv-offloading-size", str(tiers.host_gib)]
-    if tiers.disk_path is not None:
-        argv += ["--kv-disk-path", tiers.disk_path, "--kv-disk-size", str(tiers.disk_gib)]
-    for name, value in pool.engine_args.items():
-        if name in SPEC_FIELDS:
-            continue  # reported by serve_args
-        if value is True:
-            argv.append(f"--{name}")
-        elif value is False:
-            argv.append(f"--no-{name}")
-        else:
-            argv += [f"--{name}", str(value)]
     return argv
 
 

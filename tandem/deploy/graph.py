@@ -22,6 +22,17 @@ Seconds = Annotated[float, Meta(gt=0)]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 ROLES = ("aggregated", "prefill", "decode")
 
+#: Engine flags a pool's `engine_args` may not carry: the graph has fields for them.
+SPEC_FIELDS = {
+    "dtype": "dtype",
+    "block-size": "block_size",
+    "engine": "engine",
+    "kv-offloading-size": "kv_tiers.host_gib",
+    "kv-disk-path": "kv_tiers.disk_path",
+    "kv-disk-size": "kv_tiers.disk_gib",
+    "device": "gpus_per_worker",
+}
+
 
 class Spec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pass
@@ -163,3 +174,32 @@ def decode_graph(data: bytes | str) -> Graph:
 def graph_schema() -> dict[str, Any]:
     """JSON Schema of the spec, for editors (`# yaml-language-server: $schema=...`)."""
     return msgspec.json.schema(Graph)
+
+
+def pool_argv(graph: Graph, pool: PoolSpec) -> list[str]:
+    """One pool's engine as `tandem serve` flags."""
+    argv = [
+        "--dtype",
+        graph.dtype(pool),
+        "--block-size",
+        str(graph.block_size(pool)),
+        "--engine",
+        "mock" if pool.engine == "mock" else "real",
+    ]
+    if pool.gpus_per_worker == 0:
+        argv += ["--device", "cpu"]
+    tiers = pool.kv_tiers
+    if tiers.host_gib:
+        argv += ["--kv-offloading-size", str(tiers.host_gib)]
+    if tiers.disk_path is not None:
+        argv += ["--kv-disk-path", tiers.disk_path, "--kv-disk-size", str(tiers.disk_gib)]
+    for name, value in pool.engine_args.items():
+        if name in SPEC_FIELDS:
+            continue  # reported by serve_args
+        if value is True:
+            argv.append(f"--{name}")
+        elif value is False:
+            argv.append(f"--no-{name}")
+        else:
+            argv += [f"--{name}", str(value)]
+    return argv

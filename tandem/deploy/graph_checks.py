@@ -280,3 +280,40 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_for_kubernetes(graph: Graph) -> list[Problem]:
+    """What rendering for Kubernetes needs beyond a graph that runs here."""
+    problems = []
+    if graph.security.cluster_secret is None:
+        problems.append(
+            Problem(
+                "security.cluster_secret",
+                "pods talk across the network: name"
+                " the Secret (key 'cluster-secret') that holds the secret",
+            )
+        )
+    if graph.frontends.api_key_secret is None:
+        problems.append(
+            Problem(
+                "frontends.api_key_secret",
+                "a served API needs a key: name the Secret (key 'api-key') that holds it",
+            )
+        )
+    if graph.model.path is None or Path(graph.model.path).suffix == ".gguf":
+        problems.append(
+            Problem(
+                "model.path",
+                "the pods need a model folder (config.json,"
+                " weights, tokenizer) at this path: in the image or a volume",
+            )
+        )
+    if graph.planner.enabled and graph.pools.aggregated is not None:
+        problems.append(
+            Problem(
+                "planner.enabled",
+                "the Kubernetes planner scales a prefill and"
+                " a decode Deployment; an aggregated pool is planned by `up`",
+            )
+        )
+    return problems

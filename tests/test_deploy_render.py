@@ -1,0 +1,153 @@
+"""`tandem deploy render`: manifests valid against the Kubernetes API schemas (offline, with
+kubernetes-validate), what rendering refuses, and a dashboard whose every metric a real
+running deployment exports."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import kubernetes_validate
+import msgspec
+import pytest
+import yaml
+from nats_support import needs_nats
+
+from tandem.cli.main import main
+from tandem.deploy.dashboard import PANELS
+from tandem.deploy.graph import decode_graph
+from tandem.deploy.processes import free_port
+from tandem.engine.testing import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("render") / "tiny")
+
+
+def k8s_graph(model) -> str:
+    return (
+        f"name: chat\nmodel: {{path: {model}, served_name: tiny}}\n"
+        "frontends: {replicas: 2, api_key_secret: chat-api}\n"
+        "pools:\n  prefill: {max_replicas: 4}\n"
+        "  decode: {replicas: 2, max_replicas: 6, kv_tiers: {host_gib: 4},"
+        " engine_args: {max-num-seqs: 128}}\n"
+        "planner: {enabled: true}\nsecurity: {cluster_secret: chat-cluster}\n"
+    )
+
+
+def test_rendered_manifests_are_valid_kubernetes_objects(tmp_path, tiny) -> None:
+    graph = tmp_path / "graph.yaml"
+    graph.write_text(k8s_graph(tiny))
+    out = tmp_path / "out"
+    assert main(["deploy", "render", str(graph), "--out", str(out)]) == 0
+    version = kubernetes_validate.latest_version()
+    kustomization = yaml.safe_load((out / "kustomization.yaml").read_text())
+    kinds = {}
+    for name in kustomization["resources"]:
+        doc = yaml.safe_load((out / name).read_text())
+        kubernetes_validate.validate(doc, version, strict=True)  # raises on any wrong field
+        kinds.setdefault(doc["kind"], []).append(doc)
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Role",
+                             "RoleBinding", "Service", "ServiceAccount", "StatefulSet"]  # fmt: skip
+    deployments = {d["metadata"]["name"]: d for d in kinds["Deployment"]}
+    assert set(deployments) == {"chat-prefill-workers", "chat-decode-workers", "chat-frontend",
+                                "chat-planner"}  # fmt: skip
+    decode = deployments["chat-decode-workers"]["spec"]
+    pod = decode["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert decode["replicas"] == 2 and args[:4] == ["worker", str(tiny), "--role", "decode"]
+    assert args[args.index("--max-num-seqs") :][:2] == ["--max-num-seqs", "128"]
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert pod["securityContext"]["runAsNonRoot"] and pod["topologySpreadConstraints"]
+    assert pod["terminationGracePeriodSeconds"] > 30  # past the worker's own drain
+    frontend = deployments["chat-frontend"]["spec"]["template"]
+    assert frontend["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    probe = frontend["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/health"
+    env = {e["name"]: e for e in frontend["spec"]["containers"][0]["env"]}
+    assert env["TANDEM_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "chat-api"
+    assert env["TANDEM_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "chat-cluster"
+    planner = deployments["chat-planner"]["spec"]["template"]["spec"]
+    assert "--decode-deployment" in planner["containers"][0]["args"]
+    (role,) = kinds["Role"]
+    assert {"apiGroups": ["apps"], "resources": ["deployments/scale"],
+            "verbs": ["get", "patch"]} in role["rules"]  # fmt: skip
+    (config,) = kinds["ConfigMap"]
+    assert decode_graph(config["data"]["graph.yaml"]) == decode_graph(graph.read_text())
+    assert (out / "Dockerfile").read_text().startswith("# The image")
+    board = msgspec.json.decode((out / "grafana-dashboard.json").read_bytes())
+    assert len(board["panels"]) == len(PANELS)
+    # the validator does fail a wrong object (the check above can fail)
+    broken = yaml.safe_load((out / "deployment-chat-frontend.yaml").read_text())
+    broken["spec"]["replica"] = 2
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_render_refuses_what_kubernetes_cannot_run(tmp_path, capsys) -> None:
+    graph = tmp_path / "graph.yaml"
+    graph.write_text("planner: {enabled: true}\npools: {aggregated: {}}\n")
+    assert main(["deploy", "render", str(graph), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    for path in ("security.cluster_secret", "frontends.api_key_secret", "model.path",
+                 "planner.enabled"):  # fmt: skip
+        assert f"  {path}: " in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def dashboard_metrics() -> set[str]:
+    names = set()
+    for _, _, queries in PANELS:
+        for query in queries:
+            names |= set(re.findall(r"\btandem_[a-z_]+", query))
+    return names
+
+
+@needs_nats
+def test_every_metric_on_the_dashboard_is_exported_by_a_running_deployment(
+    tmp_path, tiny
+) -> None:
+    """`deploy up` of a mock graph with the planner on (interval 1 s): after a few requests
+    the frontend's /metrics has every family the dashboard queries."""
+    port = free_port()
+    graph = tmp_path / "graph.yaml"
+    graph.write_text(
+        f"model: {{path: {tiny}, served_name: tiny}}\nfrontends: {{port: {port}}}\n"
+        "pools:\n  prefill: {engine: mock, gpus_per_worker: 0, max_replicas: 1}\n"
+        "  decode: {engine: mock, gpus_per_worker: 0, max_replicas: 1}\n"
+        "planner: {enabled: true, interval: 1, gpu_budget: 2}\n"
+    )
+    log_path = tmp_path / "up.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli.main", "deploy", "up", str(graph)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while "serving 'tiny'" not in log_path.read_text():
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+            base = f"http://127.0.0.1:{port}"
+            for i in range(3):
+                body = {"model": "tiny", "prompt": f"hello {i} " * 50, "max_tokens": 4}
+                reply = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
+                assert reply.status_code == 200, reply.text
+            missing = dashboard_metrics()
+            assert len(missing) >= 20 and "tandem_planner_replicas" in missing
+            deadline = time.monotonic() + 30
+            while missing and time.monotonic() < deadline:
+                text = httpx.get(f"{base}/metrics").text
+                exported = set(re.findall(r"^(?:# TYPE )?(tandem_[a-z_]+)", text, re.M))
+                missing = {m for m in missing if m not in exported}
+                time.sleep(0.5)
+            assert not missing, f"the dashboard queries metrics nobody exports: {missing}"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, log_path.read_text()
