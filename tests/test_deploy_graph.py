@@ -168,3 +168,15 @@ def test_deploy_up_runs_a_mock_graph_for_the_openai_client(tmp_path, tiny) -> No
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0, log_path.read_text()
+
+
+def test_up_refuses_a_named_secret_that_is_not_set(tmp_path, tiny, monkeypatch, capsys) -> None:
+    """An API key that silently went missing would serve without authentication."""
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    graph = tmp_path / "graph.yaml"
+    graph.write_text(f"model: {{path: {tiny}}}\nfrontends: {{api_key_secret: NO_SUCH_KEY_VAR}}\n"
+                     "pools: {aggregated: {engine: mock, gpus_per_worker: 0}}\n")  # fmt: skip
+    assert main(["deploy", "up", str(graph)]) == 2
+    assert "frontends.api_key_secret names $NO_SUCH_KEY_VAR, which is not set" in (
+        capsys.readouterr().err
+    )

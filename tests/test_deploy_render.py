@@ -151,3 +151,13 @@ def test_every_metric_on_the_dashboard_is_exported_by_a_running_deployment(
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0, log_path.read_text()
+
+
+def test_render_takes_a_model_path_that_only_the_pods_have(tmp_path, capsys) -> None:
+    graph = tmp_path / "graph.yaml"
+    graph.write_text(k8s_graph("/models/not-on-this-machine"))
+    assert main(["deploy", "render", str(graph), "--out", str(tmp_path / "out")]) == 0
+    assert "rules on the model's heads not checked" in capsys.readouterr().err
+    # here `validate` (and `up`) need the model itself
+    assert main(["deploy", "validate", str(graph)]) == 1
+    assert "model.path: no such file or folder" in capsys.readouterr().err
