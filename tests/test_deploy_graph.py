@@ -22,7 +22,7 @@ from tandem.engine.testing import make_tiny_model
 
 SPLIT = "pools: {prefill: {engine: mock}, decode: {engine: mock}}\n"
 
-# (graph YAML, the field a problem names, words of its message)
+# (graph YAML, the field a problem names, words of its message, any other fields named)
 RULES = [
     ("pools: {}\n", "pools", "no worker pool"),
     ("pools: {aggregated: {}, prefill: {}, decode: {}}\n", "pools.aggregated", "not both"),
@@ -32,30 +32,34 @@ RULES = [
      "32 here, 16 in pools.prefill"),
     ("pools: {prefill: {dtype: float16}, decode: {dtype: bfloat16}}\n", "pools.decode.dtype",
      "bfloat16 here, float16 in pools.prefill"),
+    ("pools: {prefill: {engine: mock}, decode: {}}\n", "pools.decode.engine",
+     "tandem here, mock in pools.prefill"),
     ("model: {block_size: 24}\npools: {aggregated: {}}\n", "model.block_size",
      "not a power of two"),
     ("pools: {aggregated: {tensor_parallel_size: 3}}\n", "pools.aggregated.tensor_parallel_size",
-     "does not divide the model's 4 attention heads and 2 KV heads: use one of [1, 2]"),
+     "does not divide the model's 4 attention heads and 2 KV heads (the sizes that do: [1, 2])"),
     ("pools: {aggregated: {tensor_parallel_size: 2}}\n", "pools.aggregated.tensor_parallel_size",
      "one GPU per worker"),
-    ("pools: {prefill: {}, decode: {tensor_parallel_size: 4}}\n",
-     "pools.decode.tensor_parallel_size", "4 here, 1 in pools.prefill"),
-    ("pools: {aggregated: {tensor_parallel_size: 2, gpus_per_worker: 1}}\n",
-     "pools.aggregated.gpus_per_worker", "below tensor_parallel_size 2"),
+    ("pools: {prefill: {}, decode: {tensor_parallel_size: 2}}\n",
+     "pools.decode.tensor_parallel_size", "2 here, 1 in pools.prefill"),
+    ("pools: {aggregated: {engine: vllm, tensor_parallel_size: 2, gpus_per_worker: 1}}\n",
+     "pools.aggregated.gpus_per_worker", "below tensor_parallel_size 2",
+     {"pools.aggregated.engine"}),
     ("pools: {aggregated: {engine: vllm}}\n", "pools.aggregated.engine", "issue #18"),
     ("pools: {aggregated: {max_replicas: 4}}\n", "pools.aggregated.max_replicas",
      "bounds are for the planner"),
-    ("pools: {aggregated: {replicas: 0}}\n", "pools.aggregated.replicas", "0 workers"),
     ("planner: {enabled: true}\npools: {aggregated: {min_replicas: 3, max_replicas: 2}}\n",
      "pools.aggregated.min_replicas", "3 is above max_replicas 2"),
-    ("planner: {enabled: true}\npools: {aggregated: {replicas: 9, max_replicas: 8}}\n",
-     "pools.aggregated.replicas", "outside the planner's bounds [1, 8]"),
+    ("planner: {enabled: true}\npools: {prefill: {replicas: 9}, decode: {}}\n",
+     "pools.prefill.replicas", "outside the planner's bounds [1, 8]"),
     ("planner: {enabled: true, gpu_budget: 2}\npools: {prefill: {}, decode: {replicas: 2}}\n",
      "planner.gpu_budget", "below the 3 workers"),
-    ("nats: {port: 8000}\npools: {aggregated: {}}\n", "nats.port", "also frontends.port"),
+    ("nats: {port: 8222}\npools: {aggregated: {}}\n", "nats.port", "monitoring port"),
     ("nats: {address: 'localhost:4222'}\npools: {aggregated: {}}\n", "nats.address",
      "not a NATS URL"),
     ("security: {tls_cert: c.pem}\npools: {aggregated: {}}\n", "security.tls_key",
+     "go together"),
+    ("security: {tls_key: k.pem}\npools: {aggregated: {}}\n", "security.tls_cert",
      "go together"),
     ("frontends: {host: 0.0.0.0}\npools: {aggregated: {}}\n", "security.cluster_secret",
      "reaches beyond this machine"),
@@ -64,11 +68,14 @@ RULES = [
     ("pools: {aggregated: {engine_args: {dtype: float16}}}\n",
      "pools.aggregated.engine_args.dtype", "set the pool's dtype"),
     ("pools: {aggregated: {engine_args: {no-such-flag: 1}}}\n",
-     "pools.aggregated.engine_args.no-such-flag", "no such engine flag"),
+     "pools.aggregated.engine_args.no-such-flag", "not an engine flag"),
+    ("pools: {aggregated: {engine_args: {router-temperature: 0.5}}}\n",
+     "pools.aggregated.engine_args.router-temperature", "not an engine flag"),
     ("pools: {aggregated: {engine_args: {max-num-seqs: many}}}\n",
      "pools.aggregated.engine_args.max-num-seqs", "expected an integer"),
     ("model: {path: /nonexistent/model}\npools: {aggregated: {}}\n", "model.path",
      "no such file or folder"),
+    ("model: {path: /}\npools: {aggregated: {}}\n", "model.path", "without config.json"),
 ]  # fmt: skip
 
 
@@ -87,15 +94,17 @@ def problems_of(text: str, model) -> list:
     return caught.value.problems
 
 
-@pytest.mark.parametrize(("text", "path", "words"), RULES, ids=[r[1] for r in RULES])
-def test_each_rule_names_its_field_and_the_fix(text: str, path: str, words: str, tiny) -> None:
+@pytest.mark.parametrize("rule", RULES, ids=[r[1] for r in RULES])
+def test_each_rule_names_its_field_and_the_fix(rule: tuple, tiny) -> None:
+    text, path, words, *others = rule
     problems = problems_of(text, tiny)
     assert any(p.path == path and words in p.message for p in problems), problems
+    assert {p.path for p in problems} == {path, *(others[0] if others else ())}, problems
 
 
 def test_every_problem_is_listed_at_once_and_the_exit_code_is_1(tmp_path, tiny, capsys) -> None:
     graph = tmp_path / "graph.yaml"
-    graph.write_text(f"model: {{path: {tiny}, block_size: 24}}\nnats: {{port: 8000}}\n"
+    graph.write_text(f"model: {{path: {tiny}, block_size: 24}}\nnats: {{port: 8222}}\n"
                      "pools: {decode: {tensor_parallel_size: 3}}\n")  # fmt: skip
     assert main(["deploy", "validate", str(graph)]) == 1
     err = capsys.readouterr().err

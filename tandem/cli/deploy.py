@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ from tandem.deploy.graph import (
     load_graph,
     pool_argv,
 )
+
+log = logging.getLogger("tandem")
 
 #: A graph with every field and its default, commented.
 EXAMPLE = Path(__file__).parents[1] / "deploy" / "graph.example.yaml"
@@ -71,6 +74,8 @@ def run_deploy(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         graph = load_graph(args.graph)
+        if args.action != "render":  # render's paths are the pods'
+            graph = paths_from(graph, args.graph.parent)
         pools = checked(graph, render=args.action == "render")
     except GraphError as exc:
         print(f"{args.graph}: {len(exc.problems)} problem(s)", file=sys.stderr)
@@ -91,6 +96,31 @@ def run_deploy(args: argparse.Namespace) -> int:
     return run_graph(graph, pools)
 
 
+def paths_from(graph: Graph, folder: Path) -> Graph:
+    """The graph with its relative file paths (model, disk tiers, TLS files) taken from
+    `folder`, the graph file's, as a reader of the file would take them."""
+    import msgspec
+
+    def under(path: str | None) -> str | None:
+        return str(folder / path) if path and not Path(path).expanduser().is_absolute() else path
+
+    replace = msgspec.structs.replace
+    pools = {
+        role: replace(
+            pool, kv_tiers=replace(pool.kv_tiers, disk_path=under(pool.kv_tiers.disk_path))
+        )
+        for role, pool in graph.pools.items()
+    }
+    security = graph.security
+    return replace(
+        graph,
+        model=replace(graph.model, path=under(graph.model.path)),
+        pools=replace(graph.pools, **pools),
+        security=replace(security, tls_cert=under(security.tls_cert),
+                         tls_key=under(security.tls_key), tls_ca=under(security.tls_ca)),
+    )  # fmt: skip
+
+
 def checked(graph: Graph, render: bool = False) -> dict[str, argparse.Namespace]:
     """Each pool's `tandem serve` flags, parsed; GraphError with every problem of the graph
     (its rules, each pool's engine flags, and for `render` what Kubernetes needs)."""
@@ -106,16 +136,15 @@ def checked(graph: Graph, render: bool = False) -> dict[str, argparse.Namespace]
     if render:
         problems += check_for_kubernetes(graph)
     pools = {}
-    reported = {p.path.rsplit(".", 1)[-1] for p in problems}  # the graph's rules said it
+    reported = {p.path for p in problems}  # the graph's rules said it already
     for role, pool in graph.pools.items():
         try:
             pools[role] = serve_args(graph, pool)
         except GraphError as exc:
-            problems += [
-                Problem(f"pools.{role}.{p.path}", p.message)
-                for p in exc.problems
-                if p.path not in reported
-            ]
+            for problem in exc.problems:
+                path = f"pools.{role}.{problem.path}"
+                if path not in reported and f"model.{problem.path}" not in reported:
+                    problems.append(Problem(path, problem.message))
     if problems:
         raise GraphError(problems)
     return pools
@@ -126,11 +155,15 @@ def serve_args(graph: Graph, pool: PoolSpec) -> argparse.Namespace:
     parser, so a pool's engine flags mean what they mean there."""
     from tandem.cli.serve import add_serve
 
-    problems = [
-        Problem(f"engine_args.{name}", f"set the pool's {field} (or the model's) instead")
-        for name, field in SPEC_FIELDS.items()
-        if name in pool.engine_args
-    ]
+    problems = []
+    for name in pool.engine_args:
+        if name in SPEC_FIELDS:
+            message = f"set the pool's {SPEC_FIELDS[name]} (or the model's) instead"
+        elif name not in engine_flag_names():
+            message = "not an engine flag (`tandem worker --help` lists them)"
+        else:
+            continue
+        problems.append(Problem(f"engine_args.{name}", message))
     # serve's own parser, raising ArgumentError instead of exiting
     strict = functools.partial(argparse.ArgumentParser, exit_on_error=False)
     subparsers = argparse.ArgumentParser().add_subparsers(parser_class=strict)
@@ -151,6 +184,18 @@ def serve_args(graph: Graph, pool: PoolSpec) -> argparse.Namespace:
     if problems:
         raise GraphError(problems)
     return args
+
+
+@functools.cache
+def engine_flag_names() -> frozenset[str]:
+    """The flags a worker's engine takes (`tandem worker`'s engine and mock groups), without
+    their dashes: all that a pool's `engine_args` may set."""
+    from tandem.cli.engine_flags import add_engine_flags, add_mock_flags
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_engine_flags(parser)
+    add_mock_flags(parser)
+    return frozenset(o.lstrip("-") for a in parser._actions for o in a.option_strings)
 
 
 def graph_argv(graph: Graph) -> list[str]:
@@ -175,13 +220,13 @@ def graph_argv(graph: Graph) -> list[str]:
         argv += ["--served-model-name", graph.model.served_name]
     pools = graph.pools
     if pools.aggregated is not None:
-        argv += ["--workers", str(max(1, pools.aggregated.replicas))]
+        argv += ["--workers", str(pools.aggregated.replicas)]
     elif pools.prefill is not None and pools.decode is not None:
         argv += [
             "--prefill-workers",
-            str(max(1, pools.prefill.replicas)),
+            str(pools.prefill.replicas),
             "--decode-workers",
-            str(max(1, pools.decode.replicas)),
+            str(pools.decode.replicas),
         ]
     if graph.nats.address:
         argv += ["--nats", graph.nats.address]
@@ -213,7 +258,7 @@ def summary(graph: Graph) -> list[str]:
     ]
     for role, pool in graph.pools.items():
         bounds = (
-            f" (planner: {pool.min_replicas or 1}-{pool.max_replicas or 'budget'})"
+            f" (planner: {pool.min_replicas or 1}-{pool.max_replicas or _default_max(graph, role)})"
             if graph.planner.enabled
             else ""
         )
@@ -235,7 +280,7 @@ def summary(graph: Graph) -> list[str]:
 
 def run_graph(graph: Graph, pools: dict[str, argparse.Namespace]) -> int:
     """`up`: the same supervisor, specs and planner as `tandem serve` in distributed mode."""
-    from tandem.cli.engine_flags import default_device
+    from tandem.cli.engine_flags import cuda_available, default_device
     from tandem.cli.frontend import frontend_spec
     from tandem.cli.planner import planner_config, planner_thread
     from tandem.cli.serve import worker_specs
@@ -245,9 +290,18 @@ def run_graph(graph: Graph, pools: dict[str, argparse.Namespace]) -> int:
         default_served_model_name,
         resolve_model,
     )
+    from tandem.http.server import bind_or_report
     from tandem.runtime.framing import SECRET_ENV, TLS_ENV
 
+    sock = bind_or_report(graph.frontends.host, graph.frontends.port, "deploy up")
+    if sock is None:  # taken: said before anything starts
+        return 2
+    sock.close()
     first = next(iter(pools.values()))
+    gpu_pools = [r for r, p in graph.pools.items() if p.gpus_per_worker and p.engine != "mock"]
+    if gpu_pools and not cuda_available():
+        log.warning("pools %s ask for GPUs, but torch sees none: their workers run on the CPU",
+                    ", ".join(gpu_pools))  # fmt: skip
     secrets = {}
     for field, name in (("frontends.api_key_secret", graph.frontends.api_key_secret),
                         ("security.cluster_secret", graph.security.cluster_secret)):  # fmt: skip
@@ -256,7 +310,8 @@ def run_graph(graph: Graph, pools: dict[str, argparse.Namespace]) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
         secrets[field] = os.environ.get(name) if name else None
-    first.api_key = secrets["frontends.api_key_secret"]
+    if secrets["frontends.api_key_secret"]:  # else $TANDEM_API_KEY, as for `tandem serve`
+        first.api_key = secrets["frontends.api_key_secret"]
     if secrets["security.cluster_secret"]:
         os.environ[SECRET_ENV] = secrets["security.cluster_secret"]
     tls = (graph.security.tls_cert, graph.security.tls_key, graph.security.tls_ca)
@@ -310,6 +365,10 @@ def with_bounds(graph: Graph, config: Any) -> Any:
         high = bounds.max_replicas if pool.max_replicas is None else pool.max_replicas
         config = dataclasses.replace(config, **{slot: PoolBounds(low, high)})
     return config
+
+
+def _default_max(graph: Graph, role: str) -> int:
+    return graph.planner.gpu_budget if role == "aggregated" else 8
 
 
 def _replicas(graph: Graph, role: str) -> int:

