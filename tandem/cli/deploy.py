@@ -124,6 +124,7 @@ def paths_from(graph: Graph, folder: Path) -> Graph:
 def checked(graph: Graph, render: bool = False) -> dict[str, argparse.Namespace]:
     """Each pool's `tandem serve` flags, parsed; GraphError with every problem of the graph
     (its rules, each pool's engine flags, and for `render` what Kubernetes needs)."""
+    from tandem.cli.engine_flags import engine_problem
     from tandem.deploy.graph_checks import check_for_kubernetes, check_graph, model_heads
 
     heads = model_heads(graph.model.path)
@@ -135,6 +136,12 @@ def checked(graph: Graph, render: bool = False) -> dict[str, argparse.Namespace]
     problems = check_graph(graph, heads)
     if render:
         problems += check_for_kubernetes(graph)
+    else:  # the engines must start here
+        problems += [
+            Problem(f"pools.{role}.engine", problem)
+            for role, pool in graph.pools.items()
+            if (problem := engine_problem(argparse.Namespace(engine=pool.engine))) is not None
+        ]
     pools = {}
     reported = {p.path for p in problems}  # the graph's rules said it already
     for role, pool in graph.pools.items():
@@ -280,7 +287,7 @@ def summary(graph: Graph) -> list[str]:
 
 def run_graph(graph: Graph, pools: dict[str, argparse.Namespace]) -> int:
     """`up`: the same supervisor, specs and planner as `tandem serve` in distributed mode."""
-    from tandem.cli.engine_flags import cuda_available, default_device
+    from tandem.cli.engine_flags import cuda_available, default_device, needs_weights
     from tandem.cli.frontend import frontend_spec
     from tandem.cli.planner import planner_config, planner_thread
     from tandem.cli.serve import worker_specs
@@ -319,7 +326,7 @@ def run_graph(graph: Graph, pools: dict[str, argparse.Namespace]) -> int:
         if value:
             os.environ[env] = value
     try:
-        need_weights = any(a.engine == "real" and a.load_format == "auto" for a in pools.values())
+        need_weights = any(needs_weights(a) for a in pools.values())
         model_path = resolve_model(graph.model.path, need_weights=need_weights)
     except ModelSourceError as exc:
         print(f"tandem deploy up: error: {exc}", file=sys.stderr)

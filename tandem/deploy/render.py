@@ -34,7 +34,7 @@ DOCKERFILE = """\
 FROM python:3.11-slim
 RUN useradd --uid 1000 --create-home tandem
 COPY . /src
-RUN pip install --no-cache-dir "/src[kubernetes]" && rm -rf /src
+RUN pip install --no-cache-dir "/src[{extras}]" && rm -rf /src
 USER 1000
 ENTRYPOINT ["tandem"]
 """
@@ -55,7 +55,9 @@ def render(graph: Graph, out: Path) -> list[Path]:
         "resources": list(files),
     }
     written.append(_write(out / "kustomization.yaml", _yaml(kustomization)))
-    written.append(_write(out / "Dockerfile", DOCKERFILE))
+    vllm = any(pool.engine == "vllm" for _, pool in graph.pools.items())
+    extras = "kubernetes,vllm" if vllm else "kubernetes"
+    written.append(_write(out / "Dockerfile", DOCKERFILE.format(extras=extras)))
     board = json.dumps(dashboard(graph.name), indent=2)
     written.append(_write(out / "grafana-dashboard.json", board))
     scrape = _yaml(scrape_config(graph.kubernetes.namespace))

@@ -1,5 +1,20 @@
 """The built-in engine: paged KV cache, prefix caching, continuous batching, sampling.
 
 It knows nothing of the runtime: `AsyncEngine` is the whole surface a worker or an
-embedded frontend talks to.
+embedded frontend talks to; `VllmEngine` puts vLLM behind the same surface.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def open_engine(config: Any) -> Any:
+    """The engine `config.engine` names: Tandem's own (real or mock) or vLLM's."""
+    if config.engine == "vllm":
+        from tandem.engine.vllm_engine import VllmEngine
+
+        return VllmEngine(config)
+    from tandem.engine.async_engine import AsyncEngine
+
+    return AsyncEngine(config)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 
@@ -47,7 +48,8 @@ class EngineConfig:
     load_format: str = "auto"  # auto: the folder's safetensors; dummy: random weights
     max_logprobs: int = 20
     # The mock engine: no weights, step times from a performance model (tandem.engine.mock).
-    engine: str = "real"  # real | mock
+    engine: str = "real"  # real | mock | vllm (vLLM's AsyncLLM behind the same contract)
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # more AsyncEngineArgs, for vllm
     perf_model: str | None = None  # "polynomial" (default) or a profile JSON from `tandem profile`
     mock_speedup: float = 1.0  # divides every modelled step time
     mock_transfer_gbps: float = 25.0  # the modelled KV transfer link, GB/s
