@@ -4,16 +4,13 @@ example spec's round trip, and `deploy up` of a mock graph answering the `openai
 from __future__ import annotations
 
 import importlib.util
-import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import msgspec
 import openai
 import pytest
 from nats_support import needs_nats
+from process_support import serving, tandem
 
 from tandem.cli.deploy import EXAMPLE, checked
 from tandem.cli.main import main
@@ -165,31 +162,18 @@ def test_deploy_up_runs_a_mock_graph_for_the_openai_client(tmp_path, tiny) -> No
         "  decode: {replicas: 2, engine: mock, gpus_per_worker: 0,"
         " engine_args: {mock-speedup: 10}}\n"
     )
-    log_path = tmp_path / "up.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tandem.cli.main", "deploy", "up", str(graph)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 120
-            while "serving 'tiny'" not in log_path.read_text():
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.2)
-            base = f"http://127.0.0.1:{port}"
-            roles = [w["role"] for w in httpx.get(f"{base}/v1/workers").json()["data"]]
-            assert sorted(roles) == ["decode", "decode", "prefill"]
-            client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-            for i in range(4):
-                reply = client.completions.create(
-                    model="tiny", prompt=f"request {i} " * 40, max_tokens=12,
-                    extra_body={"ignore_eos": True},
-                )  # fmt: skip
-                assert reply.usage.completion_tokens == 12
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(60) == 0, log_path.read_text()
+    up = tandem("deploy", "up", str(graph))
+    with serving(up, tmp_path / "up.log", "serving 'tiny'"):
+        base = f"http://127.0.0.1:{port}"
+        roles = [w["role"] for w in httpx.get(f"{base}/v1/workers").json()["data"]]
+        assert sorted(roles) == ["decode", "decode", "prefill"]
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        for i in range(4):
+            reply = client.completions.create(
+                model="tiny", prompt=f"request {i} " * 40, max_tokens=12,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            assert reply.usage.completion_tokens == 12
 
 
 def test_up_refuses_a_named_secret_that_is_not_set(tmp_path, tiny, monkeypatch, capsys) -> None:

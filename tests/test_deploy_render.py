@@ -5,9 +5,6 @@ running deployment exports."""
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -16,6 +13,7 @@ import msgspec
 import pytest
 import yaml
 from nats_support import needs_nats
+from process_support import serving, tandem
 
 from tandem.cli.main import main, parse_args
 from tandem.deploy.dashboard import PANELS
@@ -167,34 +165,21 @@ def test_every_metric_on_the_dashboard_is_exported_by_a_running_deployment(
         "  decode: {engine: mock, gpus_per_worker: 0, max_replicas: 1}\n"
         "planner: {enabled: true, interval: 1, gpu_budget: 2}\n"
     )
-    log_path = tmp_path / "up.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tandem.cli.main", "deploy", "up", str(graph)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 120
-            while "serving 'tiny'" not in log_path.read_text():
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.2)
-            base = f"http://127.0.0.1:{port}"
-            for i in range(3):
-                body = {"model": "tiny", "prompt": f"hello {i} " * 50, "max_tokens": 4}
-                reply = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
-                assert reply.status_code == 200, reply.text
-            queries = dashboard_queries()
-            assert len(queries) >= 20 and ("tandem_planner_replicas", {"pool"}) in queries
-            deadline = time.monotonic() + 30
-            missing = ["not read yet"]
-            while missing and time.monotonic() < deadline:
-                missing = missing_from(httpx.get(f"{base}/metrics").text, queries)
-                time.sleep(0.5)
-            assert not missing, f"the dashboard queries what nobody exports: {missing}"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(60) == 0, log_path.read_text()
+    up = tandem("deploy", "up", str(graph))
+    with serving(up, tmp_path / "up.log", "serving 'tiny'"):
+        base = f"http://127.0.0.1:{port}"
+        for i in range(3):
+            body = {"model": "tiny", "prompt": f"hello {i} " * 50, "max_tokens": 4}
+            reply = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
+            assert reply.status_code == 200, reply.text
+        queries = dashboard_queries()
+        assert len(queries) >= 20 and ("tandem_planner_replicas", {"pool"}) in queries
+        deadline = time.monotonic() + 30
+        missing = ["not read yet"]
+        while missing and time.monotonic() < deadline:
+            missing = missing_from(httpx.get(f"{base}/metrics").text, queries)
+            time.sleep(0.5)
+        assert not missing, f"the dashboard queries what nobody exports: {missing}"
 
 
 def test_render_takes_a_model_path_that_only_the_pods_have(tmp_path, capsys) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import openai
 import psutil
 import pytest
 from nats_support import needs_nats
+from process_support import serving, tandem
 
 from tandem.deploy.processes import free_port
 
@@ -48,26 +48,6 @@ def demo() -> Path:
     return resolve_model(None)
 
 
-def start(cmd: list[str], log: Path, ready: str, timeout: float = 240) -> subprocess.Popen:
-    out = open(log, "w")  # noqa: SIM115 - the process writes it until the test ends
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while ready not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"{cmd[:4]} did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def greedy(base: str, model: str) -> str:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
     reply = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=16,
@@ -80,10 +60,12 @@ def test_tandem_serve_with_vllm_answers_as_vllm_does(demo, tmp_path) -> None:
     server on the same folder; extreme sampling values get an answer or a 400, never take
     the engine down."""
     port = free_port()
-    proc = start([sys.executable, "-m", "tandem.cli.main", "serve", str(demo), "--engine",
-                  "vllm", "--port", str(port), "--served-model-name", "smol", *FLAGS],
-                 tmp_path / "tandem.log", "serving 'smol'")  # fmt: skip
-    try:
+    ours_cmd = tandem("serve", str(demo), "--engine", "vllm", "--port", str(port),
+                      "--served-model-name", "smol", *FLAGS)  # fmt: skip
+    # (embedded `tandem serve` ends by SIGTERM's own status, 143: uvicorn re-raises it)
+    with serving(ours_cmd, tmp_path / "tandem.log", "serving 'smol'", timeout=240,
+                 exit_status=None) as proc:  # fmt: skip
+        its_vllm = psutil.Process(proc.pid).children(recursive=True)
         ours = greedy(f"http://127.0.0.1:{port}", "smol")
         for extreme in ({"seed": 2**64 - 1}, {"seed": -(2**63)}, {"top_k": 49152}):
             reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
@@ -91,16 +73,14 @@ def test_tandem_serve_with_vllm_answers_as_vllm_does(demo, tmp_path) -> None:
                                      **extreme})  # fmt: skip
             assert reply.status_code in (200, 400), (extreme, reply.text)
         assert greedy(f"http://127.0.0.1:{port}", "smol") == ours  # still serving, the same
-    finally:
-        stop(proc)
+    _, alive = psutil.wait_procs(its_vllm, timeout=30)  # SIGTERM shut vLLM down too
+    assert not alive, [p.pid for p in alive]
     port = free_port()
-    proc = start([*VLLM_SERVER, "--model", str(demo), "--port", str(port),
-                  "--served-model-name", "smol", *FLAGS], tmp_path / "vllm.log",
-                 "Application startup complete")  # fmt: skip
-    try:
+    theirs_cmd = [*VLLM_SERVER, "--model", str(demo), "--port", str(port),
+                  "--served-model-name", "smol", *FLAGS]  # fmt: skip
+    with serving(theirs_cmd, tmp_path / "vllm.log", "Application startup complete",
+                 timeout=240, exit_status=None):  # fmt: skip
         theirs = greedy(f"http://127.0.0.1:{port}", "smol")
-    finally:
-        stop(proc)
     assert ours == theirs and "Paris" in ours
 
 
@@ -142,11 +122,9 @@ def test_two_vllm_workers_behind_the_kv_router(demo, tmp_path) -> None:
     ones migrated to the other worker."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    serve = start([sys.executable, "-m", "tandem.cli.main", "serve", str(demo), "--engine",
-                   "vllm", "--workers", "2", "--port", str(port), "--served-model-name", "smol",
-                   "--drain-timeout", "5", *FLAGS], tmp_path / "fleet.log", "serving 'smol'",
-                  timeout=400)  # fmt: skip
-    try:
+    fleet = tandem("serve", str(demo), "--engine", "vllm", "--workers", "2", "--port", str(port),
+                   "--served-model-name", "smol", "--drain-timeout", "5", *FLAGS)  # fmt: skip
+    with serving(fleet, tmp_path / "fleet.log", "serving 'smol'", timeout=400) as serve:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         cached = []
         for user in range(4):
@@ -193,5 +171,3 @@ def test_two_vllm_workers_behind_the_kv_router(demo, tmp_path) -> None:
         failures = [r for r in results if not isinstance(r, str)]
         assert len(results) == 6 and not failures, failures
         assert metric(httpx.get(f"{base}/metrics").text, "tandem_migrations_total") >= 1
-    finally:
-        stop(serve)

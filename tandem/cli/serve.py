@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -207,10 +208,17 @@ def serve_embedded(
     served_name = args.served_model_name or default_served_model_name(args.model)
     log.info("loading %s on %s (dtype %s)", model_path, device, args.dtype)
     engine = open_engine(config)
+    # uvicorn re-raises the SIGTERM it drained on: as an exception here, not the default
+    # action that would end the process before the engine (a vLLM engine core) is shut down.
+    signal.signal(signal.SIGTERM, _exit_by_signal)
     try:
         event_loop.run(_serve_http(args, engine, str(model_path), served_name, sock))
     finally:
         engine.shutdown()
+
+
+def _exit_by_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # the status the signal itself would have given
 
 
 async def _serve_http(
