@@ -62,7 +62,7 @@ def test_tandem_serve_with_vllm_answers_as_vllm_does(demo, tmp_path) -> None:
     port = free_port()
     ours_cmd = tandem("serve", str(demo), "--engine", "vllm", "--port", str(port),
                       "--served-model-name", "smol", *FLAGS)  # fmt: skip
-    # (embedded `tandem serve` ends by SIGTERM's own status, 143: uvicorn re-raises it)
+    # (embedded `tandem serve` ends by SIGTERM itself after its graceful exit: uvicorn re-raises it)
     with serving(ours_cmd, tmp_path / "tandem.log", "serving 'smol'", timeout=240,
                  exit_status=None) as proc:  # fmt: skip
         its_vllm = psutil.Process(proc.pid).children(recursive=True)

@@ -208,17 +208,26 @@ def serve_embedded(
     served_name = args.served_model_name or default_served_model_name(args.model)
     log.info("loading %s on %s (dtype %s)", model_path, device, args.dtype)
     engine = open_engine(config)
-    # uvicorn re-raises the SIGTERM it drained on: as an exception here, not the default
-    # action that would end the process before the engine (a vLLM engine core) is shut down.
-    signal.signal(signal.SIGTERM, _exit_by_signal)
+    # uvicorn re-raises the SIGTERM it drained on. Its default action would end the process
+    # before the engine (a vLLM engine core, say) is shut down: take it as an exception, shut
+    # down, then let the signal end the process as it would have.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         event_loop.run(_serve_http(args, engine, str(model_path), served_name, sock))
+    except Terminated:
+        engine.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
     finally:
         engine.shutdown()
 
 
-def _exit_by_signal(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # the status the signal itself would have given
+class Terminated(SystemExit):
+    """SIGTERM, raised where the main thread is (a SystemExit: asyncio lets it through)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
 
 
 async def _serve_http(
