@@ -127,8 +127,9 @@ def checked(graph: Graph, render: bool = False) -> dict[str, argparse.Namespace]
     from tandem.cli.engine_flags import engine_problem
     from tandem.deploy.graph_checks import check_for_kubernetes, check_graph, model_heads
 
-    heads = model_heads(graph.model.path)
-    if render and isinstance(heads, str) and heads.startswith("no such file"):
+    path = graph.model.path
+    heads = model_heads(path)
+    if render and path is not None and not Path(path).expanduser().exists():
         # the path is the pods' (in the image or a volume), not necessarily this machine's
         print(f"note: model.path is not on this machine ({heads}): rules on the model's heads"
               " not checked", file=sys.stderr)  # fmt: skip
@@ -140,7 +141,7 @@ def checked(graph: Graph, render: bool = False) -> dict[str, argparse.Namespace]
         problems += [
             Problem(f"pools.{role}.engine", problem)
             for role, pool in graph.pools.items()
-            if (problem := engine_problem(argparse.Namespace(engine=pool.engine))) is not None
+            if (problem := engine_problem(pool.engine)) is not None
         ]
     pools = {}
     reported = {p.path for p in problems}  # the graph's rules said it already
@@ -265,7 +266,7 @@ def summary(graph: Graph) -> list[str]:
     ]
     for role, pool in graph.pools.items():
         bounds = (
-            f" (planner: {pool.min_replicas or 1}-{pool.max_replicas or _default_max(graph, role)})"
+            f" (planner: {pool.min_replicas or 1}-{graph.max_replicas(role, pool)})"
             if graph.planner.enabled
             else ""
         )
@@ -372,10 +373,6 @@ def with_bounds(graph: Graph, config: Any) -> Any:
         high = bounds.max_replicas if pool.max_replicas is None else pool.max_replicas
         config = dataclasses.replace(config, **{slot: PoolBounds(low, high)})
     return config
-
-
-def _default_max(graph: Graph, role: str) -> int:
-    return graph.planner.gpu_budget if role == "aggregated" else 8
 
 
 def _replicas(graph: Graph, role: str) -> int:

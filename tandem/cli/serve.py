@@ -162,7 +162,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if isinstance(planning, str):
         print(f"tandem serve: error: {planning}", file=sys.stderr)
         return 2
-    problem = engine_problem(args)
+    problem = engine_problem(args.engine)
     if problem is not None:
         print(f"tandem serve: error: {problem}", file=sys.stderr)
         return 2
@@ -212,14 +212,16 @@ def serve_embedded(
     # before the engine (a vLLM engine core, say) is shut down: take it as an exception, shut
     # down, then let the signal end the process as it would have.
     signal.signal(signal.SIGTERM, _terminated)
+    terminated = False
     try:
         event_loop.run(_serve_http(args, engine, str(model_path), served_name, sock))
     except Terminated:
-        engine.shutdown()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.raise_signal(signal.SIGTERM)
+        terminated = True
     finally:
         engine.shutdown()
+    if terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
 
 
 class Terminated(SystemExit):

@@ -93,7 +93,7 @@ def run_worker(args: argparse.Namespace) -> int:
         resolve_model,
     )
 
-    problem = engine_problem(args)
+    problem = engine_problem(args.engine)
     if problem is not None:
         print(f"tandem worker: error: {problem}", file=sys.stderr)
         return 2

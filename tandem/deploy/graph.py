@@ -132,6 +132,13 @@ class Graph(Spec):
     def dtype(self, pool: PoolSpec) -> str:
         return pool.dtype or self.model.dtype
 
+    def max_replicas(self, role: str, pool: PoolSpec) -> int:
+        """The planner's upper bound for a pool: its own, else what `tandem serve --planner`
+        takes (8 a split pool, the GPU budget for an aggregated one)."""
+        if pool.max_replicas is not None:
+            return pool.max_replicas
+        return self.planner.gpu_budget if role == "aggregated" else 8
+
 
 #: The graph's sections and their types, for checking each one on its own.
 SECTIONS: dict[str, Any] = get_type_hints(Graph, include_extras=True)

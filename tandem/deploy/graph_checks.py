@@ -208,7 +208,7 @@ def _planner(graph: Graph) -> list[Problem]:
                 )
             continue
         low = 1 if low is None else low
-        high = (planner.gpu_budget if role == "aggregated" else 8) if high is None else high
+        high = graph.max_replicas(role, pool)
         if low > high:
             problems.append(Problem(f"{where}.min_replicas", f"{low} is above max_replicas {high}"))
         elif not low <= pool.replicas <= high:

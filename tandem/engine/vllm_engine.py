@@ -20,12 +20,14 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from tandem.engine.async_engine import KV_EVENT_BUFFER  # the bound AsyncEngine keeps
 from tandem.engine.config import EngineConfig
 from tandem.engine.vllm_events import VllmEventTranslator
 from tandem.engine.vllm_plugin import WORKER_PID
 from tandem.protocol import (
+    FinishReason,
     GenerateOutput,
     GenerateRequest,
     KvEvent,
@@ -36,10 +38,8 @@ from tandem.protocol import (
 
 log = logging.getLogger(__name__)
 
-#: Translated KV events kept for `take_kv_events`: past that the oldest go (a router then
-#: sees a gap in the ids and asks for a snapshot), as in `AsyncEngine`.
-KV_EVENT_BUFFER = 10_000
-FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error"}
+#: vLLM's finish reasons that Tandem's protocol has (others end the stream without one).
+FINISH = frozenset(get_args(FinishReason))
 
 
 class VllmEngine:
@@ -50,9 +50,7 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.config = config
         self.model_path = Path(config.model)
-        self.block_size = config.block_size
         self.max_logprobs = config.max_logprobs
         self.kv_layout = None  # KV moves through vLLM's own connector, not Tandem's
         self._tasks: set[asyncio.Task] = set()  # aborts under way
@@ -148,7 +146,7 @@ class VllmEngine:
     # -- translation -------------------------------------------------------------------
 
     def _output(self, request: GenerateRequest, out: Any, c: Any) -> GenerateOutput:
-        finish = FINISH.get(c.finish_reason) if c.finish_reason else None
+        finish = c.finish_reason if c.finish_reason in FINISH else None
         stop = c.stop_reason if isinstance(c.stop_reason, int) else None
         if finish == "stop" and stop is None and c.token_ids:
             stop = c.token_ids[-1]  # the end-of-sequence token

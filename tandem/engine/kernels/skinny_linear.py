@@ -28,6 +28,9 @@ except ImportError:  # a CPU-only install: `linear` falls back to torch
 MAX_ROWS = 16
 #: Rows one launch can hold: x rides in one tile of the next power of two >= 16 rows.
 TILE_ROWS = 64
+#: Output features from which a layer is wide (gate/up, lm_head): its own tiles, and cuBLAS
+#: past `MAX_ROWS` rows, where it already fills the GPU.
+WIDE = 16384
 
 
 def _skinny_linear_kernel(
@@ -101,7 +104,7 @@ def tile_config(n: int, k: int) -> tuple[int, int, int, int]:
     """(block_n, block_k, num_warps, num_stages) for an [n, k] weight. Measured on an H200
     (benchmarks/linear_shapes.py): wide layers stream best in 64-feature tiles, narrow
     ones (o_proj, down) want fewer features and longer K steps so every SM stays busy."""
-    if n >= 16384:
+    if n >= WIDE:
         return 64, 256, 4, 3
     if n > k:
         return 64, 128, 4, 5
@@ -212,7 +215,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     K split and summed inside the launch."""
     rows = x.shape[0] if x.dim() == 2 else TILE_ROWS + 1
     gpu_half = triton is not None and x.is_cuda and x.dtype != torch.float32
-    if not gpu_half or rows > TILE_ROWS or (rows > MAX_ROWS and weight.shape[0] >= 16384):
+    if not gpu_half or rows > TILE_ROWS or (rows > MAX_ROWS and weight.shape[0] >= WIDE):
         return torch.nn.functional.linear(x, weight, bias)
     x = x if x.stride(1) == 1 else x.contiguous()
     if rows <= MAX_ROWS:
