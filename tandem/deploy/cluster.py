@@ -77,6 +77,7 @@ class LocalCluster:
 
     def _worker(self, engine: Any, role: Role, iid: str, ids: list[str]) -> Worker:
         server = self._plane.server() if self._plane is not None else TcpRequestServer()
+        pulls = role == "decode" and not getattr(engine, "kv_connector", "")  # else its own
         return Worker(
             engine,
             model_card(engine, self._served, role=role),
@@ -86,7 +87,7 @@ class LocalCluster:
             namespace=self._namespace,
             instance_id=iid,
             publish_interval=self._publish_interval,
-            kv_source=self._kv_source(engine, ids) if role == "decode" else None,
+            kv_source=self._kv_source(engine, ids) if pulls else None,
         )
 
     async def add_worker(self, engine: Any, role: Role = "aggregated") -> Worker:

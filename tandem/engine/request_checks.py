@@ -93,6 +93,11 @@ def _check_kv_import(params: KvTransferParams, n: int, sampling, limits: Request
     """A `kv_import` comes from another process: check each field it is read for."""
     if not isinstance(params, KvTransferParams):
         raise ValueError("kv_import must be KvTransferParams")
+    if params.connector is not None:
+        raise ValueError(
+            "kv_import.connector: this KV is held by another engine's connector"
+            " (a vLLM worker's); Tandem's engine pulls only Tandem's exports"
+        )
     if params.num_tokens != n or not isinstance(params.token_ids, list) or not params.token_ids:
         raise ValueError("kv_import must cover the prompt and carry the sampled token")
     vocab = limits.vocab_size

@@ -3,11 +3,16 @@
 the same router, frontends and migration as Tandem's own engine.
 
 The frontend tokenizes and sends token ids; each sampling field maps to vLLM's of the same
-meaning, and what vLLM cannot do here (LoRA names, Tandem's own KV export/import) is refused
-before anything runs. KV events come from vLLM's publisher over a private ZeroMQ socket and
-are re-hashed with Tandem's chain (`vllm_events`); load comes from vLLM's scheduler stats
-through a stat logger that vLLM calls after each step. vLLM is imported only when this engine
-is built (`pip install -e '.[vllm]'`).
+meaning, and what vLLM cannot do here (LoRA names) is refused before anything runs. KV
+events come from vLLM's publisher over a private ZeroMQ socket and are re-hashed with
+Tandem's chain (`vllm_events`); load comes from vLLM's scheduler stats through a stat logger
+that vLLM calls after each step. vLLM is imported only when this engine is built (`pip
+install -e '.[vllm]'`).
+
+Disaggregated, a prefill worker runs the prompt with vLLM's connector told to hold its KV
+(`do_remote_decode`, one token, which is not sent on) and returns the connector's
+`kv_transfer_params`; the decode worker gets them back unread and vLLM's connector pulls the
+blocks (NIXL by default, as llm-d and Dynamo do), then generates from the first token on.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import tempfile
 import threading
 from collections import deque
@@ -32,6 +38,7 @@ from tandem.protocol import (
     GenerateRequest,
     KvEvent,
     KvSnapshot,
+    KvTransferParams,
     LoadStats,
     TokenLogprob,
 )
@@ -40,12 +47,19 @@ log = logging.getLogger(__name__)
 
 #: vLLM's finish reasons that Tandem's protocol has (others end the stream without one).
 FINISH = frozenset(get_args(FinishReason))
+#: How prefill and decode vLLM workers hand KV over unless `--vllm-arg
+#: kv_transfer_config=...` says otherwise: vLLM's NIXL connector, both directions.
+DEFAULT_KV_TRANSFER = {
+    "kv_connector": "NixlConnector",
+    "kv_role": "kv_both",
+    "kv_load_failure_policy": "recompute",  # a failed pull prefills locally, as Tandem does
+}
 
 
 class VllmEngine:
     """One vLLM engine (its core runs in vLLM's own process) with Tandem's engine face."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, role: str = "aggregated") -> None:
         from vllm.config import KVEventsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -59,6 +73,7 @@ class VllmEngine:
         endpoint = f"ipc://{self._folder.name}/kv-events"
         events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                 endpoint=endpoint, topic="kv")  # fmt: skip
+        transfer = self._kv_transfer(config.vllm_args.get("kv_transfer_config"), role)
         args = AsyncEngineArgs(**{
             "model": config.model, "dtype": config.dtype, "seed": config.seed,
             # 16 is --block-size's default: then vLLM picks its own (its CPU attention needs
@@ -70,6 +85,7 @@ class VllmEngine:
             "enable_prefix_caching": config.enable_prefix_caching,
             "enforce_eager": config.enforce_eager, "max_logprobs": config.max_logprobs,
             "kv_events_config": events, **_memory(config), **config.vllm_args,
+            **transfer,
         })  # fmt: skip
         self._scheduler: Any = None  # the latest SchedulerStats
         self._prefix = [0, 0]  # prefix-cache queries and hits (tokens), summed since start
@@ -93,13 +109,18 @@ class VllmEngine:
         anything runs for what vLLM cannot do here."""
         if self.error is not None:
             raise RuntimeError(f"the vLLM engine is dead: {self.error}")
-        params, prompt = vllm_request(request)
+        params, prompt = vllm_request(request, self.kv_connector)
+        handover = (params.extra_args or {}).get("kv_transfer_params", {})
+        exporting = handover.get("do_remote_decode", False)
         rid = request.request_id
         done = False
         try:
             async for out in self.llm.generate({"prompt_token_ids": prompt}, params, rid):
                 for c in out.outputs:
-                    yield self._output(request, out, c)
+                    if exporting and c.finish_reason == "length":  # the one-token cap
+                        yield self._handover(request, out)
+                    else:
+                        yield self._output(request, out, c)
             done = True
         finally:
             if not done:
@@ -144,6 +165,41 @@ class VllmEngine:
         self._folder.cleanup()
 
     # -- translation -------------------------------------------------------------------
+
+    def _kv_transfer(self, given: Any, role: str) -> dict[str, Any]:
+        """vLLM's `kv_transfer_config` for this role; sets `kv_connector` (the card's)."""
+        from vllm.config import KVTransferConfig
+
+        self.kv_connector = ""
+        if given is None and role == "aggregated":
+            return {}
+        given = DEFAULT_KV_TRANSFER if given is None else given
+        if isinstance(given, dict):
+            given = KVTransferConfig(**given)
+        if not isinstance(given, KVTransferConfig):
+            raise ValueError("--vllm-arg kv_transfer_config must be a JSON object")
+        if role != "aggregated":
+            self.kv_connector = given.kv_connector or ""
+        if given.kv_connector == "NixlConnector":
+            # vLLM's default port would collide between two workers on one host.
+            os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(_free_port()))
+        return {"kv_transfer_config": given}
+
+    def _handover(self, request: GenerateRequest, out: Any) -> GenerateOutput:
+        """A prefill's end: the connector's parameters, not the token (the decode worker
+        samples it again from the same KV, so that every sampler's stream stays its own)."""
+        if not out.kv_transfer_params:
+            raise RuntimeError(f"vLLM's {self.kv_connector} handed no KV over")
+        return GenerateOutput(
+            request_id=request.request_id, index=request.sequence_index,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_tokens=out.num_cached_tokens or 0,
+            kv_transfer=KvTransferParams(
+                request_id=request.request_id, block_ids=[],
+                num_tokens=len(request.prompt_token_ids),
+                connector=dict(out.kv_transfer_params),
+            ),
+        )  # fmt: skip
 
     def _output(self, request: GenerateRequest, out: Any, c: Any) -> GenerateOutput:
         finish = c.finish_reason if c.finish_reason in FINISH else None
@@ -208,31 +264,59 @@ class VllmEngine:
         return Latest
 
 
-def vllm_request(request: GenerateRequest) -> tuple[Any, list[int]]:
+def vllm_request(request: GenerateRequest, kv_connector: str = "") -> tuple[Any, list[int]]:
     """vLLM's sampling parameters and prompt for a Tandem request; ValueError (a 400) for
-    what a vLLM worker does not serve. A migrated request goes on after its tokens."""
+    what a vLLM worker does not serve. A migrated request goes on after its tokens.
+    `kv_connector`: the worker's (prefill and decode roles), which a KV hand-over needs."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    if request.kv_export or request.kv_import is not None:
-        raise ValueError("a vLLM worker hands KV over through vLLM's own connector:"
-                         " Tandem's kv_export/kv_import are not served here")  # fmt: skip
     if request.lora_name is not None:
         raise ValueError("lora_name: LoRA adapters are not served by this vLLM worker")
     s = request.sampling
     done = request.output_token_ids  # migration: the tokens a lost worker produced
+    max_tokens, min_tokens = s.max_tokens - len(done), max(0, s.min_tokens - len(done))
+    handover = _handover_params(request, kv_connector)
+    if handover is not None and handover.get("do_remote_decode"):
+        if max_tokens > 1:  # else the prefill worker's one token is the whole answer
+            max_tokens, min_tokens = 1, 0
+        else:
+            handover = None
     try:
         params = SamplingParams(
             n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
             seed=s.seed, presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
-            max_tokens=s.max_tokens - len(done), min_tokens=max(0, s.min_tokens - len(done)),
+            max_tokens=max_tokens, min_tokens=min_tokens,
             logprobs=s.logprobs, stop_token_ids=list(s.stop_token_ids),
             ignore_eos=s.ignore_eos, output_kind=RequestOutputKind.DELTA,
+            extra_args=None if handover is None else {"kv_transfer_params": handover},
         )  # fmt: skip
     except (ValueError, TypeError) as exc:
         raise ValueError(f"vLLM refuses the sampling parameters: {exc}") from None
     return params, [*request.prompt_token_ids, *done]
+
+
+def _handover_params(request: GenerateRequest, kv_connector: str) -> dict[str, Any] | None:
+    """vLLM's `kv_transfer_params` for a request that exports or imports KV, else None."""
+    imported = request.kv_import
+    if not (request.kv_export or imported is not None):
+        return None
+    if not kv_connector:
+        raise ValueError("this vLLM worker has no KV connector (its role is aggregated):"
+                         " it neither exports nor imports KV")  # fmt: skip
+    if request.kv_export:
+        return {"do_remote_decode": True}
+    if imported.connector is None or imported.token_ids:
+        raise ValueError("kv_import: a vLLM worker imports only what a vLLM prefill worker's"
+                         f" connector ({kv_connector}) handed over")  # fmt: skip
+    return dict(imported.connector)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _memory(config: EngineConfig) -> dict[str, Any]:

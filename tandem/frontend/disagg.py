@@ -129,6 +129,8 @@ async def prefill_then_decode(
             async for out in engine.stream_from(engine.prefill, export, hashes):
                 if out.kv_transfer is not None:
                     params, out.kv_transfer = out.kv_transfer, None
+                    if params.connector is not None and not out.token_ids:
+                        continue  # a vLLM hand-over: the decode worker sends every token
                 yield out
         except NoWorkers as exc:
             if params is not None:
@@ -145,5 +147,6 @@ async def prefill_then_decode(
             handed_over = True  # the decode worker pulls and releases from now on
             yield out
     finally:
-        if params is not None and not handed_over:
+        # An engine's own connector (vLLM's) frees unclaimed blocks on its own deadline.
+        if params is not None and params.connector is None and not handed_over:
             engine.release_export(params)

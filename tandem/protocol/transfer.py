@@ -4,6 +4,8 @@ release messages of the host/TCP transport (served beside `generate` on the requ
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 #: Request-plane endpoints of a prefill worker.
@@ -82,18 +84,24 @@ class KvTransferParams(msgspec.Struct, kw_only=True):
     `num_tokens` tokens (the prompt). `token_ids` are the tokens already sampled (the first
     one); `rng_state` is the seeded sampler's state after them, so that a seeded request
     samples on the decode worker exactly what it would have sampled in one place.
+
+    `connector`: set instead when the engines move KV themselves (vLLM workers: their
+    connector's `kv_transfer_params`, passed to the decode worker unread); `block_ids` and
+    `token_ids` are then empty and `layout` None, and the decode worker generates from the
+    first token on.
     """
 
     request_id: str
     block_ids: list[int]
     num_tokens: int
-    layout: KvLayout
+    layout: KvLayout | None = None
     token_ids: list[int] = msgspec.field(default_factory=list)
     rng_state: bytes | None = None
     expires_in: float = 30.0  # seconds the prefill worker holds the blocks after export
     worker_id: str = ""  # the prefill worker, and where its kv_pull / kv_release are served
     address: str = ""
     cuda_ipc: CudaIpcCache | None = None
+    connector: dict[str, Any] | None = None
 
 
 class KvPullRequest(msgspec.Struct, kw_only=True):

@@ -62,6 +62,9 @@ class ModelCard(msgspec.Struct, kw_only=True, frozen=True):
     #: A prefill worker's CUDA IPC handles, hashed: decode workers map only handles that
     #: match the registered digest.
     kv_ipc_digest: str = ""
+    #: The engine's own KV connector when KV moves through it (a vLLM worker's, e.g.
+    #: "NixlConnector"), not through Tandem's transfer; "" for Tandem's engine.
+    kv_connector: str = ""
 
     def to_metadata(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)
@@ -81,6 +84,13 @@ class ModelCard(msgspec.Struct, kw_only=True, frozen=True):
 
     def kv_mismatch(self, other: ModelCard) -> str | None:
         """Why this worker and `other` cannot exchange KV blocks, or None if they can."""
+        if self.kv_connector or other.kv_connector:
+            if self.kv_connector == other.kv_connector:
+                return None
+            mine, theirs = (
+                c or "Tandem's KV transfer" for c in (self.kv_connector, other.kv_connector)
+            )
+            return f"KV moves through {theirs}, not {mine}"
         if self.kv_layout is None or other.kv_layout is None:
             return "a worker does not describe its KV cache layout"
         return self.kv_layout.mismatch(other.kv_layout)

@@ -68,6 +68,7 @@ async def serve_worker(
     discovery = await NatsDiscovery.connect(nats_url)
     events = await NatsEventPlane.connect(nats_url)
     client = TcpRequestClient()  # a decode worker pulls KV from prefill workers with it
+    own = not card.kv_connector  # KV moves through Tandem's transfer, not the engine's
     try:
         server = TcpRequestServer(host, port, advertise_host=advertise_host, insecure=insecure)
         worker = Worker(
@@ -78,8 +79,8 @@ async def serve_worker(
             server=server,
             namespace=namespace,
             lease_ttl=lease_ttl,
-            kv_source=kv_source_for(engine, client) if card.role == "decode" else None,
-            cuda_ipc=cuda_ipc_for(engine) if card.role == "prefill" else None,
+            kv_source=kv_source_for(engine, client) if own and card.role == "decode" else None,
+            cuda_ipc=cuda_ipc_for(engine) if own and card.role == "prefill" else None,
             instance_id=instance_id,
         )
         info = await worker.start()

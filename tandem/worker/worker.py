@@ -65,6 +65,7 @@ def model_card(
         max_logprobs=engine.max_logprobs,
         role=role,
         kv_layout=getattr(engine, "kv_layout", None),
+        kv_connector=getattr(engine, "kv_connector", ""),
     )
 
 
@@ -128,7 +129,7 @@ class Worker:
         self._server.add_endpoint(GENERATE_ENDPOINT, self._generate, GenerateRequest)
         self._server.add_endpoint(KV_SNAPSHOT_ENDPOINT, self._kv_snapshot, KvSnapshotRequest)
         self._server.add_endpoint(CANCEL_ENDPOINT, self._cancel, CancelSequence)
-        if self.card.role == "prefill":
+        if self.card.role == "prefill" and not self.card.kv_connector:
             KvExportServer(self.engine).add_endpoints(self._server)
         await self._server.start()
         self._publisher.start()
@@ -232,7 +233,11 @@ class Worker:
         # generator then aborts the request and frees its blocks.
         if request.kv_export and self.card.role != "prefill":
             raise ValueError(f"this worker's role is {self.card.role}: it exports no KV")
-        if request.kv_import is not None:
+        if request.kv_import is not None and self.card.kv_connector:
+            if self.card.role != "decode":
+                raise ValueError(f"this worker's role is {self.card.role}: it imports no KV")
+            outputs = self.engine.generate(request)  # the engine's connector pulls
+        elif request.kv_import is not None:
             if self.kv_source is None:
                 raise ValueError(f"this worker's role is {self.card.role}: it imports no KV")
             outputs = self.engine.generate(request, self.kv_source)
