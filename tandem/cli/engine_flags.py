@@ -106,6 +106,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         " default: on with a GPU, off on CPU",
     )
     eng.add_argument(
+        "--cpu-threads",
+        type=int_at_least(1),
+        metavar="N",
+        help="CPU engine: threads for the model's matmuls (default: this process's cores but"
+        " one, at least 1, so that the HTTP server and the step loop keep a core)",
+    )
+    eng.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
         default="auto",
@@ -207,6 +214,7 @@ def engine_config(args: argparse.Namespace, model_path: Path, device: str) -> En
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         load_format=args.load_format,
+        cpu_threads=args.cpu_threads,
         engine=args.engine,
         vllm_args=dict(args.vllm_arg),
         perf_model=args.perf_model,

@@ -46,6 +46,8 @@ class EngineConfig:
     # None: on with a GPU, where it measured 1.08-1.14x faster decode, off on CPU.
     async_scheduling: bool | None = None
     load_format: str = "auto"  # auto: the folder's safetensors; dummy: random weights
+    # CPU: threads for the model's matmuls (None: this process's cores but one, at least 1).
+    cpu_threads: int | None = None
     max_logprobs: int = 20
     # The mock engine: no weights, step times from a performance model (tandem.engine.mock).
     engine: str = "real"  # real | mock | vllm (vLLM's AsyncLLM behind the same contract)

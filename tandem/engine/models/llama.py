@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from tandem.engine import cpu
 from tandem.engine.attention import AttentionBackend
 from tandem.engine.kernels import fused, skinny_linear
 
@@ -49,13 +50,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose GPU path sends decode-sized batches to the skinny Triton kernel."""
+    """nn.Linear whose GPU path sends decode-sized batches to the skinny Triton kernel, and
+    whose CPU path may use a oneDNN-packed copy of its weight (`tandem.engine.cpu`)."""
 
     fused = False
     #: Its output only feeds the residual add (o_proj, down): it may return `PartialSums`.
     into_residual = False
+    packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | skinny_linear.PartialSums:
+        if self.packed is not None:
+            return cpu.packed_linear(x, self.packed, self.bias)
         if self.fused and self.into_residual and self.bias is None:
             return skinny_linear.linear_into_residual(x, self.weight)
         if self.fused:
@@ -180,6 +185,7 @@ class LlamaForCausalLM(nn.Module):
         if not self.tied:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.fused = False
+        self.logits_packed: torch.Tensor | None = None
         # Filled by `init_rope()` once the module has real storage (it may be built on "meta").
         self.register_buffer("rope", torch.empty(max_positions, head_dim_of(config)))
 
@@ -204,6 +210,20 @@ class LlamaForCausalLM(nn.Module):
             for out in (attention.o_proj(x.new_zeros(rows, attention.q_size)), mlp(x)):
                 if isinstance(out, skinny_linear.PartialSums):
                     self.norm(out, x)
+
+    @torch.inference_mode()
+    def pack_cpu_linears(self) -> tuple[int, int]:
+        """oneDNN-packed weights (CPU) for the linears and the logits whose shape measures
+        faster so; returns how many weights were packed, of how many."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        weights = [m.weight for m in linears] + [self._logits_weight()]
+        *packs, self.logits_packed = cpu.pack_if_faster(weights)
+        for m, packed in zip(linears, packs, strict=True):
+            m.packed = packed
+        return sum(p is not None for p in [*packs, self.logits_packed]), len(weights)
+
+    def _logits_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.tied else self.lm_head.weight
 
     def set_attention(self, backend: AttentionBackend | None) -> None:
         for layer in self.layers:
@@ -239,7 +259,9 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.tied else self.lm_head.weight
+        weight = self._logits_weight()
+        if self.logits_packed is not None:
+            return cpu.packed_linear(hidden, self.logits_packed, None).float()
         if self.fused:
             return skinny_linear.linear(hidden, weight, None).float()
         return F.linear(hidden, weight).float()

@@ -1,0 +1,94 @@
+"""How the engine runs on a CPU: its thread count, and linear layers through oneDNN's
+pre-packed weights where they measure faster.
+
+`F.linear` in bfloat16 re-lays the weight out for oneDNN's kernels on every call; a decode
+step of a small model then spends most of its time there. PyTorch ships the packed path
+that its own compiler uses on CPUs (`mkldnn._reorder_linear_weight` once, at load, then
+`mkldnn._linear_pointwise`): each weight shape is timed both ways at load, at the row
+counts a step has, and the packed copy kept only where it wins (it is a second copy of the
+weight). One bfloat16 layer of the demo model at one row, one thread: 69 / 44 / 153 / 83
+µs (qkv, o, gate_up, down) through F.linear, 36 / 28 / 73 / 44 packed, the same bits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+#: Rows of a step that the choice is timed at: a decode of one, and of a batch.
+TIMED_ROWS = (1, 16)
+#: The packed path must win by this much to be kept (it costs a copy of the weight).
+MIN_GAIN = 1.1
+#: Weights of these dtypes are tried. float32 keeps F.linear: its packed kernels round
+#: differently from MKL's, and float32 is the path checked against transformers token for
+#: token (in bfloat16 both paths give the same bits).
+PACKED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def default_threads() -> int:
+    """Threads for a CPU engine's matmuls: the cores this process may use but one, which the
+    step loop and the HTTP server keep (on 2 cores, 1 thread served the demo model 1.2x
+    faster at concurrency 1 and 1.6x at 8 than 2 threads sharing both cores with them)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in oneDNN's blocked layout, for `packed_linear`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _time(fn, x: torch.Tensor) -> float:
+    """Seconds a call, the best of a few (about 10 ms of calls after a warm-up)."""
+    fn(x)  # first call: oneDNN builds its primitive
+    best = float("inf")
+    end = time.perf_counter() + 0.01
+    for _ in range(50):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+        if start > end:
+            break
+    return best
+
+
+@torch.inference_mode()
+def pack_if_faster(weights: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Each weight's packed copy, or None where `F.linear` is as fast (timed once per
+    distinct shape and dtype, summed over `TIMED_ROWS`; packing must win by `MIN_GAIN`)."""
+    faster: dict[tuple, bool] = {}
+    out: list[torch.Tensor | None] = []
+    for weight in weights:
+        key = (*weight.shape, weight.dtype)
+        if weight.dtype not in PACKED_DTYPES:
+            faster[key] = False
+        packed = pack(weight) if faster.get(key, True) else None
+        if key not in faster:
+            faster[key] = _gain(weight, packed) >= MIN_GAIN
+        out.append(packed if faster[key] else None)
+    return out
+
+
+def _gain(weight: torch.Tensor, packed: torch.Tensor) -> float:
+    """F.linear's time over the packed path's."""
+    plain = fast = 0.0
+    for rows in TIMED_ROWS:
+        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+        plain += _time(lambda x: F.linear(x, weight), x)
+        fast += _time(lambda x: packed_linear(x, packed, None), x)
+    log.debug("linear %s: F.linear %.1f us, packed %.1f us",
+              tuple(weight.shape), plain * 1e6, fast * 1e6)  # fmt: skip
+    return plain / fast
