@@ -383,3 +383,21 @@ def test_supervisor_restarts_with_backoff_and_resets_the_budget(tmp_path, monkey
         assert cluster.check() is None
         crash_and_wait(1.0)
     assert supervisor.Supervisor.backoff(20) == supervisor.MAX_BACKOFF
+
+
+def test_a_worker_that_cannot_run_as_configured_is_not_restarted(tmp_path, monkeypatch):
+    """Status 2 (an engine that refuses its settings, a bad spec): restarting would fail the
+    same way, so the launcher stops at once instead of retrying for minutes."""
+    args = parse_args(["serve", str(tmp_path), "--workers", "1", "--engine", "mock"])
+    workers, frontends = local_specs(args, tmp_path, "tiny", "cpu")("nats://x")
+    cluster = supervisor.Supervisor(workers, frontends, clock=lambda: 1000.0)
+    spawned: list[FakeProc] = []
+
+    def spawn(kind, spec):
+        spawned.append(FakeProc())
+        return spawned[-1]
+
+    monkeypatch.setattr(cluster, "_spawn", spawn)
+    cluster.start()
+    cluster.slots[0].proc.code = supervisor.CONFIG_ERROR
+    assert cluster.check() == 1 and len(spawned) == 2  # stopped, nothing respawned

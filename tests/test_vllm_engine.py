@@ -199,6 +199,19 @@ def test_two_vllm_workers_behind_the_kv_router(demo, tmp_path) -> None:
         assert metric(httpx.get(f"{base}/metrics").text, "tandem_migrations_total") >= 1
 
 
+def test_vllm_prefill_and_decode_roles_are_refused_where_nixl_cannot_run(demo) -> None:
+    """On a CPU, vLLM's NIXL connector fails only after its engine started: refused first,
+    with what to do instead (the worker then exits 2, which is not restarted)."""
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.vllm_engine import VllmEngine
+
+    for role in ("prefill", "decode"):
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="needs GPUs"):
+            VllmEngine(EngineConfig(model=str(demo), device="cpu", engine="vllm"), role)
+        assert time.monotonic() - started < 30
+
+
 def _gpu_with_nixl() -> bool:
     import torch
 

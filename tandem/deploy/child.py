@@ -26,7 +26,8 @@ def setup_logging(level: str) -> None:
 
 def run_worker(spec: WorkerSpec) -> int:
     """Serve until drained (0), or until the engine dies (1: the supervisor restarts it);
-    2 when the spec would serve beyond loopback without a cluster secret."""
+    2 (not restarted) when the spec would serve beyond loopback without a cluster secret or
+    the engine refuses its settings."""
     from tandem.runtime.framing import cluster_secret
     from tandem.runtime.tcp_plane import is_loopback
 
@@ -44,7 +45,11 @@ def run_worker(spec: WorkerSpec) -> int:
 
     config = spec.engine
     log.info("loading %s on %s (dtype %s)", config.model, config.device, config.dtype)
-    engine = open_engine(config, spec.role)
+    try:
+        engine = open_engine(config, spec.role)
+    except ValueError as exc:  # settings the engine refuses: a restart would fail alike
+        print(f"tandem worker: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return event_loop.run(
             serve_worker(

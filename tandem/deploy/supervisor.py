@@ -34,6 +34,9 @@ from tandem.runtime.addressing import new_instance_id
 log = logging.getLogger("tandem.launcher")
 
 MAX_RESTARTS = 3
+#: A child's exit status for a configuration it cannot run (a bad flag, a model it cannot
+#: load, an engine that refuses its settings): restarting would fail the same way.
+CONFIG_ERROR = 2
 #: Delay before a worker's k-th restart in a row: RESTART_BACKOFF * 2**(k-1), at most
 #: MAX_BACKOFF seconds.
 RESTART_BACKOFF = 1.0
@@ -207,6 +210,10 @@ class Supervisor:
             if slot.restarts and now - slot.started >= HEALTHY_SECONDS:
                 slot.restarts = 0  # healthy again: a later crash starts a fresh budget
             return None
+        if code == CONFIG_ERROR:
+            log.error("worker %s (%s) cannot run as configured (status %d, its error above);"
+                      " stopping", slot.spec.instance_id, role, code)  # fmt: skip
+            return 1
         if now - slot.started >= HEALTHY_SECONDS:
             slot.restarts = 0
         if slot.restarts >= MAX_RESTARTS:

@@ -18,6 +18,7 @@ blocks (NIXL by default, as llm-d and Dynamo do), then generates from the first 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import socket
@@ -48,12 +49,12 @@ log = logging.getLogger(__name__)
 #: vLLM's finish reasons that Tandem's protocol has (others end the stream without one).
 FINISH = frozenset(get_args(FinishReason))
 #: How prefill and decode vLLM workers hand KV over unless `--vllm-arg
-#: kv_transfer_config=...` says otherwise: vLLM's NIXL connector, both directions.
+#: kv_transfer_config=...` says otherwise: vLLM's NIXL connector, the role's direction.
 DEFAULT_KV_TRANSFER = {
     "kv_connector": "NixlConnector",
-    "kv_role": "kv_both",
     "kv_load_failure_policy": "recompute",  # a failed pull prefills locally, as Tandem does
 }
+KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 
 
 class VllmEngine:
@@ -73,7 +74,8 @@ class VllmEngine:
         endpoint = f"ipc://{self._folder.name}/kv-events"
         events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                 endpoint=endpoint, topic="kv")  # fmt: skip
-        transfer = self._kv_transfer(config.vllm_args.get("kv_transfer_config"), role)
+        transfer = self._kv_transfer(config.vllm_args.get("kv_transfer_config"), role,
+                                     config.device)  # fmt: skip
         args = AsyncEngineArgs(**{
             "model": config.model, "dtype": config.dtype, "seed": config.seed,
             # 16 is --block-size's default: then vLLM picks its own (its CPU attention needs
@@ -166,14 +168,16 @@ class VllmEngine:
 
     # -- translation -------------------------------------------------------------------
 
-    def _kv_transfer(self, given: Any, role: str) -> dict[str, Any]:
+    def _kv_transfer(self, given: Any, role: str, device: str) -> dict[str, Any]:
         """vLLM's `kv_transfer_config` for this role; sets `kv_connector` (the card's)."""
         from vllm.config import KVTransferConfig
 
         self.kv_connector = ""
         if given is None and role == "aggregated":
             return {}
-        given = DEFAULT_KV_TRANSFER if given is None else given
+        if given is None:
+            given = {**DEFAULT_KV_TRANSFER, "kv_role": KV_ROLES[role]}
+            _check_nixl(device)
         if isinstance(given, dict):
             given = KVTransferConfig(**given)
         if not isinstance(given, KVTransferConfig):
@@ -311,6 +315,18 @@ def _handover_params(request: GenerateRequest, kv_connector: str) -> dict[str, A
         raise ValueError("kv_import: a vLLM worker imports only what a vLLM prefill worker's"
                          f" connector ({kv_connector}) handed over")  # fmt: skip
     return dict(imported.connector)
+
+
+def _check_nixl(device: str) -> None:
+    """Refuse at once what vLLM's NIXL connector would fail on after a minute of start-up."""
+    if device != "cuda":
+        raise ValueError("prefill and decode vLLM workers hand KV over through vLLM's NIXL"
+                         " connector, which needs GPUs (vLLM's CPU build has no NIXL device);"
+                         " on a CPU run vLLM workers aggregated, or name a connector that runs"
+                         " here with --vllm-arg kv_transfer_config='{...}'")  # fmt: skip
+    if importlib.util.find_spec("nixl") is None:
+        raise ValueError("prefill and decode vLLM workers need NIXL for vLLM's connector:"
+                         " pip install nixl (or nixl-cu12 / nixl-cu13)")  # fmt: skip
 
 
 def _free_port() -> int:
