@@ -339,11 +339,12 @@ class FakeProc:
         return self.code
 
 
-def test_supervisor_restarts_with_backoff_and_resets_the_budget(tmp_path, monkeypatch):
+def fake_cluster(tmp_path, monkeypatch, clock) -> tuple[supervisor.Supervisor, list[FakeProc]]:
+    """A started supervisor of one mock worker and a frontend, its children FakeProcs (in
+    the list returned, in spawn order)."""
     args = parse_args(["serve", str(tmp_path), "--workers", "1", "--engine", "mock"])
     workers, frontends = local_specs(args, tmp_path, "tiny", "cpu")("nats://x")
-    now = [1000.0]
-    cluster = supervisor.Supervisor(workers, frontends, clock=lambda: now[0])
+    cluster = supervisor.Supervisor(workers, frontends, clock=clock)
     spawned: list[FakeProc] = []
 
     def spawn(kind, spec):
@@ -352,6 +353,12 @@ def test_supervisor_restarts_with_backoff_and_resets_the_budget(tmp_path, monkey
 
     monkeypatch.setattr(cluster, "_spawn", spawn)
     cluster.start()
+    return cluster, spawned
+
+
+def test_supervisor_restarts_with_backoff_and_resets_the_budget(tmp_path, monkeypatch):
+    now = [1000.0]
+    cluster, spawned = fake_cluster(tmp_path, monkeypatch, lambda: now[0])
     assert len(spawned) == 2  # a worker and the frontend
     worker = spawned[0]
 
@@ -375,9 +382,7 @@ def test_supervisor_restarts_with_backoff_and_resets_the_budget(tmp_path, monkey
     assert cluster.check() == 1
 
     # Healthy for a minute between crashes: the budget starts over each time.
-    cluster = supervisor.Supervisor(workers, frontends, clock=lambda: now[0])
-    monkeypatch.setattr(cluster, "_spawn", spawn)
-    cluster.start()
+    cluster, spawned = fake_cluster(tmp_path, monkeypatch, lambda: now[0])
     for _ in range(2 * supervisor.MAX_RESTARTS):
         now[0] += supervisor.HEALTHY_SECONDS
         assert cluster.check() is None
@@ -388,16 +393,6 @@ def test_supervisor_restarts_with_backoff_and_resets_the_budget(tmp_path, monkey
 def test_a_worker_that_cannot_run_as_configured_is_not_restarted(tmp_path, monkeypatch):
     """Status 2 (an engine that refuses its settings, a bad spec): restarting would fail the
     same way, so the launcher stops at once instead of retrying for minutes."""
-    args = parse_args(["serve", str(tmp_path), "--workers", "1", "--engine", "mock"])
-    workers, frontends = local_specs(args, tmp_path, "tiny", "cpu")("nats://x")
-    cluster = supervisor.Supervisor(workers, frontends, clock=lambda: 1000.0)
-    spawned: list[FakeProc] = []
-
-    def spawn(kind, spec):
-        spawned.append(FakeProc())
-        return spawned[-1]
-
-    monkeypatch.setattr(cluster, "_spawn", spawn)
-    cluster.start()
+    cluster, spawned = fake_cluster(tmp_path, monkeypatch, lambda: 1000.0)
     cluster.slots[0].proc.code = supervisor.CONFIG_ERROR
     assert cluster.check() == 1 and len(spawned) == 2  # stopped, nothing respawned
