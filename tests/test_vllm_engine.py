@@ -220,7 +220,7 @@ def _gpu_with_nixl() -> bool:
 
 @needs_nats
 @pytest.mark.skipif(not _gpu_with_nixl(), reason="vLLM's NIXL connector hands KV over between"
-                    " GPUs: needs CUDA, vLLM's GPU build and nixl (pip install nixl-cu12)")
+                    " GPUs: needs CUDA, vLLM's GPU build and nixl (pip install nixl)")
 def test_vllm_prefill_and_decode_workers_hand_over_through_nixl(demo, tmp_path) -> None:
     """A prefill and a decode vLLM worker: every request prefilled remotely, its KV pulled
     by vLLM's NIXL connector, the answer the same as one aggregated vLLM worker's."""

@@ -326,7 +326,7 @@ def _check_nixl(device: str) -> None:
                          " here with --vllm-arg kv_transfer_config='{...}'")  # fmt: skip
     if importlib.util.find_spec("nixl") is None:
         raise ValueError("prefill and decode vLLM workers need NIXL for vLLM's connector:"
-                         " pip install nixl (or nixl-cu12 / nixl-cu13)")  # fmt: skip
+                         " pip install nixl (vLLM imports the `nixl` package)")  # fmt: skip
 
 
 def _free_port() -> int:
