@@ -14,12 +14,12 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
+from tandem.engine.kv_event_buffer import KV_EVENT_BUFFER, KvEventBuffer
 from tandem.engine.kv_handoff import KvSource
 from tandem.protocol import (
     GenerateOutput,
@@ -39,9 +39,6 @@ IMPORT_ROOM_WAIT = 2.0
 #: How long a call into the engine thread (snapshot, export touch/release, import steps) may
 #: wait for its answer: it runs between two steps, so this only passes if the loop is wedged.
 CALL_TIMEOUT = 30.0
-#: KV events kept for `take_kv_events`; untaken (embedded, or a publisher behind), the oldest
-#: go: a consumer then sees a gap in the event ids and fetches a snapshot (DESIGN.md).
-KV_EVENT_BUFFER = 10_000
 
 
 class EngineDeadError(RuntimeError):
@@ -59,9 +56,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.core.stats()
-        self._kv_events: deque[KvEvent] = deque(maxlen=KV_EVENT_BUFFER)
-        self.kv_events_dropped = 0
-        self._events_lock = threading.Lock()
+        self._kv_events = KvEventBuffer(KV_EVENT_BUFFER)
         self._stopped = threading.Event()
         self.error: BaseException | None = None
         self.kv_layout = self.core.kv_layout
@@ -235,10 +230,11 @@ class AsyncEngine:
         return self.core.take_step_samples()
 
     def take_kv_events(self) -> list[KvEvent]:
-        with self._events_lock:
-            events = list(self._kv_events)
-            self._kv_events.clear()
-        return events
+        return self._kv_events.take()
+
+    @property
+    def kv_events_dropped(self) -> int:
+        return self._kv_events.dropped
 
     async def kv_snapshot(self) -> KvSnapshot:
         """The prefix cache's blocks, taken between steps in the engine thread so that it
@@ -344,16 +340,7 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         self._stats = self.core.stats()
-        events = self.core.take_kv_events()
-        if events:
-            with self._events_lock:
-                limit = self._kv_events.maxlen or 0
-                overflow = len(self._kv_events) + len(events) - limit
-                self._kv_events.extend(events)
-            if overflow > 0:
-                if self.kv_events_dropped == 0:
-                    log.info("nobody takes the engine's KV events: keeping the newest %d", limit)
-                self.kv_events_dropped += overflow
+        self._kv_events.put(self.core.take_kv_events())
 
     def _deliver(self, outputs: list[GenerateOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}

@@ -73,11 +73,9 @@ def pack_if_faster(weights: list[torch.Tensor]) -> list[torch.Tensor | None]:
     out: list[torch.Tensor | None] = []
     for weight in weights:
         key = (*weight.shape, weight.dtype)
-        if weight.dtype not in PACKED_DTYPES:
-            faster[key] = False
-        packed = pack(weight) if faster.get(key, True) else None
+        packed = pack(weight) if faster.get(key, weight.dtype in PACKED_DTYPES) else None
         if key not in faster:
-            faster[key] = _gain(weight, packed) >= MIN_GAIN
+            faster[key] = packed is not None and _gain(weight, packed) >= MIN_GAIN
         out.append(packed if faster[key] else None)
     return out
 

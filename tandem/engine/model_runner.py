@@ -102,11 +102,11 @@ class ModelRunner:
         model.set_fused_kernels(self.backend_name == "triton")
         if self.device.type == "cpu":
             torch.set_num_threads(config.cpu_threads or cpu.default_threads())
-        if self.device.type == "cpu" and cpu.available():
-            started = time.perf_counter()
-            packed, total = model.pack_cpu_linears()
-            log.info("CPU linears: %d of %d weights packed for oneDNN (faster so; %.1f s)",
-                     packed, total, time.perf_counter() - started)  # fmt: skip
+            if cpu.available():
+                started = time.perf_counter()
+                packed, total = model.pack_cpu_linears()
+                log.info("CPU linears: %d of %d weights packed for oneDNN (faster so; %.1f s)",
+                         packed, total, time.perf_counter() - started)  # fmt: skip
         self.model = model.eval()
         self.sampler = Sampler(eos_token_ids)
         self.uploader = StepUploader(self.device)

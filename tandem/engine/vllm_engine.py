@@ -24,13 +24,12 @@ import os
 import socket
 import tempfile
 import threading
-from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, get_args
 
-from tandem.engine.async_engine import KV_EVENT_BUFFER  # the bound AsyncEngine keeps
 from tandem.engine.config import EngineConfig
+from tandem.engine.kv_event_buffer import KvEventBuffer
 from tandem.engine.vllm_events import VllmEventTranslator
 from tandem.engine.vllm_plugin import WORKER_PID
 from tandem.protocol import (
@@ -74,8 +73,12 @@ class VllmEngine:
         endpoint = f"ipc://{self._folder.name}/kv-events"
         events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                 endpoint=endpoint, topic="kv")  # fmt: skip
-        transfer = self._kv_transfer(config.vllm_args.get("kv_transfer_config"), role,
-                                     config.device)  # fmt: skip
+        transfer = kv_transfer_config(config.vllm_args.get("kv_transfer_config"), role,
+                                      config.device)  # fmt: skip
+        #: The card's: KV hands over through this connector (prefill and decode roles).
+        self.kv_connector = ""
+        if transfer is not None and role != "aggregated":
+            self.kv_connector = transfer.kv_connector or ""
         args = AsyncEngineArgs(**{
             "model": config.model, "dtype": config.dtype, "seed": config.seed,
             # 16 is --block-size's default: then vLLM picks its own (its CPU attention needs
@@ -87,7 +90,7 @@ class VllmEngine:
             "enable_prefix_caching": config.enable_prefix_caching,
             "enforce_eager": config.enforce_eager, "max_logprobs": config.max_logprobs,
             "kv_events_config": events, **_memory(config), **config.vllm_args,
-            **transfer,
+            "kv_transfer_config": transfer,
         })  # fmt: skip
         self._scheduler: Any = None  # the latest SchedulerStats
         self._prefix = [0, 0]  # prefix-cache queries and hits (tokens), summed since start
@@ -97,7 +100,7 @@ class VllmEngine:
         self.max_model_len = vllm_config.model_config.max_model_len
         self.total_blocks = vllm_config.cache_config.num_gpu_blocks or 0
         self._translator = VllmEventTranslator(self.block_size)
-        self._events: deque[KvEvent] = deque(maxlen=KV_EVENT_BUFFER)
+        self._events = KvEventBuffer()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._subscriber = threading.Thread(target=self._listen, args=(endpoint,),
@@ -151,10 +154,7 @@ class VllmEngine:
         )  # fmt: skip
 
     def take_kv_events(self) -> list[KvEvent]:
-        with self._lock:
-            events = list(self._events)
-            self._events.clear()
-        return events
+        return self._events.take()
 
     async def kv_snapshot(self) -> KvSnapshot:
         with self._lock:
@@ -167,27 +167,6 @@ class VllmEngine:
         self._folder.cleanup()
 
     # -- translation -------------------------------------------------------------------
-
-    def _kv_transfer(self, given: Any, role: str, device: str) -> dict[str, Any]:
-        """vLLM's `kv_transfer_config` for this role; sets `kv_connector` (the card's)."""
-        from vllm.config import KVTransferConfig
-
-        self.kv_connector = ""
-        if given is None and role == "aggregated":
-            return {}
-        if given is None:
-            given = {**DEFAULT_KV_TRANSFER, "kv_role": KV_ROLES[role]}
-            _check_nixl(device)
-        if isinstance(given, dict):
-            given = KVTransferConfig(**given)
-        if not isinstance(given, KVTransferConfig):
-            raise ValueError("--vllm-arg kv_transfer_config must be a JSON object")
-        if role != "aggregated":
-            self.kv_connector = given.kv_connector or ""
-        if given.kv_connector == "NixlConnector":
-            # vLLM's default port would collide between two workers on one host.
-            os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(_free_port()))
-        return {"kv_transfer_config": given}
 
     def _handover(self, request: GenerateRequest, out: Any) -> GenerateOutput:
         """A prefill's end: the connector's parameters, not the token (the decode worker
@@ -238,8 +217,8 @@ class VllmEngine:
                 except zmq.Again:
                     continue
                 batch = decoder.decode(payload)
-                with self._lock:
-                    self._events.extend(self._translator.translate(batch.events))
+                with self._lock:  # the translator's state, which snapshots read
+                    self._events.put(self._translator.translate(batch.events))
         except Exception as exc:  # the events stop: the router falls back on snapshots
             log.exception("vLLM KV events: the subscriber stopped: %s", exc)
         finally:
@@ -299,6 +278,26 @@ def vllm_request(request: GenerateRequest, kv_connector: str = "") -> tuple[Any,
     except (ValueError, TypeError) as exc:
         raise ValueError(f"vLLM refuses the sampling parameters: {exc}") from None
     return params, [*request.prompt_token_ids, *done]
+
+
+def kv_transfer_config(given: Any, role: str, device: str) -> Any:
+    """vLLM's `KVTransferConfig` for a worker of `role` (None: an aggregated worker without
+    one): `given` (a dict or a config, from `--vllm-arg kv_transfer_config`), else NIXL."""
+    from vllm.config import KVTransferConfig
+
+    if given is None and role == "aggregated":
+        return None
+    if given is None:
+        given = {**DEFAULT_KV_TRANSFER, "kv_role": KV_ROLES[role]}
+        _check_nixl(device)
+    if isinstance(given, dict):
+        given = KVTransferConfig(**given)
+    if not isinstance(given, KVTransferConfig):
+        raise ValueError("--vllm-arg kv_transfer_config must be a JSON object")
+    if given.kv_connector == "NixlConnector":
+        # vLLM's default port would collide between two workers on one host.
+        os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(_free_port()))
+    return given
 
 
 def _handover_params(request: GenerateRequest, kv_connector: str) -> dict[str, Any] | None:
