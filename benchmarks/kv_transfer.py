@@ -4,15 +4,21 @@ One request's KV cache (1k / 8k / 32k-token prompts) moved between two processes
 machine, the way a decode worker pulls it from a prefill worker. A child process (this script
 with `--serve-exports`; only plain arguments go in, one JSON line comes out) holds K and V
 caches of a real model's geometry (`--geometry`, default Llama-3.2-1B: 32 KiB per token, 1 GiB
-at 32k tokens) and serves `kv_pull` through `KvExportServer` on a `TcpRequestServer`; the parent
-pulls with `TcpKvSource.fetch` and copies into its own cache with `HostBlocks.write_into`.
-Reported: p50 latency and GB/s (1 GB = 1e9 bytes) of the pull alone and of pull + copy, after
-one untimed warm-up. Every size is verified first: the child prints an XXH3 checksum of each
-export's bytes, and the parent checks the pulled blocks and its own cache against it; a size
-that fails gets an error instead of figures. With CUDA, two more rows per size: host/TCP between
-GPU caches, and CUDA IPC (the child shares its GPU caches, the parent maps them through
-`CudaIpcKvSource` and copies device to device, on the last visible GPU, so across GPUs where
-there are several). Without CUDA they are skipped with a note.
+at 32k tokens), serves `kv_pull` / `kv_touch` through `KvExportServer` on a
+`TcpRequestServer` and, where NIXL is installed, registers its caches with a NIXL agent. The
+parent pulls into the blocks of its own cache with the decode worker's sources: host/TCP
+(`TcpKvSource`), NIXL (`NixlKvSource`: READs straight into the cache) and, with CUDA, CUDA
+IPC (the child shares its GPU caches; the parent maps them and copies device to device, on
+the last visible GPU, so across GPUs where there are several) and host/TCP between GPU
+caches. Reported: p50 latency and GB/s (1 GB = 1e9 bytes) from the start of the pull until
+the blocks are in the parent's cache, after one untimed warm-up. Every size is verified
+first: the child prints an XXH3 checksum of each export's bytes and the parent checks its
+cache against it; a size that fails gets an error instead of figures.
+
+Blocks sit at random places in both caches by default (`--blocks scattered`), as in a cache
+that has served a while: each block of each layer is then a descriptor of its own for NIXL
+(16 KiB at the default geometry). `--blocks contiguous` places them in one run on both sides,
+which NIXL moves as one descriptor per layer.
 
 What splitting prefill from decode buys is measured by benchmarks/disagg_goodput.py, which
 takes the geometries from here.
@@ -44,13 +50,15 @@ import xxhash
 
 from tandem.bench.stats import percentile
 from tandem.protocol import KvLayout, KvTransferParams
-from tandem.protocol.transfer import CudaIpcCache
+from tandem.protocol.transfer import CudaIpcCache, NixlCache
 from tandem.runtime import TcpRequestClient, TcpRequestServer
-from tandem.transfer.blocks import DTYPES, HostBlocks
+from tandem.transfer.blocks import DTYPES
+from tandem.transfer.nixl import NixlAgent, NixlKvSource, nixl_api
 from tandem.transfer.tcp import KvExportServer, TcpKvSource
 
 BLOCK = 16
 GB = 1e9
+READY = "ready: "
 
 
 class Geometry(NamedTuple):
@@ -81,6 +89,13 @@ def blocks_for(tokens: int) -> int:
     return -(-tokens // BLOCK)
 
 
+def placement(how: str, total: int, n: int, seed: int) -> list[int]:
+    """`n` block ids of a cache of `total`: at random places, or one run."""
+    if how == "contiguous":
+        return list(range(1 + seed % (total - n), 1 + seed % (total - n) + n))
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()[:n]
+
+
 # -- the exporting process (child) -----------------------------------------------------------
 
 
@@ -91,6 +106,7 @@ class Ready(msgspec.Struct):
     exports: dict[str, list[int]]  # request id -> block ids, in sequence order
     checksums: dict[str, list[str]]  # request id -> [XXH3 of K, XXH3 of V] of those blocks
     cuda_ipc: CudaIpcCache | None = None
+    nixl: NixlCache | None = None
 
 
 class Exporter:
@@ -142,19 +158,22 @@ async def serve_exports(args: argparse.Namespace) -> None:
     total = blocks_for(max(args.sizes)) + BLOCK
     shape = (layout.num_layers, total, BLOCK, layout.num_kv_heads, layout.head_dim)
     k, v = fill_caches(shape, DTYPES[layout.dtype], args.device, args.seed)
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(args.seed)).tolist()
-    exports = {f"kv-{n}": perm[: blocks_for(n)] for n in args.sizes}
+    exports = {f"kv-{n}": placement(args.blocks, total, blocks_for(n), args.seed)
+               for n in args.sizes}  # fmt: skip
     sums = {rid: export_checksums(k, v, ids) for rid, ids in exports.items()}
     server = TcpRequestServer()
     KvExportServer(Exporter(k, v, layout, exports)).add_endpoints(server)
     await server.start()
-    ipc = None
+    ipc = agent = None
     if k.is_cuda:
         from tandem.transfer.cuda_ipc import share_cache
 
         ipc = share_cache(k, v)
-    ready = Ready(address=server.address, exports=exports, checksums=sums, cuda_ipc=ipc)
-    sys.stdout.write(msgspec.json.encode(ready).decode() + "\n")
+    elif nixl_api() is not None:
+        agent = NixlAgent(k, v, layout)
+    ready = Ready(address=server.address, exports=exports, checksums=sums, cuda_ipc=ipc,
+                  nixl=agent.cache if agent is not None else None)  # fmt: skip
+    sys.stdout.write(READY + msgspec.json.encode(ready).decode() + "\n")
     sys.stdout.flush()
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await server.stop()
@@ -169,7 +188,9 @@ class ExportChild:
     """This script run with `--serve-exports` in a fresh interpreter: only plain arguments go
     in, only the `Ready` line comes out (no tensor crosses by pickle)."""
 
-    def __init__(self, geometry: str, sizes: list[int], device: str, seed: int) -> None:
+    def __init__(
+        self, geometry: str, sizes: list[int], device: str, seed: int, blocks: str
+    ) -> None:
         self.argv = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -180,6 +201,8 @@ class ExportChild:
             device,
             "--seed",
             str(seed),
+            "--blocks",
+            blocks,
             "--sizes",
             *map(str, sizes),
         ]
@@ -189,11 +212,12 @@ class ExportChild:
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-        line = self.proc.stdout.readline()
+        while (line := self.proc.stdout.readline()) and not line.startswith(READY):
+            print(f"  child: {line.rstrip()}")  # NIXL logs to stdout
         if not line:
             self.proc.wait(timeout=30)
             raise RuntimeError(f"the export process exited ({self.proc.returncode}) before serving")
-        return msgspec.json.decode(line, type=Ready)
+        return msgspec.json.decode(line[len(READY) :], type=Ready)
 
     def __exit__(self, *exc: object) -> None:
         assert self.proc is not None
@@ -216,6 +240,7 @@ def params_for(ready: Ready, rid: str, layout: KvLayout) -> KvTransferParams:
         address=ready.address,
         worker_id="export-child",
         cuda_ipc=ready.cuda_ipc,
+        nixl=ready.nixl,
     )
 
 
@@ -233,57 +258,48 @@ def sync(device: str) -> None:
 
 
 async def time_pulls(
-    source: Any, ready: Ready, layout: KvLayout, device: str, reps: int, label: str
+    source: Any, ready: Ready, caches: tuple, layout: KvLayout, args: argparse.Namespace, label: str
 ) -> list[dict]:
-    """Per export size: `reps` pulls (plus one untimed warm-up), each followed by the copy into
-    this process's cache; verified against the child's checksums before anything is timed."""
-    k_cache, v_cache = local_cache(ready, layout, device)
-    rng = torch.Generator().manual_seed(1)
+    """Per export size: `reps` pulls into `caches` (plus one untimed warm-up); verified against
+    the child's checksums before anything is timed."""
+    k_cache, v_cache = caches
+    device = str(k_cache.device)
     rows = []
     for rid, ids in ready.exports.items():
         params = params_for(ready, rid, layout)
         indices = list(range(len(ids)))
-        dst = torch.randperm(k_cache.shape[1], generator=rng)[: len(ids)].tolist()
+        dst = placement(args.blocks, k_cache.shape[1], len(ids), args.seed + 1)
         row = {"method": label, "tokens": int(rid.split("-")[1]), "blocks": len(ids)}
         row["bytes"] = len(ids) * layout.block_bytes
-        pull_s, total_s, staged = [], [], True
+        total_s = []
         try:
-            for rep in range(reps + 1):
+            for rep in range(args.reps + 1):
                 sync(device)
                 t0 = time.perf_counter()
-                payload = await source.fetch(params, indices)
-                t1 = time.perf_counter()
-                payload.write_into(k_cache, v_cache, dst)
+                payload = await source.fetch(params, indices, dst)
+                if payload is not None:  # CUDA IPC: a view of the child's cache
+                    payload.write_into(k_cache, v_cache, dst)
                 sync(device)
-                t2 = time.perf_counter()
-                staged = isinstance(payload, HostBlocks)
+                total_s.append(time.perf_counter() - t0)
                 if rep == 0:
-                    verify(ready.checksums[rid], payload, k_cache, v_cache, dst)
-                else:
-                    pull_s.append(t1 - t0)
-                    total_s.append(t2 - t0)
-                del payload  # before the next pull: never two staged copies at once
+                    verify(ready.checksums[rid], k_cache, v_cache, dst)
+                    total_s.clear()
+                del payload
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
             print(f"  {label} {row['tokens']} tokens: FAILED: {row['error']}", flush=True)
             rows.append(row)
             continue
         row.update(timing(total_s, row["bytes"], "copy"))
-        if staged:  # a CUDA IPC fetch moves nothing by itself: no pull figures
-            row.update(timing(pull_s, row["bytes"], "pull"))
         row["verified"] = True
         rows.append(row)
         print(f"  {label} {row['tokens']} tokens: {row['copy_gbps']:.2f} GB/s", flush=True)
     return rows
 
 
-def verify(want: list[str], payload: Any, k_cache, v_cache, dst: list[int]) -> None:
-    """The pulled bytes (when staged on the host) and the copy in the cache both hash to what
-    the child holds; anything else is a broken transfer."""
-    if isinstance(payload, HostBlocks):
-        got = [checksum(payload.k), checksum(payload.v)]
-        if got != want:
-            raise RuntimeError(f"pulled blocks differ from the source: {got} != {want}")
+def verify(want: list[str], k_cache, v_cache, dst: list[int]) -> None:
+    """The blocks in the cache hash to what the child holds; anything else is a broken
+    transfer."""
     got = export_checksums(k_cache, v_cache, dst)
     if got != want:
         raise RuntimeError(f"blocks copied into the cache differ from the source: {got} != {want}")
@@ -300,36 +316,38 @@ def timing(seconds: list[float], nbytes: int, name: str) -> dict:
     }
 
 
-async def pull_over_tcp(ready: Ready, layout: KvLayout, device: str, reps: int, label: str):
+async def pull_with(kind: str, ready: Ready, layout: KvLayout, device: str, args) -> list[dict]:
+    """Pulls through the decode worker's `kind` source ("tcp", "nixl" or "cuda_ipc") into a
+    cache of this process on `device`."""
+    caches = local_cache(ready, layout, device)
     client = TcpRequestClient()
     try:
-        source = TcpKvSource(client, layout, timeout=300.0)
-        return await time_pulls(source, ready, layout, device, reps, label)
-    finally:
-        await client.close()
+        source: Any = TcpKvSource(client, layout, lambda: caches, timeout=300.0)
+        if kind == "nixl":
+            source = NixlKvSource(NixlAgent(*caches, layout), source)
+        elif kind == "cuda_ipc":
+            from tandem.transfer.cuda_ipc import CudaIpcKvSource
 
-
-async def pull_over_ipc(ready: Ready, layout: KvLayout, device: str, reps: int) -> list[dict]:
-    """CUDA IPC through the decode worker's own source: the first fetch maps the child's
-    caches (untimed warm-up), then each one copies device to device."""
-    from tandem.transfer.cuda_ipc import CudaIpcKvSource, local_device
-
-    if ready.cuda_ipc is None or local_device(ready.cuda_ipc) is None:
-        print("  cuda_ipc: the child's GPU is not visible here as the same node; skipped")
-        return []
-    client = TcpRequestClient()
-    try:
-        source = CudaIpcKvSource(TcpKvSource(client, layout, timeout=300.0))
-        rows = await time_pulls(source, ready, layout, device, reps, "cuda_ipc gpu->gpu")
-        if source.ipc_fetches == 0:
+            source = CudaIpcKvSource(source)
+        where = "gpu->gpu" if device.startswith("cuda") else "cpu->cpu"
+        rows = await time_pulls(source, ready, caches, layout, args, f"{kind} {where}")
+        moved = {"nixl": "nixl_fetches", "cuda_ipc": "ipc_fetches"}.get(kind)
+        if moved is not None and getattr(source, moved) == 0:
             for row in rows:
                 row["error"] = "every fetch fell back to host/TCP"
-        source.unmap()  # before the child frees its caches
-        gc.collect()
-        torch.cuda.synchronize()
+        if kind == "cuda_ipc":
+            source.unmap()  # before the child frees its caches
+            gc.collect()
+            torch.cuda.synchronize()
         return rows
     finally:
         await client.close()
+
+
+def local_device_of(ready: Ready) -> int | None:
+    from tandem.transfer.cuda_ipc import local_device
+
+    return local_device(ready.cuda_ipc) if ready.cuda_ipc is not None else None
 
 
 def transfer_part(args: argparse.Namespace) -> dict:
@@ -342,15 +360,21 @@ def transfer_part(args: argparse.Namespace) -> dict:
         f" token), p50 of {args.reps} repetitions",
         flush=True,
     )
-    rows = []
-    with ExportChild(args.geometry, args.sizes, "cpu", args.seed) as ready:
-        rows += asyncio.run(pull_over_tcp(ready, layout, "cpu", args.reps, "tcp cpu->cpu"))
-    notes = []
+    rows, notes = [], [f"blocks {args.blocks} in both caches"]
+    with ExportChild(args.geometry, args.sizes, "cpu", args.seed, args.blocks) as ready:
+        rows += asyncio.run(pull_with("tcp", ready, layout, "cpu", args))
+        if ready.nixl is not None:
+            rows += asyncio.run(pull_with("nixl", ready, layout, "cpu", args))
+        else:
+            notes.append("NIXL is not installed here (pip install -e '.[nixl]'): no nixl rows")
     if torch.cuda.is_available():
         gpu = f"cuda:{torch.cuda.device_count() - 1}"  # another GPU than the child's, if any
-        with ExportChild(args.geometry, args.sizes, "cuda:0", args.seed) as ready:
-            rows += asyncio.run(pull_over_tcp(ready, layout, gpu, args.reps, "tcp gpu->gpu"))
-            rows += asyncio.run(pull_over_ipc(ready, layout, gpu, args.reps))
+        with ExportChild(args.geometry, args.sizes, "cuda:0", args.seed, args.blocks) as ready:
+            rows += asyncio.run(pull_with("tcp", ready, layout, gpu, args))
+            if local_device_of(ready) is None:
+                notes.append("cuda_ipc: the child's GPU is not visible here as the same node")
+            else:
+                rows += asyncio.run(pull_with("cuda_ipc", ready, layout, gpu, args))
         notes.append(f"child caches on cuda:0 ({torch.cuda.get_device_name(0)}), parent on {gpu}")
     else:
         notes.append("no CUDA here: the GPU rows (host/TCP from GPU caches, CUDA IPC) skipped")
@@ -361,17 +385,18 @@ def transfer_part(args: argparse.Namespace) -> dict:
 
 
 def transfer_table(rows: list[dict]) -> None:
-    print(
-        f"\n{'method':>18} {'tokens':>7} {'MiB':>6} {'pull p50 ms':>12} {'pull GB/s':>10}"
-        f" {'pull+copy p50 ms':>17} {'pull+copy GB/s':>15}"
-    )
+    print(f"\n{'method':>18} {'tokens':>7} {'MiB':>6} {'p50 ms':>8} {'GB/s':>7} {'x tcp':>6}")
+    tcp = {(r["tokens"], r["method"].split()[1]): r.get("copy_gbps") for r in rows
+           if r["method"].startswith("tcp ")}  # fmt: skip
     for r in rows:
         head = f"{r['method']:>18} {r['tokens']:>7} {r['bytes'] / 2**20:>6.0f}"
         if "error" in r:
             print(f"{head}  FAILED: {r['error']}")
             continue
-        pull = f"{r['pull_p50_ms']:>12.1f} {r['pull_gbps']:>10.2f}" if "pull_gbps" in r else ""
-        print(f"{head} {pull:>23} {r['copy_p50_ms']:>17.1f} {r['copy_gbps']:>15.2f}")
+        base = tcp.get((r["tokens"], r["method"].split()[1]))
+        r["vs_tcp"] = r["copy_gbps"] / base if base else None
+        ratio = f"{r['vs_tcp']:>5.2f}x" if r["vs_tcp"] else ""
+        print(f"{head} {r['copy_p50_ms']:>8.1f} {r['copy_gbps']:>7.2f} {ratio:>6}")
 
 
 # -- main --------------------------------------------------------------------------------
@@ -386,6 +411,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sizes", type=int, nargs="+", default=[1024, 8192, 32768], help="prompt tokens"
     )
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per size")
+    p.add_argument(
+        "--blocks",
+        choices=("scattered", "contiguous"),
+        default="scattered",
+        help="where an export's blocks sit in both caches (%(default)s)",
+    )
     p.add_argument("--serve-exports", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)  # the child's caches
     return p.parse_args(argv)

@@ -12,6 +12,7 @@ import torch
 from tandem.protocol import KvTransferParams
 from tandem.protocol.transfer import CudaIpcCache, CudaIpcHandle, KvLayout
 from tandem.transfer import cuda_ipc
+from tandem.transfer.tcp import TcpKvSource
 
 LAYOUT = KvLayout(num_layers=1, block_size=4, num_kv_heads=1, head_dim=8, dtype="float32")
 HANDLE = CudaIpcHandle(device=0, handle=b"", storage_size=0, storage_offset=0,
@@ -20,9 +21,11 @@ HANDLE = CudaIpcHandle(device=0, handle=b"", storage_size=0, storage_offset=0,
 
 
 class Fallback:
-    """The TCP source's `touch`: the export's blocks, or an error once it is gone."""
+    """The TCP source's `touch` (the export's blocks, or an error once it is gone), under its
+    real `confirm_held`."""
 
     layout = LAYOUT
+    confirm_held = TcpKvSource.confirm_held
 
     def __init__(self, held=None) -> None:
         self.held = held
@@ -50,7 +53,7 @@ def test_mapped_caches_are_bounded_least_recently_used_first(monkeypatch):
 
     async def main():
         for worker in ("a", "b", "a", "c", "a", "b"):
-            await source.fetch(params(worker), [0])
+            await source.fetch(params(worker), [0], [0])
 
     asyncio.run(main())
     # a, b mapped; a used again; c evicts b (the least recent); b maps again, evicting c.
@@ -63,12 +66,12 @@ def test_an_export_is_confirmed_before_its_blocks_are_read(monkeypatch):
     monkeypatch.setattr(cuda_ipc, "open_cache", lambda *a: (torch.zeros(1), torch.zeros(1)))
     fallback = Fallback()
     source = cuda_ipc.CudaIpcKvSource(fallback)
-    blocks = asyncio.run(source.fetch(params("a"), [0]))
+    blocks = asyncio.run(source.fetch(params("a"), [0], [0]))
     assert fallback.touched == 1 and blocks is not None
     # Blocks the prefill worker does not hold for this request (a forged or stale import).
     with pytest.raises(ValueError, match="does not hold"):
-        asyncio.run(cuda_ipc.CudaIpcKvSource(Fallback(held=[7])).fetch(params("a"), [0]))
+        asyncio.run(cuda_ipc.CudaIpcKvSource(Fallback(held=[7])).fetch(params("a"), [0], [0]))
     # An export released or expired: nothing is read.
     gone = Fallback(held=KeyError("released"))
     with pytest.raises(KeyError):
-        asyncio.run(cuda_ipc.CudaIpcKvSource(gone).fetch(params("a"), [0]))
+        asyncio.run(cuda_ipc.CudaIpcKvSource(gone).fetch(params("a"), [0], [0]))

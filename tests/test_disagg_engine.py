@@ -118,7 +118,7 @@ def test_tcp_transfer_matches_and_frees_both_sides(engines):
         exporter.add_endpoints(server)
         await server.start()
         client = TcpRequestClient()
-        source = TcpKvSource(client, decode.kv_layout)
+        source = TcpKvSource(client, decode.kv_layout, decode.kv_caches)
         try:
             prompt = prompt_of(3, 150)
             want = await tokens(agg.generate(request("a", prompt, temperature=0.0)))

@@ -33,7 +33,7 @@ class Inner:
         self.fetched: list[str] = []
         self.released: list[str] = []
 
-    async def fetch(self, params, indices):
+    async def fetch(self, params, indices, dst):
         self.fetched.append(params.worker_id)
         return "blocks"
 
@@ -63,8 +63,8 @@ def test_only_registered_prefill_workers_at_their_address(monkeypatch):
         await discovery.register(info("q", "127.0.0.1:3", kv_ipc_digest=ipc_digest(ipc(b"a"))))
         inner = Inner()
         source = VerifiedKvSource(inner, discovery, "ns")
-        assert await source.fetch(params("p", "127.0.0.1:1"), [0]) == "blocks"
-        assert await source.fetch(params("q", "127.0.0.1:3", ipc(b"a")), [0]) == "blocks"
+        assert await source.fetch(params("p", "127.0.0.1:1"), [0], [0]) == "blocks"
+        assert await source.fetch(params("q", "127.0.0.1:3", ipc(b"a")), [0], [0]) == "blocks"
         refused = {
             "not registered": params("x", "127.0.0.1:1"),
             "not a prefill worker": params("d", "127.0.0.1:2"),
@@ -73,14 +73,14 @@ def test_only_registered_prefill_workers_at_their_address(monkeypatch):
         }
         for why, forged in refused.items():
             with pytest.raises(KvPeerRefused, match=why):
-                await source.fetch(forged, [0])
+                await source.fetch(forged, [0], [0])
             await source.release(forged)
         await source.release(params("p", "127.0.0.1:1"))
         assert inner.fetched == ["p", "q"] and inner.released == ["p"]
         assert source.refused == 4
         # A prefill worker that registers after the listing is found by the next miss.
         await discovery.register(info("late", "127.0.0.1:4"))
-        assert await source.fetch(params("late", "127.0.0.1:4"), [0]) == "blocks"
+        assert await source.fetch(params("late", "127.0.0.1:4"), [0], [0]) == "blocks"
         await discovery.close()
 
     asyncio.run(main())
@@ -100,7 +100,7 @@ def test_a_flood_of_unknown_workers_lists_discovery_once_per_interval():
         source = VerifiedKvSource(Inner(), discovery, "ns")
         for i in range(50):
             with pytest.raises(KvPeerRefused):
-                await source.fetch(params(f"x{i}", "127.0.0.1:1"), [0])
+                await source.fetch(params(f"x{i}", "127.0.0.1:1"), [0], [0])
         assert listings == [f"ns.{WORKER_COMPONENT}.{GENERATE_ENDPOINT}"]
         await discovery.close()
 

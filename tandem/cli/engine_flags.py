@@ -154,6 +154,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="prefill workers: how long a prompt's KV waits for its decode worker before it is"
         " freed (%(default)s)",
     )
+    eng.add_argument(
+        "--kv-transport",
+        choices=("auto", "nixl", "tcp", "cuda-ipc"),
+        default="auto",
+        help="prefill and decode workers: how KV blocks move between them; auto takes CUDA IPC"
+        " between GPUs of one node, NIXL where installed, TCP otherwise (%(default)s)",
+    )
 
 
 def add_mock_flags(p: argparse.ArgumentParser) -> None:
@@ -205,6 +212,7 @@ def engine_config(args: argparse.Namespace, model_path: Path, device: str) -> En
         num_gpu_blocks=args.num_gpu_blocks,
         enable_prefix_caching=args.enable_prefix_caching,
         kv_export_ttl=args.kv_export_ttl,
+        kv_transport=args.kv_transport,
         kv_offloading_size=args.kv_offloading_size,
         kv_disk_path=args.kv_disk_path,
         kv_disk_size=args.kv_disk_size,

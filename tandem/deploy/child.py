@@ -41,6 +41,7 @@ def run_worker(spec: WorkerSpec) -> int:
         return 2
     from tandem.engine import open_engine
     from tandem.worker import model_card
+    from tandem.worker.kv_transport import transport_names
     from tandem.worker.service import serve_worker
 
     config = spec.engine
@@ -48,6 +49,12 @@ def run_worker(spec: WorkerSpec) -> int:
     try:
         engine = open_engine(config, spec.role)
     except ValueError as exc:  # settings the engine refuses: a restart would fail alike
+        print(f"tandem worker: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        transport_names(config.kv_transport, engine)
+    except ValueError as exc:
+        engine.shutdown()
         print(f"tandem worker: error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -64,6 +71,7 @@ def run_worker(spec: WorkerSpec) -> int:
                 lease_ttl=spec.lease_ttl,
                 drain_timeout=spec.drain_timeout,
                 instance_id=spec.instance_id,
+                kv_transport=config.kv_transport,
             )
         )
     finally:

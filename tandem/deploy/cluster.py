@@ -4,7 +4,8 @@ Embedded `tandem serve`, the tests and the benchmarks assemble the system here, 
 same `Worker`, `WorkerPool` router and KV-event code as distributed mode, over in-memory
 discovery and events. The request plane is in-process (`transport="local"`: no sockets, no
 serialization) or real TCP on loopback (`"tcp"`: what separate processes would use, KV
-pulled over it by decode workers). The engines belong to the caller, who shuts them down.
+pulled over it by decode workers through `kv_transport`: tcp by default, or nixl, as
+`tandem worker --kv-transport`). The engines belong to the caller, who shuts them down.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from tandem.runtime import (
     new_instance_id,
 )
 from tandem.transfer.local import LocalKvSource
-from tandem.transfer.tcp import TcpKvSource
 from tandem.worker import Worker, model_card
+from tandem.worker.kv_transport import open_kv_transport
 
 Transport = Literal["local", "tcp"]
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class LocalCluster:
         *,
         served: str = "model",
         transport: Transport = "local",
+        kv_transport: str = "tcp",
         namespace: str = DEFAULT_NAMESPACE,
         lease_ttl: float = 5.0,
         publish_interval: float = 0.05,
@@ -58,6 +60,7 @@ class LocalCluster:
         self.discovery = MemoryDiscovery(default_ttl=lease_ttl)
         self.events = MemoryEventPlane()
         self.transport = transport
+        self.kv_transport = kv_transport
         self._plane = LocalRequestPlane() if transport == "local" else None
         if self._plane is not None:
             self.client: Any = self._plane.client()
@@ -76,18 +79,27 @@ class LocalCluster:
         self._stopped = False
 
     def _worker(self, engine: Any, role: Role, iid: str, ids: list[str]) -> Worker:
-        server = self._plane.server() if self._plane is not None else TcpRequestServer()
-        pulls = role == "decode" and not getattr(engine, "kv_connector", "")  # else its own
+        card = model_card(engine, self._served, role=role)
+        source = cuda_ipc = None
+        if self._plane is None:
+            server: Any = TcpRequestServer()
+            kv = open_kv_transport(engine, role, self.kv_transport, self._kv_client)
+            card, source, cuda_ipc = kv.card(card), kv.source, kv.cuda_ipc
+        else:
+            server = self._plane.server()
+            if role == "decode" and not getattr(engine, "kv_connector", ""):  # else its own
+                source = self._local_source(engine, ids)
         return Worker(
             engine,
-            model_card(engine, self._served, role=role),
+            card,
             discovery=self.discovery,
             events=self.events,
             server=server,
             namespace=self._namespace,
             instance_id=iid,
             publish_interval=self._publish_interval,
-            kv_source=self._kv_source(engine, ids) if pulls else None,
+            kv_source=source,
+            cuda_ipc=cuda_ipc,
         )
 
     async def add_worker(self, engine: Any, role: Role = "aggregated") -> Worker:
@@ -116,9 +128,7 @@ class LocalCluster:
         del self.workers[i], self.roles[i]
         return self.engines.pop(i)
 
-    def _kv_source(self, engine: Any, ids: list[str]) -> Any:
-        if self.transport == "tcp":
-            return TcpKvSource(self._kv_client, engine.kv_layout)
+    def _local_source(self, engine: Any, ids: list[str]) -> LocalKvSource:
         exporters = {iid: e for iid, e, role in zip(ids, self.engines, self.roles, strict=True)
                      if role == "prefill"}  # fmt: skip
         source = LocalKvSource(engine.kv_layout)

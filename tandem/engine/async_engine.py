@@ -143,7 +143,7 @@ class AsyncEngine:
             indices, dst = plan
             started = time.perf_counter()
             payload = await asyncio.wait_for(
-                source.fetch(params, indices), self.kv_transfer_timeout
+                source.fetch(params, indices, dst), self.kv_transfer_timeout
             )
             modelled = self.core.handoff.modelled_transfer_s(len(indices))
             if modelled > 0:  # the mock engine: the transfer takes the time its model says

@@ -37,6 +37,9 @@ class EngineConfig:
     kv_disk_size: float = 0.0
     # Disaggregation: seconds a prefill worker holds exported KV for a decode worker to pull.
     kv_export_ttl: float = 30.0
+    #: How prefill and decode workers move KV blocks (tandem.worker.kv_transport); the
+    #: engine itself does not read it.
+    kv_transport: str = "auto"
     seed: int = 0
     # GPU execution: attention kernels (auto: triton on CUDA, torch on CPU) and CUDA graphs
     # for decode steps (enforce_eager turns them off).

@@ -31,8 +31,11 @@ class KvPayload(Protocol):
 class KvSource(Protocol):
     """Where an imported request's KV comes from; `tandem.transfer` implements it."""
 
-    async def fetch(self, params: KvTransferParams, indices: list[int]) -> KvPayload | None:
-        """The blocks at `indices` of `params.block_ids` (None: nothing to copy, mock)."""
+    async def fetch(
+        self, params: KvTransferParams, indices: list[int], dst: list[int]
+    ) -> KvPayload | None:
+        """The blocks at `indices` of `params.block_ids`, bound for this engine's blocks
+        `dst` (reserved, so a source may write them in place; None: nothing left to copy)."""
 
     async def release(self, params: KvTransferParams) -> None:
         """Tell the source it may free the blocks (idempotent)."""

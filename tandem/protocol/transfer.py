@@ -76,6 +76,21 @@ class CudaIpcCache(msgspec.Struct, kw_only=True, frozen=True):
     v: CudaIpcHandle
 
 
+class NixlCache(msgspec.Struct, kw_only=True, frozen=True):
+    """A worker's K and V caches as its NIXL agent registered them: what another agent needs
+    to read blocks straight out of them (`metadata` carries the agent's transport addresses
+    and memory keys). Block `b` of layer `l` starts `(l * num_blocks + b)` layer-blocks into
+    `k_addr` (or `v_addr`)."""
+
+    agent: str
+    metadata: bytes
+    mem_type: str  # DRAM | VRAM
+    device: int
+    k_addr: int
+    v_addr: int
+    num_blocks: int
+
+
 class KvTransferParams(msgspec.Struct, kw_only=True):
     """An exported request's KV: the prefill worker returns it with the first token, the
     frontend passes it to the decode worker, which pulls the blocks and then releases them.
@@ -84,6 +99,9 @@ class KvTransferParams(msgspec.Struct, kw_only=True):
     `num_tokens` tokens (the prompt). `token_ids` are the tokens already sampled (the first
     one); `rng_state` is the seeded sampler's state after them, so that a seeded request
     samples on the decode worker exactly what it would have sampled in one place.
+
+    `cuda_ipc` and `nixl`: how else than TCP the prefill worker's cache can be read, set by
+    the prefill worker and checked by the decode worker against the card it registered.
 
     `connector`: set instead when the engines move KV themselves (vLLM workers: their
     connector's `kv_transfer_params`, passed to the decode worker unread); `block_ids` and
@@ -101,6 +119,7 @@ class KvTransferParams(msgspec.Struct, kw_only=True):
     worker_id: str = ""  # the prefill worker, and where its kv_pull / kv_release are served
     address: str = ""
     cuda_ipc: CudaIpcCache | None = None
+    nixl: NixlCache | None = None
     connector: dict[str, Any] | None = None
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import msgspec
 
 from tandem.protocol.events import KvEvent, LoadStats
-from tandem.protocol.transfer import KvLayout
+from tandem.protocol.transfer import KvLayout, NixlCache
 
 Role = Literal["aggregated", "prefill", "decode"]
 
@@ -62,6 +62,12 @@ class ModelCard(msgspec.Struct, kw_only=True, frozen=True):
     #: A prefill worker's CUDA IPC handles, hashed: decode workers map only handles that
     #: match the registered digest.
     kv_ipc_digest: str = ""
+    #: How this worker moves KV blocks, in its order of preference ("cuda-ipc", "nixl",
+    #: "tcp"): a prefill worker serves them, a decode worker pulls with them. A pair needs
+    #: one in common.
+    kv_transports: list[str] = msgspec.field(default_factory=lambda: ["tcp"])
+    #: A prefill worker's caches as its NIXL agent registered them (with "nixl").
+    kv_nixl: NixlCache | None = None
     #: The engine's own KV connector when KV moves through it (a vLLM worker's, e.g.
     #: "NixlConnector"), not through Tandem's transfer; "" for Tandem's engine.
     kv_connector: str = ""
@@ -93,6 +99,11 @@ class ModelCard(msgspec.Struct, kw_only=True, frozen=True):
             return f"KV moves through {theirs}, not {mine}"
         if self.kv_layout is None or other.kv_layout is None:
             return "a worker does not describe its KV cache layout"
+        if not set(self.kv_transports) & set(other.kv_transports):
+            return (
+                f"no KV transport in common: it uses {', '.join(other.kv_transports)},"
+                f" these workers {', '.join(self.kv_transports)} (--kv-transport)"
+            )
         return self.kv_layout.mismatch(other.kv_layout)
 
 

@@ -1,5 +1,5 @@
-"""Pulled blocks as the decode engine copies them into its cache, and the layout check that
-every transport runs before moving a byte."""
+"""Blocks copied from another engine's cache, and the layout check that every transport runs
+before moving a byte."""
 
 from __future__ import annotations
 
@@ -23,19 +23,6 @@ def check_layout(local: KvLayout, remote: KvLayout, remote_name: str = "the sour
 
 def _index(ids: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
-
-
-class HostBlocks:
-    """Blocks staged in host memory: K and V `[layers, n, block_size, kv_heads, head_dim]`."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k = k
-        self.v = v
-
-    def write_into(self, k_cache: torch.Tensor, v_cache: torch.Tensor, dst: list[int]) -> None:
-        idx = _index(dst, k_cache.device)
-        k_cache.index_copy_(1, idx, self.k.to(k_cache.device, non_blocking=True))
-        v_cache.index_copy_(1, idx, self.v.to(v_cache.device, non_blocking=True))
 
 
 class CacheBlocks:

@@ -109,20 +109,15 @@ class CudaIpcKvSource:
         self._mapped: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
         self.ipc_fetches = 0
 
-    async def fetch(self, params: KvTransferParams, indices: list[int]) -> Any:
+    async def fetch(self, params: KvTransferParams, indices: list[int], dst: list[int]) -> Any:
         ipc = params.cuda_ipc
         device = local_device(ipc) if ipc is not None else None
         if ipc is None or device is None:
-            return await self.fallback.fetch(params, indices)
+            return await self.fallback.fetch(params, indices, dst)
         check_layout(self.layout, params.layout, f"worker {params.worker_id}")
         # The blocks are read in place: the export must still hold them (a late pull would
         # copy reused blocks), and they must be the ones it holds, whatever the request says.
-        held = await self.fallback.touch(params)
-        if held != params.block_ids:
-            raise ValueError(
-                f"kv_import lists blocks that worker {params.worker_id} does not hold for"
-                f" request {params.request_id}"
-            )
+        await self.fallback.confirm_held(params)
         key = f"{params.worker_id}/{ipc.device_uuid}"
         caches = self._mapped.get(key)
         if caches is None:

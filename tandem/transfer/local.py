@@ -26,7 +26,9 @@ class LocalKvSource:
             raise LookupError(f"no exporting engine {params.worker_id!r} in this process")
         return engine
 
-    async def fetch(self, params: KvTransferParams, indices: list[int]) -> CacheBlocks | None:
+    async def fetch(
+        self, params: KvTransferParams, indices: list[int], dst: list[int]
+    ) -> CacheBlocks | None:
         check_layout(self.layout, params.layout, f"worker {params.worker_id}")
         engine = self._engine(params)
         await engine.touch_export(params.request_id)  # raises if it expired meanwhile

@@ -1,12 +1,15 @@
 """Host/TCP transport: the prefill worker streams an exported request's blocks over the request
-plane (`kv_pull`), one layer and a few MiB per message; the decode worker stages them in host
-memory, then its engine copies them into the cache. `kv_release` frees the prefill side's copy.
+plane (`kv_pull`), one layer and a few MiB per message, gathering the next message on a thread
+while the event loop sends the last; the decode worker copies each message straight into the
+blocks it reserved (no staging copy). `kv_release` frees the prefill side's copy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -22,7 +25,7 @@ from tandem.protocol.transfer import (
     KvReleased,
     KvReleaseRequest,
 )
-from tandem.transfer.blocks import DTYPES, HostBlocks, check_layout
+from tandem.transfer.blocks import check_layout
 from tandem.transfer.release import release_kv
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class KvExportServer:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.pulled_bytes = 0
+        self._gather = ThreadPoolExecutor(1, thread_name_prefix="kv-gather")
 
     def add_endpoints(self, server: Any) -> None:
         server.add_endpoint(KV_PULL_ENDPOINT, self.pull, KvPullRequest)
@@ -59,17 +63,25 @@ class KvExportServer:
         caches = self.engine.kv_caches()
         if caches is None or not request.indices:  # the mock engine holds no KV data
             return
-        k_cache, v_cache = caches
         layout: KvLayout = self.engine.kv_layout
         step = max(1, CHUNK_BYTES // (2 * layout.layer_block_bytes))
-        ids = torch.tensor([blocks[i] for i in request.indices], device=k_cache.device)
-        for layer in range(layout.num_layers):
-            for first in range(0, len(ids), step):
-                part = ids[first : first + step]
-                k = k_cache[layer].index_select(0, part).cpu()
-                v = v_cache[layer].index_select(0, part).cpu()
-                self.pulled_bytes += 2 * k.numel() * k.element_size()
-                yield KvChunk(layer=layer, first=first, count=len(part), k=_raw(k), v=_raw(v))
+        ids = torch.tensor([blocks[i] for i in request.indices], device=caches[0].device)
+        parts = [(layer, first) for layer in range(layout.num_layers)
+                 for first in range(0, len(ids), step)]  # fmt: skip
+
+        def gather(layer: int, first: int) -> KvChunk:
+            part = ids[first : first + step]
+            k, v = (c[layer].index_select(0, part).cpu() for c in caches)
+            return KvChunk(layer=layer, first=first, count=len(part), k=_raw(k), v=_raw(v))
+
+        loop = asyncio.get_running_loop()
+        ahead = loop.run_in_executor(self._gather, gather, *parts[0])
+        for i in range(len(parts)):
+            chunk = await ahead
+            if i + 1 < len(parts):  # gathered while this one is sent
+                ahead = loop.run_in_executor(self._gather, gather, *parts[i + 1])
+            self.pulled_bytes += len(chunk.k) + len(chunk.v)
+            yield chunk
         await self.engine.touch_export(request.request_id)  # still held: nothing overwrote it
 
     async def release(self, request: KvReleaseRequest) -> AsyncIterator[KvReleased]:
@@ -77,20 +89,27 @@ class KvExportServer:
 
 
 class TcpKvSource:
-    """The decode side: pulls blocks from the prefill worker at `params.address`."""
+    """The decode side: pulls blocks from the prefill worker at `params.address` into the
+    blocks reserved for them in `caches()` (the engine's K and V; None: a mock, no data)."""
 
-    def __init__(self, client: Any, layout: KvLayout, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        client: Any,
+        layout: KvLayout,
+        caches: Callable[[], tuple[torch.Tensor, torch.Tensor] | None],
+        timeout: float = 10.0,
+    ) -> None:
         self.client = client
         self.layout = layout
+        self.caches = caches
         self.timeout = timeout
 
-    async def fetch(self, params: KvTransferParams, indices: list[int]) -> HostBlocks | None:
+    async def fetch(self, params: KvTransferParams, indices: list[int], dst: list[int]) -> None:
         check_layout(self.layout, params.layout, f"worker {params.worker_id}")
-        lay = self.layout
-        shape = (lay.num_layers, len(indices), lay.block_size, lay.num_kv_heads, lay.head_dim)
-        dtype = DTYPES[lay.dtype]
-        k = torch.empty(shape, dtype=dtype)
-        v = torch.empty(shape, dtype=dtype)
+        if len(dst) != len(indices):
+            raise ValueError(f"{len(indices)} blocks to pull into {len(dst)} blocks")
+        caches = self.caches()
+        into = torch.tensor(dst, device=caches[0].device) if caches is not None else None
         received = 0
         stream = self.client.call(
             params.address,
@@ -101,17 +120,19 @@ class TcpKvSource:
         )
         async with stream:
             async for chunk in stream:
-                rows = slice(chunk.first, chunk.first + chunk.count)
-                _copy_into(k[chunk.layer, rows], chunk.k)
-                _copy_into(v[chunk.layer, rows], chunk.v)
+                if into is None or not 0 <= chunk.layer < self.layout.num_layers:
+                    raise ValueError(f"unexpected KV chunk for layer {chunk.layer}")
+                rows = into[chunk.first : chunk.first + chunk.count]
+                if len(rows) != chunk.count:
+                    raise ValueError(f"KV chunk past the {len(dst)} blocks pulled")
+                for cache, raw in zip(caches, (chunk.k, chunk.v), strict=True):
+                    _write_blocks(cache[chunk.layer], rows, raw)
                 received += chunk.count
-        if received == 0 and indices:
-            return None  # a mock engine: no data behind its blocks
-        if received != len(indices) * lay.num_layers:
+        if received != len(indices) * self.layout.num_layers and caches is not None:
             raise RuntimeError(
-                f"KV pull ended after {received} of {len(indices) * lay.num_layers} layer-blocks"
+                f"KV pull ended after {received} of {len(indices) * self.layout.num_layers}"
+                " layer-blocks"
             )
-        return HostBlocks(k, v)
 
     async def release(self, params: KvTransferParams) -> None:
         await release_kv(self.client, params)
@@ -126,11 +147,24 @@ class TcpKvSource:
                 return held.block_ids
         raise RuntimeError(f"worker {params.worker_id} did not answer kv_touch")
 
+    async def confirm_held(self, params: KvTransferParams) -> None:
+        """Before (and after) reading an export's blocks in place: the prefill worker still
+        holds them, and they are the ones `params` names, whatever the request says."""
+        if await self.touch(params) != params.block_ids:
+            raise ValueError(
+                f"kv_import lists blocks that worker {params.worker_id} does not hold for"
+                f" request {params.request_id}"
+            )
 
-def _copy_into(dst: torch.Tensor, raw: Any) -> None:
-    """Copy `raw` bytes over the contiguous tensor `dst`; a chunk of the wrong size is refused."""
-    out = _raw(dst)
-    data = memoryview(raw).cast("B")
-    if len(data) != len(out):
-        raise ValueError(f"KV chunk of {len(data)} bytes for {len(out)} bytes of blocks")
-    out[:] = data
+
+def _write_blocks(layer_cache: torch.Tensor, rows: torch.Tensor, raw: Any) -> None:
+    """Copy `raw` (blocks in the cache's dtype, as received) into `layer_cache[rows]`; a chunk
+    of the wrong size is refused."""
+    block = layer_cache[0]
+    expected = len(rows) * block.numel() * block.element_size()
+    if len(raw) != expected:
+        raise ValueError(f"KV chunk of {len(raw)} bytes for {expected} bytes of blocks")
+    if memoryview(raw).readonly:  # a small frame, parsed out of the shared receive buffer
+        raw = bytearray(raw)  # (a large one arrives in a bytearray of its own: no copy)
+    src = torch.frombuffer(raw, dtype=layer_cache.dtype).view(len(rows), *block.shape)
+    layer_cache.index_copy_(0, rows, src.to(layer_cache.device))

@@ -3,10 +3,10 @@
 A `kv_import` arrives from a frontend and names where to pull from (address, CUDA IPC
 handles, block ids). Taken on trust, a forged or stale one would point the decode worker's
 GPU copies at any process's memory, or its TCP client at any host. So the source named must
-be a prefill worker registered in discovery at that address, and CUDA IPC handles must be
-the ones it registered (by digest). Anything else is refused before a byte moves, and the
-engine computes the prompt itself (its fallback for any failed transfer); nothing is
-released at an address that was not verified.
+be a prefill worker registered in discovery at that address, and CUDA IPC handles (by
+digest) and a NIXL agent must be the ones it registered. Anything else is refused before a
+byte moves, and the engine computes the prompt itself (its fallback for any failed
+transfer); nothing is released at an address that was not verified.
 """
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ class VerifiedKvSource:
         self._listing: asyncio.Task[None] | None = None
         self.refused = 0
 
-    async def fetch(self, params: KvTransferParams, indices: list[int]) -> Any:
+    async def fetch(self, params: KvTransferParams, indices: list[int], dst: list[int]) -> Any:
         problem = await self._check(params)
         if problem is not None:
             self.refused += 1
             raise KvPeerRefused(f"kv_import refused: {problem}")
-        return await self.source.fetch(params, indices)
+        return await self.source.fetch(params, indices, dst)
 
     async def release(self, params: KvTransferParams) -> None:
         if await self._check(params) is None:
@@ -81,6 +81,9 @@ class VerifiedKvSource:
         ipc = params.cuda_ipc
         if ipc is not None and peer.metadata.get("kv_ipc_digest") != ipc_digest(ipc):
             return f"CUDA IPC handles that worker {params.worker_id!r} did not register"
+        nixl = params.nixl
+        if nixl is not None and peer.metadata.get("kv_nixl") != msgspec.to_builtins(nixl):
+            return f"a NIXL agent that worker {params.worker_id!r} did not register"
         return None
 
     async def _relist(self, force: bool) -> None:

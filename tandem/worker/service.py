@@ -11,32 +11,10 @@ from typing import Any
 
 from tandem.protocol.worker import DEFAULT_NAMESPACE, ModelCard
 from tandem.runtime import TcpRequestClient, TcpRequestServer
-from tandem.transfer.tcp import TcpKvSource
+from tandem.worker.kv_transport import open_kv_transport
 from tandem.worker.worker import Worker
 
 log = logging.getLogger(__name__)
-
-
-def kv_source_for(engine: Any, client: TcpRequestClient) -> Any:
-    """Host/TCP pulls; CUDA IPC in front of them when the cache is on a GPU (it falls back to
-    TCP for prefill workers on other nodes)."""
-    tcp = TcpKvSource(client, engine.kv_layout)
-    caches = engine.kv_caches()
-    if caches is not None and caches[0].is_cuda:
-        from tandem.transfer.cuda_ipc import CudaIpcKvSource
-
-        return CudaIpcKvSource(tcp)
-    return tcp
-
-
-def cuda_ipc_for(engine: Any) -> Any:
-    """The GPU cache's CUDA IPC handles, or None (CPU cache, mock engine)."""
-    caches = engine.kv_caches()
-    if caches is None or not caches[0].is_cuda:
-        return None
-    from tandem.transfer.cuda_ipc import share_cache
-
-    return share_cache(*caches)
 
 
 async def serve_worker(
@@ -53,6 +31,7 @@ async def serve_worker(
     drain_timeout: float = 30.0,
     stop: asyncio.Event | None = None,
     instance_id: str | None = None,
+    kv_transport: str = "auto",
 ) -> int:
     """Serve until `stop` is set or a SIGTERM / SIGINT arrives, then drain and return 0; or
     until the engine dies: the worker has left discovery by then, and this returns 1 (the
@@ -68,19 +47,19 @@ async def serve_worker(
     discovery = await NatsDiscovery.connect(nats_url)
     events = await NatsEventPlane.connect(nats_url)
     client = TcpRequestClient()  # a decode worker pulls KV from prefill workers with it
-    own = not card.kv_connector  # KV moves through Tandem's transfer, not the engine's
     try:
+        kv = open_kv_transport(engine, card.role, kv_transport, client)
         server = TcpRequestServer(host, port, advertise_host=advertise_host, insecure=insecure)
         worker = Worker(
             engine,
-            card,
+            kv.card(card),
             discovery=discovery,
             events=events,
             server=server,
             namespace=namespace,
             lease_ttl=lease_ttl,
-            kv_source=kv_source_for(engine, client) if own and card.role == "decode" else None,
-            cuda_ipc=cuda_ipc_for(engine) if own and card.role == "prefill" else None,
+            kv_source=kv.source,
+            cuda_ipc=kv.cuda_ipc,
             instance_id=instance_id,
         )
         info = await worker.start()

@@ -248,4 +248,5 @@ class Worker:
                 out.kv_transfer.worker_id = self.instance_id
                 out.kv_transfer.address = self._server.address
                 out.kv_transfer.cuda_ipc = self.cuda_ipc
+                out.kv_transfer.nixl = self.card.kv_nixl
             yield out
