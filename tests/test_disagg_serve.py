@@ -2,7 +2,8 @@
 decode worker and a frontend as real processes on a real nats-server, driven by `openai`.
 
 Each prompt is sent twice. The first time the decode worker holds none of it, so it is
-prefilled on the prefill worker and its KV moves over host/TCP; the second time the decode
+prefilled on the prefill worker and its KV moves over host/TCP or NIXL (`--kv-transport`);
+the second time the decode
 worker holds the prompt (the imported blocks entered its prefix cache), so it is prefilled
 there, as in aggregated serving. Both answers must be the same text. On a GPU machine the same
 runs with `--device cuda`, where the KV moves through CUDA IPC between the two processes.
@@ -10,6 +11,7 @@ runs with `--device cuda`, where the KV moves through CUDA IPC between the two p
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -24,6 +26,7 @@ from nats_support import needs_nats
 
 from tandem.deploy.processes import NatsServer, free_port
 from tandem.engine.testing import make_tiny_model
+from tandem.transfer.nixl import nixl_api
 
 pytestmark = needs_nats
 
@@ -38,17 +41,21 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-DEVICES = [
-    "cpu",
+CASES = [
+    ("cpu", "tcp"),
+    ("cpu", "nixl"),  # CI installs NIXL with the test extras: there the worker must start
     pytest.param(
         "cuda",
+        "auto",
         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     ),
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_openai_against_prefill_and_decode_workers(tmp_path, device):
+@pytest.mark.parametrize(("device", "kv_transport"), CASES)
+def test_openai_against_prefill_and_decode_workers(tmp_path, device, kv_transport):
+    if kv_transport == "nixl" and nixl_api() is None and os.environ.get("CI") != "true":
+        pytest.skip("NIXL not installed (pip install -e '.[test]' brings nixl-cu12)")
     model = make_tiny_model(tmp_path / "tiny")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -58,7 +65,7 @@ def test_openai_against_prefill_and_decode_workers(tmp_path, device):
             sys.executable, "-m", "tandem.cli.main", "serve", str(model),
             "--prefill-workers", "1", "--decode-workers", "1", "--nats", nats.url,
             "--port", str(port), "--num-gpu-blocks", "256", "--max-local-prefill-length", "16",
-            "--drain-timeout", "5", "--device", device,
+            "--drain-timeout", "5", "--device", device, "--kv-transport", kv_transport,
         ]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
@@ -102,8 +109,11 @@ def test_openai_against_prefill_and_decode_workers(tmp_path, device):
             assert metric(metrics, 'tandem_disagg_requests_total{path="local_short"}') == 2
             assert metric(metrics, "tandem_kv_imports_total") == 3
             assert metric(metrics, "tandem_kv_import_fallbacks_total") == 0
+            log_text = log_path.read_text()
             if device == "cuda":
-                assert "through CUDA IPC" in log_path.read_text()
+                assert "through CUDA IPC" in log_text
+            nixl_read = "reading KV blocks through NIXL" in log_text
+            assert nixl_read == (kv_transport == "nixl"), log_text
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, log_path.read_text()

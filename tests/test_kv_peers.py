@@ -112,13 +112,14 @@ def test_the_prefill_worker_registers_its_ipc_digest(tiny_llama):
     from tandem.engine.config import EngineConfig
     from tandem.runtime import MemoryEventPlane, TcpRequestServer
     from tandem.worker import Worker, model_card
+    from tandem.worker.kv_transport import KvTransport
 
     engine = AsyncEngine(EngineConfig(model=str(tiny_llama), num_gpu_blocks=16))
     try:
         cache = ipc(b"h")
         worker = Worker(engine, model_card(engine, "tiny", role="prefill"),
                         discovery=MemoryDiscovery(), events=MemoryEventPlane(),
-                        server=TcpRequestServer(), cuda_ipc=cache)  # fmt: skip
+                        server=TcpRequestServer(), kv=KvTransport(["cuda-ipc"], cuda_ipc=cache))  # fmt: skip
         assert worker.card.to_metadata()["kv_ipc_digest"] == ipc_digest(cache)
         assert ipc_digest(cache) == ipc_digest(msgspec.msgpack.decode(
             msgspec.msgpack.encode(cache), type=CudaIpcCache))  # fmt: skip

@@ -27,7 +27,7 @@ from tandem.runtime import (
 )
 from tandem.transfer.local import LocalKvSource
 from tandem.worker import Worker, model_card
-from tandem.worker.kv_transport import open_kv_transport
+from tandem.worker.kv_transport import KvTransport, open_kv_transport
 
 Transport = Literal["local", "tcp"]
 log = logging.getLogger(__name__)
@@ -79,27 +79,23 @@ class LocalCluster:
         self._stopped = False
 
     def _worker(self, engine: Any, role: Role, iid: str, ids: list[str]) -> Worker:
-        card = model_card(engine, self._served, role=role)
-        source = cuda_ipc = None
         if self._plane is None:
             server: Any = TcpRequestServer()
             kv = open_kv_transport(engine, role, self.kv_transport, self._kv_client)
-            card, source, cuda_ipc = kv.card(card), kv.source, kv.cuda_ipc
         else:
-            server = self._plane.server()
+            server, kv = self._plane.server(), KvTransport(["tcp"])
             if role == "decode" and not getattr(engine, "kv_connector", ""):  # else its own
-                source = self._local_source(engine, ids)
+                kv.source = self._local_source(engine, ids)
         return Worker(
             engine,
-            card,
+            model_card(engine, self._served, role=role),
             discovery=self.discovery,
             events=self.events,
             server=server,
             namespace=self._namespace,
             instance_id=iid,
             publish_interval=self._publish_interval,
-            kv_source=source,
-            cuda_ipc=cuda_ipc,
+            kv=kv,
         )
 
     async def add_worker(self, engine: Any, role: Role = "aggregated") -> Worker:

@@ -107,6 +107,7 @@ class NixlAgent:
             descs = _descs(peer.k_addr, peer.v_addr, self.layout, peer.num_blocks, peer.device)
             prepped = self.agent.prep_xfer_dlist(name, descs, peer.mem_type)
             self._peers[peer] = prepped
+            log.info("reading KV blocks through NIXL from agent %s", peer.agent)
             while len(self._peers) > MAX_PEERS:
                 gone, handle = self._peers.popitem(last=False)
                 self.agent.release_dlist_handle(handle)

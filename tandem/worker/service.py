@@ -52,14 +52,13 @@ async def serve_worker(
         server = TcpRequestServer(host, port, advertise_host=advertise_host, insecure=insecure)
         worker = Worker(
             engine,
-            kv.card(card),
+            card,
             discovery=discovery,
             events=events,
             server=server,
             namespace=namespace,
             lease_ttl=lease_ttl,
-            kv_source=kv.source,
-            cuda_ipc=kv.cuda_ipc,
+            kv=kv,
             instance_id=instance_id,
         )
         info = await worker.start()

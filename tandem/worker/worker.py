@@ -46,6 +46,7 @@ from tandem.runtime import (
 )
 from tandem.transfer.tcp import KvExportServer
 from tandem.worker.kv_peers import VerifiedKvSource, ipc_digest
+from tandem.worker.kv_transport import KvTransport
 from tandem.worker.publisher import LoadPublisher
 
 log = logging.getLogger(__name__)
@@ -82,18 +83,20 @@ class Worker:
         instance_id: str | None = None,
         lease_ttl: float | None = None,
         publish_interval: float = 0.1,
-        kv_source: Any = None,
-        cuda_ipc: Any = None,
+        kv: KvTransport | None = None,
     ) -> None:
-        """`kv_source` (decode role): where imported requests' KV is pulled from.
-        `cuda_ipc` (prefill role): the cache's CUDA IPC handles, given to decode workers."""
+        """`kv`: how KV moves (`open_kv_transport`): the source a decode worker pulls with,
+        what a prefill worker hands out with its exports; the worker keeps it alive."""
         self.engine = engine
+        self.kv = kv if kv is not None else KvTransport(["tcp"])
+        source = self.kv.source
         self.kv_source = (
-            VerifiedKvSource(kv_source, discovery, namespace) if kv_source is not None else None
+            VerifiedKvSource(source, discovery, namespace) if source is not None else None
         )
-        self.cuda_ipc = cuda_ipc
-        if cuda_ipc is not None:
-            card = msgspec.structs.replace(card, kv_ipc_digest=ipc_digest(cuda_ipc))
+        self.cuda_ipc = self.kv.cuda_ipc
+        card = self.kv.card(card)
+        if self.cuda_ipc is not None:
+            card = msgspec.structs.replace(card, kv_ipc_digest=ipc_digest(self.cuda_ipc))
         self.card = card
         self.namespace = namespace
         self.instance_id = instance_id or new_instance_id()

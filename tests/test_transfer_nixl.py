@@ -1,0 +1,256 @@
+"""KV transfer through NIXL (UCX on this CPU): prefill and decode `Worker`s on a real TCP
+request plane, the decode worker READing the blocks into its own cache through its NIXL
+agent. Outputs must equal one aggregated engine's, every failure must end with every block
+freed on every side, and workers with no transport in common never pair. Two processes
+moving KV through NIXL: tests/test_disagg_serve.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+import pytest
+
+from tandem.deploy import LocalCluster
+from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.config import EngineConfig
+from tandem.frontend.disagg import DisaggConfig
+from tandem.frontend.remote_engine import RemoteEngine
+from tandem.protocol import GenerateRequest, SamplingParams
+from tandem.transfer import nixl
+from tandem.transfer.tcp import KvExportServer
+from tandem.worker import model_card
+from tandem.worker.kv_transport import transport_names
+
+BLOCKS = 96
+
+if nixl.nixl_api() is None:
+    REASON = "NIXL not installed (pip install -e '.[test]' brings nixl-cu12)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(REASON, pytrace=False)
+    pytest.skip(REASON, allow_module_level=True)
+
+
+def make_engine(model, **config) -> AsyncEngine:
+    return AsyncEngine(EngineConfig(model=str(model), num_gpu_blocks=BLOCKS, **config))
+
+
+@pytest.fixture(scope="module")
+def aggregated(tiny_llama):
+    engine = make_engine(tiny_llama)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture
+def pair(tiny_llama):
+    made = []
+
+    def make(prefill_ttl: float = 30.0, transfer_timeout: float = 10.0):
+        prefill = make_engine(tiny_llama, kv_export_ttl=prefill_ttl)
+        decode = make_engine(tiny_llama)
+        decode.kv_transfer_timeout = transfer_timeout
+        made.extend([prefill, decode])
+        return prefill, decode
+
+    yield make
+    for engine in made:
+        engine.shutdown()
+
+
+def nixl_cluster(prefill: AsyncEngine, decode: AsyncEngine) -> LocalCluster:
+    return LocalCluster([prefill, decode], ["prefill", "decode"], served="tiny", transport="tcp",
+                        kv_transport="nixl", publish_interval=0.02, policy="kv",
+                        disagg=DisaggConfig(max_local_prefill_length=0))  # fmt: skip
+
+
+def request(rid: str, prompt: list[int], max_tokens: int = 10) -> GenerateRequest:
+    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    return GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling)
+
+
+def prompt_of(seed: int, n: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 377 + 3 for i in range(n)]
+
+
+async def tokens(outputs) -> list[int]:
+    return [t async for out in outputs for t in out.token_ids]
+
+
+async def settle(*engines: AsyncEngine) -> None:
+    async with asyncio.timeout(10):
+        while any(e.stats().active_blocks for e in engines):
+            await asyncio.sleep(0.01)
+
+
+def count_tcp_pulls(monkeypatch) -> list[int]:
+    pulls = []
+    pull = KvExportServer.pull
+
+    async def counted(self, req):
+        pulls.append(len(req.indices))
+        async for chunk in pull(self, req):
+            yield chunk
+
+    monkeypatch.setattr(KvExportServer, "pull", counted)
+    return pulls
+
+
+@pytest.mark.parametrize("prompt_len", [5, 16, 37, 150])
+def test_nixl_transfer_equals_aggregated(pair, aggregated, monkeypatch, prompt_len):
+    tcp_pulls = count_tcp_pulls(monkeypatch)
+
+    async def main():
+        async with nixl_cluster(*pair()) as c:
+            prompt = prompt_of(prompt_len, prompt_len)
+            want = await tokens(aggregated.generate(request("a", prompt)))
+            assert await tokens(c.remote.generate(request("d", prompt))) == want
+            decode = c.engines[1].stats()
+            assert decode.kv_imports == 1 and decode.kv_import_fallbacks == 0
+            assert c.worker("decode").kv_source.source.nixl_fetches == 1
+            assert tcp_pulls == []  # every block came through NIXL
+            await settle(*c.engines)  # released by the decode worker, not by the deadline
+            assert c.engines[0].stats().kv_exports_expired == 0
+
+    asyncio.run(main())
+
+
+def test_a_failed_read_computes_the_prompt_here_and_frees_both_sides(pair, aggregated, monkeypatch):
+    async def failing(self, peer, src, dst):
+        raise nixl.NixlError("NIXL read ended in state ERR")
+
+    monkeypatch.setattr(nixl.NixlAgent, "read", failing)
+
+    async def main():
+        async with nixl_cluster(*pair()) as c:
+            prompt = prompt_of(5, 90)
+            want = await tokens(aggregated.generate(request("a", prompt)))
+            assert await tokens(c.remote.generate(request("d", prompt))) == want
+            assert c.engines[1].stats().kv_import_fallbacks == 1
+            await settle(*c.engines)
+            assert c.engines[0].stats().kv_exports_expired == 0
+
+    asyncio.run(main())
+
+
+def test_a_read_past_the_timeout_falls_back_and_releases(pair, aggregated, monkeypatch):
+    async def stuck(self, peer, src, dst):
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(nixl.NixlAgent, "read", stuck)
+
+    async def main():
+        async with nixl_cluster(*pair(transfer_timeout=0.5)) as c:
+            prompt = prompt_of(6, 80)
+            want = await tokens(aggregated.generate(request("a", prompt)))
+            assert await tokens(c.remote.generate(request("d", prompt))) == want
+            assert c.engines[1].stats().kv_import_fallbacks == 1
+            await settle(*c.engines)
+            assert c.engines[0].stats().kv_exports_expired == 0
+
+    asyncio.run(main())
+
+
+def test_the_prefill_worker_dies_mid_read(pair, aggregated, monkeypatch):
+    """The read completes but the prefill worker is gone before it is confirmed: the blocks
+    may have been reused, so the decode worker computes the prompt itself; the dead side's
+    blocks go at its deadline."""
+    read = nixl.NixlAgent.read
+
+    async def dying(self, peer, src, dst):
+        await read(self, peer, src, dst)
+        await dying.server.stop()  # the process "dies": its request plane drops
+
+    monkeypatch.setattr(nixl.NixlAgent, "read", dying)
+
+    async def main():
+        async with nixl_cluster(*pair(prefill_ttl=1.0)) as c:
+            dying.server = c.worker("prefill")._server
+            prompt = prompt_of(7, 90)
+            want = await tokens(aggregated.generate(request("a", prompt)))
+            assert await tokens(c.remote.generate(request("d", prompt))) == want
+            assert c.engines[1].stats().kv_import_fallbacks == 1
+            await settle(*c.engines)
+            assert c.engines[0].stats().kv_exports_expired == 1
+
+    asyncio.run(main())
+
+
+def test_the_client_leaves_mid_read(pair, monkeypatch):
+    gate, reading = asyncio.Event(), asyncio.Event()
+    read = nixl.NixlAgent.read
+
+    async def held(self, peer, src, dst):
+        reading.set()
+        await gate.wait()
+        await read(self, peer, src, dst)
+
+    monkeypatch.setattr(nixl.NixlAgent, "read", held)
+
+    async def main():
+        async with nixl_cluster(*pair()) as c:
+            got: list[int] = []
+
+            async def consume():
+                async for out in c.remote.generate(request("c", prompt_of(9, 120), 50)):
+                    got.extend(out.token_ids)
+
+            consumer = asyncio.create_task(consume())
+            async with asyncio.timeout(5):
+                await reading.wait()
+            assert len(got) == 1 and c.engines[1].stats().active_blocks > 0
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            await settle(*c.engines)
+            stats = c.engines[0].stats()
+            assert stats.kv_exports_expired == 0 and stats.active_blocks == 0
+            gate.set()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_read_ends_before_its_blocks_are_given_back():
+    """NIXL may still be writing into the destination blocks when a read is abandoned; the
+    handle is released only once the transfer left the PROC state."""
+    states = iter(["PROC", "PROC", "DONE"])
+    calls = []
+
+    class Agent:
+        def check_xfer_state(self, handle):
+            calls.append("check")
+            return next(states)
+
+        def release_xfer_handle(self, handle):
+            calls.append("release")
+
+    agent = nixl.NixlAgent.__new__(nixl.NixlAgent)
+    agent.agent = Agent()
+    agent._end("handle", "PROC")
+    assert calls == ["check", "check", "check", "release"]
+
+
+def test_workers_with_no_transport_in_common_never_pair(tiny_llama):
+    engine = make_engine(tiny_llama)
+    try:
+        names = transport_names("nixl", engine)
+        assert names == ["nixl"] and transport_names("auto", engine) == ["nixl", "tcp"]
+        with pytest.raises(ValueError, match="cuda-ipc needs the KV cache on a GPU"):
+            transport_names("cuda-ipc", engine)
+        card = model_card(engine, "tiny", role="decode")
+        prefill = msgspec_replace(model_card(engine, "tiny", role="prefill"), kv_transports=names)
+        pool = type("Pool", (), {"card": card})()
+        reason = RemoteEngine._pairs(prefill, pool)
+        assert reason is not None and "no KV transport in common" in reason
+        both = msgspec_replace(card, kv_transports=["nixl", "tcp"])
+        assert RemoteEngine._pairs(prefill, type("Pool", (), {"card": both})()) is None
+    finally:
+        engine.shutdown()
+
+
+def msgspec_replace(card, **changes):
+    import msgspec
+
+    return msgspec.structs.replace(card, **changes)
