@@ -158,7 +158,7 @@ async def serve_exports(args: argparse.Namespace) -> None:
     total = blocks_for(max(args.sizes)) + BLOCK
     shape = (layout.num_layers, total, BLOCK, layout.num_kv_heads, layout.head_dim)
     k, v = fill_caches(shape, DTYPES[layout.dtype], args.device, args.seed)
-    exports = {f"kv-{n}": placement(args.blocks, total, blocks_for(n), args.seed)
+    exports = {f"kv-{n}": placement(args.blocks[0], total, blocks_for(n), args.seed)
                for n in args.sizes}  # fmt: skip
     sums = {rid: export_checksums(k, v, ids) for rid, ids in exports.items()}
     server = TcpRequestServer()
@@ -350,17 +350,10 @@ def local_device_of(ready: Ready) -> int | None:
     return local_device(ready.cuda_ipc) if ready.cuda_ipc is not None else None
 
 
-def transfer_part(args: argparse.Namespace) -> dict:
-    geometry = GEOMETRIES[args.geometry]
-    layout = geometry.layout()
-    per_token = layout.block_bytes // BLOCK
-    print(
-        f"\nKV transfer: {args.geometry} geometry ({geometry.layers} layers, {geometry.kv_heads}"
-        f" KV heads, head_dim {geometry.head_dim}, {geometry.dtype}: {per_token // 1024} KiB per"
-        f" token), p50 of {args.reps} repetitions",
-        flush=True,
-    )
-    rows, notes = [], [f"blocks {args.blocks} in both caches"]
+def placement_pass(args: argparse.Namespace, notes: list[str]) -> list[dict]:
+    """Every transport at every size with the blocks placed `args.blocks` in both caches."""
+    layout = GEOMETRIES[args.geometry].layout()
+    rows = []
     with ExportChild(args.geometry, args.sizes, "cpu", args.seed, args.blocks) as ready:
         rows += asyncio.run(pull_with("tcp", ready, layout, "cpu", args))
         if ready.nixl is not None:
@@ -378,6 +371,25 @@ def transfer_part(args: argparse.Namespace) -> dict:
         notes.append(f"child caches on cuda:0 ({torch.cuda.get_device_name(0)}), parent on {gpu}")
     else:
         notes.append("no CUDA here: the GPU rows (host/TCP from GPU caches, CUDA IPC) skipped")
+    for row in rows:
+        row["placement"] = args.blocks
+    return rows
+
+
+def transfer_part(args: argparse.Namespace) -> dict:
+    geometry = GEOMETRIES[args.geometry]
+    layout = geometry.layout()
+    per_token = layout.block_bytes // BLOCK
+    print(
+        f"\nKV transfer: {args.geometry} geometry ({geometry.layers} layers, {geometry.kv_heads}"
+        f" KV heads, head_dim {geometry.head_dim}, {geometry.dtype}: {per_token // 1024} KiB per"
+        f" token), p50 of {args.reps} repetitions",
+        flush=True,
+    )
+    rows, notes = [], []
+    for blocks in args.blocks:
+        rows += placement_pass(argparse.Namespace(**{**vars(args), "blocks": blocks}), notes)
+    notes = list(dict.fromkeys(notes))  # each pass notes the same things
     for note in notes:
         print(f"  note: {note}")
     transfer_table(rows)
@@ -385,15 +397,16 @@ def transfer_part(args: argparse.Namespace) -> dict:
 
 
 def transfer_table(rows: list[dict]) -> None:
-    print(f"\n{'method':>18} {'tokens':>7} {'MiB':>6} {'p50 ms':>8} {'GB/s':>7} {'x tcp':>6}")
-    tcp = {(r["tokens"], r["method"].split()[1]): r.get("copy_gbps") for r in rows
-           if r["method"].startswith("tcp ")}  # fmt: skip
+    print(f"\n{'blocks':>10} {'method':>18} {'tokens':>7} {'MiB':>6} {'p50 ms':>8} {'GB/s':>7}"
+          f" {'x tcp':>6}")  # fmt: skip
+    tcp = {(r["placement"], r["tokens"], r["method"].split()[1]): r.get("copy_gbps")
+           for r in rows if r["method"].startswith("tcp ")}  # fmt: skip
     for r in rows:
-        head = f"{r['method']:>18} {r['tokens']:>7} {r['bytes'] / 2**20:>6.0f}"
+        head = f"{r['placement']:>10} {r['method']:>18} {r['tokens']:>7} {r['bytes'] / 2**20:>6.0f}"
         if "error" in r:
             print(f"{head}  FAILED: {r['error']}")
             continue
-        base = tcp.get((r["tokens"], r["method"].split()[1]))
+        base = tcp.get((r["placement"], r["tokens"], r["method"].split()[1]))
         r["vs_tcp"] = r["copy_gbps"] / base if base else None
         ratio = f"{r['vs_tcp']:>5.2f}x" if r["vs_tcp"] else ""
         print(f"{head} {r['copy_p50_ms']:>8.1f} {r['copy_gbps']:>7.2f} {ratio:>6}")
@@ -414,8 +427,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--blocks",
         choices=("scattered", "contiguous"),
-        default="scattered",
-        help="where an export's blocks sit in both caches (%(default)s)",
+        nargs="+",
+        default=["scattered", "contiguous"],
+        help="where an export's blocks sit in both caches; each placement is a pass"
+        " (%(default)s)",
     )
     p.add_argument("--serve-exports", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)  # the child's caches

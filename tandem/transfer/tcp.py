@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from tandem.protocol import KvLayout, KvTransferParams
@@ -25,18 +26,13 @@ from tandem.protocol.transfer import (
     KvReleased,
     KvReleaseRequest,
 )
-from tandem.transfer.blocks import check_layout
+from tandem.transfer.blocks import check_layout, read_blocks, write_blocks
 from tandem.transfer.release import release_kv
 
 log = logging.getLogger(__name__)
 
 #: Bytes of K plus V per message: well under the request plane's 8 MiB frame limit.
 CHUNK_BYTES = 4 * 1024 * 1024
-
-
-def _raw(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (cast refuses a strided one)."""
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
 class KvExportServer:
@@ -65,14 +61,14 @@ class KvExportServer:
             return
         layout: KvLayout = self.engine.kv_layout
         step = max(1, CHUNK_BYTES // (2 * layout.layer_block_bytes))
-        ids = torch.tensor([blocks[i] for i in request.indices], device=caches[0].device)
+        ids = np.array([blocks[i] for i in request.indices], dtype=np.int64)
         parts = [(layer, first) for layer in range(layout.num_layers)
                  for first in range(0, len(ids), step)]  # fmt: skip
 
         def gather(layer: int, first: int) -> KvChunk:
             part = ids[first : first + step]
-            k, v = (c[layer].index_select(0, part).cpu() for c in caches)
-            return KvChunk(layer=layer, first=first, count=len(part), k=_raw(k), v=_raw(v))
+            k, v = (read_blocks(c[layer], part) for c in caches)
+            return KvChunk(layer=layer, first=first, count=len(part), k=k, v=v)
 
         loop = asyncio.get_running_loop()
         ahead = loop.run_in_executor(self._gather, gather, *parts[0])
@@ -109,7 +105,7 @@ class TcpKvSource:
         if len(dst) != len(indices):
             raise ValueError(f"{len(indices)} blocks to pull into {len(dst)} blocks")
         caches = self.caches()
-        into = torch.tensor(dst, device=caches[0].device) if caches is not None else None
+        into = np.array(dst, dtype=np.int64) if caches is not None else None
         received = 0
         stream = self.client.call(
             params.address,
@@ -126,7 +122,7 @@ class TcpKvSource:
                 if len(rows) != chunk.count:
                     raise ValueError(f"KV chunk past the {len(dst)} blocks pulled")
                 for cache, raw in zip(caches, (chunk.k, chunk.v), strict=True):
-                    _write_blocks(cache[chunk.layer], rows, raw)
+                    write_blocks(cache[chunk.layer], rows, raw)
                 received += chunk.count
         if received != len(indices) * self.layout.num_layers and caches is not None:
             raise RuntimeError(
@@ -156,15 +152,3 @@ class TcpKvSource:
                 f" request {params.request_id}"
             )
 
-
-def _write_blocks(layer_cache: torch.Tensor, rows: torch.Tensor, raw: Any) -> None:
-    """Copy `raw` (blocks in the cache's dtype, as received) into `layer_cache[rows]`; a chunk
-    of the wrong size is refused."""
-    block = layer_cache[0]
-    expected = len(rows) * block.numel() * block.element_size()
-    if len(raw) != expected:
-        raise ValueError(f"KV chunk of {len(raw)} bytes for {expected} bytes of blocks")
-    if memoryview(raw).readonly:  # a small frame, parsed out of the shared receive buffer
-        raw = bytearray(raw)  # (a large one arrives in a bytearray of its own: no copy)
-    src = torch.frombuffer(raw, dtype=layer_cache.dtype).view(len(rows), *block.shape)
-    layer_cache.index_copy_(0, rows, src.to(layer_cache.device))
