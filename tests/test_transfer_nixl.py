@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -254,3 +256,23 @@ def msgspec_replace(card, **changes):
     import msgspec
 
     return msgspec.structs.replace(card, **changes)
+
+
+def test_the_agent_of_a_loopback_worker_listens_on_loopback_only(tmp_path):
+    """UCX listens on every interface unless told otherwise; a worker that serves 127.0.0.1
+    only must not expose its KV cache beyond it."""
+    script = tmp_path / "agent.py"
+    script.write_text(
+        "import os, psutil, torch\n"
+        "from tandem.protocol import KvLayout\n"
+        "from tandem.transfer.nixl import NixlAgent\n"
+        "lay = KvLayout(num_layers=1, block_size=4, num_kv_heads=1, head_dim=8, dtype='float32')\n"
+        "agent = NixlAgent(torch.zeros(1, 4, 4, 1, 8), torch.zeros(1, 4, 4, 1, 8), lay)\n"
+        "conns = psutil.Process().net_connections('inet')\n"
+        "print('LISTEN', sorted({c.laddr.ip for c in conns if c.status == 'LISTEN'}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "UCX_NET_DEVICES"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    line = next(x for x in out.stdout.splitlines() if x.startswith("LISTEN"))
+    assert line == "LISTEN ['127.0.0.1']", out.stdout + out.stderr

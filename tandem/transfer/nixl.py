@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -77,10 +78,16 @@ class NixlAgent:
     """One worker's NIXL agent over its own K and V caches: what peers read (`cache`, for
     the card) and where this worker's reads land."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, layout: KvLayout) -> None:
+    def __init__(
+        self, k: torch.Tensor, v: torch.Tensor, layout: KvLayout, loopback: bool = True
+    ) -> None:
+        """`loopback`: the worker serves only this machine, so UCX listens on 127.0.0.1 alone
+        (by default it listens on every interface); a UCX_NET_DEVICES set by the user wins."""
         api = nixl_api()
         if api is None:
             raise NixlError("NIXL is not installed (pip install -e '.[nixl]')")
+        if loopback:
+            os.environ.setdefault("UCX_NET_DEVICES", "lo")
         self.layout = layout
         self.num_blocks = k.shape[1]
         mem_type = "VRAM" if k.is_cuda else "DRAM"

@@ -65,16 +65,19 @@ def transport_names(choice: str, engine: Any) -> list[str]:
     return [choice]
 
 
-def open_kv_transport(engine: Any, role: str, choice: str, client: Any) -> KvTransport:
+def open_kv_transport(
+    engine: Any, role: str, choice: str, client: Any, loopback: bool = True
+) -> KvTransport:
     """Set up `choice` for a worker of `role` on `engine` (`client`: the decode side's
-    request-plane client, for TCP pulls, touches and releases)."""
+    request-plane client, for TCP pulls, touches and releases; `loopback`: the worker serves
+    127.0.0.1 only, and so does its NIXL agent)."""
     names = transport_names(choice, engine)
     if role not in ("prefill", "decode") or getattr(engine, "kv_connector", ""):
         return KvTransport(names)  # moves no KV, or its engine moves it
     caches = engine.kv_caches()
     kv = KvTransport(names)
     if "nixl" in names and caches is not None:
-        kv.nixl = NixlAgent(*caches, engine.kv_layout)
+        kv.nixl = NixlAgent(*caches, engine.kv_layout, loopback)
         log.info("KV transfer through NIXL (agent %s)", kv.nixl.cache.agent)
     if role == "prefill":
         if "cuda-ipc" in names and caches is not None:

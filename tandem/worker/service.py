@@ -11,6 +11,7 @@ from typing import Any
 
 from tandem.protocol.worker import DEFAULT_NAMESPACE, ModelCard
 from tandem.runtime import TcpRequestClient, TcpRequestServer
+from tandem.runtime.tcp_plane import is_loopback
 from tandem.worker.kv_transport import open_kv_transport
 from tandem.worker.worker import Worker
 
@@ -48,7 +49,7 @@ async def serve_worker(
     events = await NatsEventPlane.connect(nats_url)
     client = TcpRequestClient()  # a decode worker pulls KV from prefill workers with it
     try:
-        kv = open_kv_transport(engine, card.role, kv_transport, client)
+        kv = open_kv_transport(engine, card.role, kv_transport, client, is_loopback(host))
         server = TcpRequestServer(host, port, advertise_host=advertise_host, insecure=insecure)
         worker = Worker(
             engine,
