@@ -117,9 +117,10 @@ def test_the_prefill_worker_registers_its_ipc_digest(tiny_llama):
     engine = AsyncEngine(EngineConfig(model=str(tiny_llama), num_gpu_blocks=16))
     try:
         cache = ipc(b"h")
+        kv = KvTransport(["cuda-ipc"], cuda_ipc=cache)
         worker = Worker(engine, model_card(engine, "tiny", role="prefill"),
                         discovery=MemoryDiscovery(), events=MemoryEventPlane(),
-                        server=TcpRequestServer(), kv=KvTransport(["cuda-ipc"], cuda_ipc=cache))  # fmt: skip
+                        server=TcpRequestServer(), kv=kv)  # fmt: skip
         assert worker.card.to_metadata()["kv_ipc_digest"] == ipc_digest(cache)
         assert ipc_digest(cache) == ipc_digest(msgspec.msgpack.decode(
             msgspec.msgpack.encode(cache), type=CudaIpcCache))  # fmt: skip
