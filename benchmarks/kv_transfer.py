@@ -51,7 +51,7 @@ import xxhash
 from tandem.bench.stats import percentile
 from tandem.protocol import KvLayout, KvTransferParams
 from tandem.protocol.transfer import CudaIpcCache, NixlCache
-from tandem.runtime import TcpRequestClient, TcpRequestServer
+from tandem.runtime import TcpRequestClient, TcpRequestServer, event_loop
 from tandem.transfer.blocks import DTYPES
 from tandem.transfer.nixl import NixlAgent, NixlKvSource, nixl_api
 from tandem.transfer.tcp import KvExportServer, TcpKvSource
@@ -355,19 +355,19 @@ def placement_pass(args: argparse.Namespace, notes: list[str]) -> list[dict]:
     layout = GEOMETRIES[args.geometry].layout()
     rows = []
     with ExportChild(args.geometry, args.sizes, "cpu", args.seed, args.blocks) as ready:
-        rows += asyncio.run(pull_with("tcp", ready, layout, "cpu", args))
+        rows += event_loop.run(pull_with("tcp", ready, layout, "cpu", args))
         if ready.nixl is not None:
-            rows += asyncio.run(pull_with("nixl", ready, layout, "cpu", args))
+            rows += event_loop.run(pull_with("nixl", ready, layout, "cpu", args))
         else:
             notes.append("NIXL is not installed here (pip install -e '.[nixl]'): no nixl rows")
     if torch.cuda.is_available():
         gpu = f"cuda:{torch.cuda.device_count() - 1}"  # another GPU than the child's, if any
         with ExportChild(args.geometry, args.sizes, "cuda:0", args.seed, args.blocks) as ready:
-            rows += asyncio.run(pull_with("tcp", ready, layout, gpu, args))
+            rows += event_loop.run(pull_with("tcp", ready, layout, gpu, args))
             if local_device_of(ready) is None:
                 notes.append("cuda_ipc: the child's GPU is not visible here as the same node")
             else:
-                rows += asyncio.run(pull_with("cuda_ipc", ready, layout, gpu, args))
+                rows += event_loop.run(pull_with("cuda_ipc", ready, layout, gpu, args))
         notes.append(f"child caches on cuda:0 ({torch.cuda.get_device_name(0)}), parent on {gpu}")
     else:
         notes.append("no CUDA here: the GPU rows (host/TCP from GPU caches, CUDA IPC) skipped")
@@ -440,7 +440,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.serve_exports:
-        asyncio.run(serve_exports(args))
+        event_loop.run(serve_exports(args))
         return
     started = time.perf_counter()
     result: dict = {"args": vars(args), "transfer": transfer_part(args)}
