@@ -12,6 +12,7 @@ if not glob.glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from disagg_support import make_engine
 
 from tandem.engine.testing import make_tiny_model
 
@@ -38,3 +39,28 @@ def model_pair(request, tiny_models):
     path = tiny_models[request.param]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return path, hf
+
+
+@pytest.fixture(scope="module")
+def aggregated(tiny_llama):
+    """One aggregated engine: what a disaggregated pair must answer alike."""
+    engine = make_engine(tiny_llama)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture
+def pair(tiny_llama):
+    """`pair(prefill_ttl, transfer_timeout)`: a fresh prefill and decode engine."""
+    made = []
+
+    def make(prefill_ttl: float = 30.0, transfer_timeout: float = 10.0):
+        prefill = make_engine(tiny_llama, kv_export_ttl=prefill_ttl)
+        decode = make_engine(tiny_llama)
+        decode.kv_transfer_timeout = transfer_timeout
+        made.extend([prefill, decode])
+        return prefill, decode
+
+    yield make
+    for engine in made:
+        engine.shutdown()

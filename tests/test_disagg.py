@@ -6,63 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
-from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
+from disagg_support import make_engine, prompt_of, request, settle, tokens, tokens_into
 
 import tandem.transfer.tcp as tcp_transfer
 from tandem.deploy import LocalCluster
 from tandem.engine.async_engine import AsyncEngine
-from tandem.engine.config import EngineConfig
 from tandem.frontend.disagg import DisaggConfig
 from tandem.frontend.remote_engine import WorkerLost
-from tandem.protocol import GenerateRequest, SamplingParams
 from tandem.transfer.tcp import KvExportServer
-
-BLOCKS = 96
-
-
-def make_engine(model, **config) -> AsyncEngine:
-    return AsyncEngine(EngineConfig(model=str(model), num_gpu_blocks=BLOCKS, **config))
-
-
-@pytest.fixture(scope="module")
-def aggregated(tiny_llama):
-    engine = make_engine(tiny_llama)
-    yield engine
-    engine.shutdown()
-
-
-def request(rid: str, prompt: list[int], max_tokens: int = 10, **sampling) -> GenerateRequest:
-    sampling.setdefault("temperature", 0.0)
-    return GenerateRequest(
-        request_id=rid,
-        prompt_token_ids=prompt,
-        sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampling),
-    )
-
-
-def prompt_of(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 380) for _ in range(n)]
-
-
-async def tokens(outputs: AsyncIterator) -> list[int]:
-    return [t async for out in outputs for t in out.token_ids]
-
-
-async def tokens_into(into: list[int], outputs: AsyncIterator) -> None:
-    async for out in outputs:
-        into.extend(out.token_ids)
-
-
-async def settle(*engines: AsyncEngine) -> None:
-    """Wait until no engine holds a block for a request (cached ones are free)."""
-    async with asyncio.timeout(10):
-        while any(e.stats().active_blocks for e in engines):
-            await asyncio.sleep(0.01)
 
 
 def disagg_cluster(prefill: AsyncEngine, decode: AsyncEngine) -> LocalCluster:
@@ -87,22 +41,6 @@ def hold_pulls(monkeypatch) -> tuple[asyncio.Event, asyncio.Event]:
 
     monkeypatch.setattr(KvExportServer, "pull", held_pull)
     return gate, pulling
-
-
-@pytest.fixture
-def pair(tiny_llama):
-    made = []
-
-    def make(prefill_ttl: float = 30.0, transfer_timeout: float = 10.0):
-        prefill = make_engine(tiny_llama, kv_export_ttl=prefill_ttl)
-        decode = make_engine(tiny_llama)
-        decode.kv_transfer_timeout = transfer_timeout
-        made.extend([prefill, decode])
-        return prefill, decode
-
-    yield make
-    for engine in made:
-        engine.shutdown()
 
 
 def test_disaggregated_equals_aggregated(pair, aggregated):
