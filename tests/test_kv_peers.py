@@ -1,6 +1,6 @@
 """A decode worker pulls KV only from prefill workers that discovery vouches for: the named
 worker must be registered, as a prefill worker, at the named address, with the CUDA IPC
-handles it registered. Against the real in-memory discovery."""
+handles and NIXL agent it registered. Against the real in-memory discovery."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from tandem.protocol import KvTransferParams
-from tandem.protocol.transfer import CudaIpcCache, CudaIpcHandle, KvLayout
+from tandem.protocol.transfer import CudaIpcCache, CudaIpcHandle, KvLayout, NixlCache
 from tandem.protocol.worker import GENERATE_ENDPOINT, WORKER_COMPONENT
 from tandem.runtime import InstanceInfo, MemoryDiscovery
 from tandem.worker import kv_peers
@@ -81,6 +81,31 @@ def test_only_registered_prefill_workers_at_their_address(monkeypatch):
         # A prefill worker that registers after the listing is found by the next miss.
         await discovery.register(info("late", "127.0.0.1:4"))
         assert await source.fetch(params("late", "127.0.0.1:4"), [0], [0]) == "blocks"
+        await discovery.close()
+
+    asyncio.run(main())
+
+
+def test_only_the_nixl_agent_a_prefill_worker_registered():
+    """A kv_import carrying another agent (its metadata or addresses) would make the decode
+    worker read some other process's memory: refused."""
+    agent = NixlCache(agent="a", metadata=b"ucx", mem_type="DRAM", device=0, k_addr=4096,
+                      v_addr=8192, num_blocks=2)  # fmt: skip
+
+    async def main():
+        discovery = MemoryDiscovery()
+        registered = {"kv_nixl": msgspec.to_builtins(agent)}
+        await discovery.register(info("n", "127.0.0.1:5", **registered))
+        source = VerifiedKvSource(Inner(), discovery, "ns")
+        good = params("n", "127.0.0.1:5")
+        good.nixl = agent
+        assert await source.fetch(good, [0], [0]) == "blocks"
+        for forged in (msgspec.structs.replace(agent, k_addr=0),
+                       msgspec.structs.replace(agent, metadata=b"other")):  # fmt: skip
+            bad = params("n", "127.0.0.1:5")
+            bad.nixl = forged
+            with pytest.raises(KvPeerRefused, match="NIXL agent"):
+                await source.fetch(bad, [0], [0])
         await discovery.close()
 
     asyncio.run(main())
