@@ -20,6 +20,10 @@ from tandem.protocol.observations import StepSample
 FEATURES = 4  # 1, prompt tokens, decode sequences, context tokens
 #: Each feature over its typical size, so that the sums stay well conditioned.
 SCALE = np.array([1.0, 1024.0, 64.0, 65536.0])
+#: Steps between two solves: the engine publishes the rate with its stats every step, and a
+#: solve costs more than a fast step (~80 us; solved every step, it doubled the host time of
+#: a batch-1 mock step); with a memory of ~200 steps (the decay) the answer moves little in 64.
+SOLVE_EVERY = 64
 
 
 class StepFit:
@@ -28,23 +32,37 @@ class StepFit:
         self.xtx = np.zeros((FEATURES, FEATURES))
         self.xty = np.zeros(FEATURES)
         self.steps = 0
-        self._solved: tuple[int, float | None] = (-1, None)  # (steps, answer) last solved
+        self._pending: list[tuple[int, int, int, float]] = []  # added, not yet in the sums
+        self._solved: tuple[int, float | None] = (-SOLVE_EVERY, None)  # (steps, answer)
 
     def add(self, prompt_tokens: int, decode_seqs: int, context: int, seconds: float) -> None:
+        """Cheap: steps are kept as they come and folded into the sums in batches."""
         if seconds <= 0 or not (prompt_tokens or decode_seqs):
             return
-        x = np.array([1.0, prompt_tokens, decode_seqs, context]) / SCALE
-        self.xtx = self.xtx * self.decay + np.outer(x, x)
-        self.xty = self.xty * self.decay + x * seconds
+        self._pending.append((prompt_tokens, decode_seqs, context, seconds))
         self.steps += 1
+        if len(self._pending) >= 4 * SOLVE_EVERY:
+            self._fold()
 
     def seconds_per_prompt_token(self) -> float | None:
         """b, when the steps seen vary enough in their prompt tokens to tell it from the rest
-        (else None: e.g. every step a full chunk). Solved once per new step: the tiers ask
-        for every block they load."""
-        if self._solved[0] != self.steps:
+        (else None: e.g. every step a full chunk). Solved again after SOLVE_EVERY new steps."""
+        if self.steps - self._solved[0] >= SOLVE_EVERY:
+            self._fold()
             self._solved = (self.steps, self._solve())
         return self._solved[1]
+
+    def _fold(self) -> None:
+        """The pending steps into the decayed sums, as if added one by one."""
+        if not self._pending:
+            return
+        data = np.array(self._pending, dtype=np.float64)
+        self._pending.clear()
+        n = len(data)
+        x = np.column_stack([np.ones(n), data[:, :3]]) / SCALE
+        weighted = x * (self.decay ** np.arange(n - 1, -1, -1))[:, None]  # the newest: 1
+        self.xtx = self.xtx * self.decay**n + weighted.T @ x
+        self.xty = self.xty * self.decay**n + weighted.T @ data[:, 3]
 
     def _solve(self) -> float | None:
         if self.steps < 8:
