@@ -9,6 +9,7 @@ decodes to the prompt. `StepTimes` feeds it, and keeps the planner's step log.""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 
 import numpy as np
@@ -20,10 +21,12 @@ from tandem.protocol.observations import StepSample
 FEATURES = 4  # 1, prompt tokens, decode sequences, context tokens
 #: Each feature over its typical size, so that the sums stay well conditioned.
 SCALE = np.array([1.0, 1024.0, 64.0, 65536.0])
-#: Steps between two solves: the engine publishes the rate with its stats every step, and a
-#: solve costs more than a fast step (~80 us; solved every step, it doubled the host time of
-#: a batch-1 mock step); with a memory of ~200 steps (the decay) the answer moves little in 64.
+#: Steps and seconds between two solves: the engine publishes the rate with its stats every
+#: step, and a solve costs more than a fast step (~80 us; solved every step, it doubled the
+#: host time of a batch-1 mock step); with a memory of ~200 steps (the decay) the answer
+#: moves little in 64 of them.
 SOLVE_EVERY = 64
+SOLVE_EVERY_S = 0.05
 
 
 class StepFit:
@@ -34,6 +37,7 @@ class StepFit:
         self.steps = 0
         self._pending: list[tuple[int, int, int, float]] = []  # added, not yet in the sums
         self._solved: tuple[int, float | None] = (-SOLVE_EVERY, None)  # (steps, answer)
+        self._solved_at = float("-inf")  # time.monotonic() of that solve
 
     def add(self, prompt_tokens: int, decode_seqs: int, context: int, seconds: float) -> None:
         """Cheap: steps are kept as they come and folded into the sums in batches."""
@@ -46,10 +50,12 @@ class StepFit:
 
     def seconds_per_prompt_token(self) -> float | None:
         """b, when the steps seen vary enough in their prompt tokens to tell it from the rest
-        (else None: e.g. every step a full chunk). Solved again after SOLVE_EVERY new steps."""
-        if self.steps - self._solved[0] >= SOLVE_EVERY:
+        (else None: e.g. every step a full chunk). Solved again after SOLVE_EVERY new steps
+        and SOLVE_EVERY_S seconds."""
+        now = time.monotonic()
+        if self.steps - self._solved[0] >= SOLVE_EVERY and now - self._solved_at >= SOLVE_EVERY_S:
             self._fold()
-            self._solved = (self.steps, self._solve())
+            self._solved, self._solved_at = (self.steps, self._solve()), now
         return self._solved[1]
 
     def _fold(self) -> None:
