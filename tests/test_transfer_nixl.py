@@ -217,3 +217,32 @@ def test_the_agent_of_a_loopback_worker_listens_on_loopback_only(tmp_path):
                          timeout=60)  # fmt: skip
     line = next(x for x in out.stdout.splitlines() if x.startswith("LISTEN"))
     assert line == "LISTEN ['127.0.0.1']", out.stdout + out.stderr
+
+
+def test_reads_land_in_place_and_peers_are_bounded(monkeypatch):
+    """Real agents in one process: blocks land where asked, every layer, K and V; block ids
+    past a cache are refused (they would address another layer); the prepared peers are
+    bounded, least recently read first."""
+    import torch
+
+    from tandem.protocol import KvLayout
+
+    monkeypatch.setattr(nixl, "MAX_PEERS", 1)
+    layout = KvLayout(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+
+    def caches(fill):
+        return [torch.full((2, 6, 4, 2, 8), float(fill)) for _ in range(2)]
+
+    mine = caches(0)
+    reader = nixl.NixlAgent(*mine, layout)
+    peers = [nixl.NixlAgent(*caches(i + 1), layout) for i in range(3)]
+
+    async def main():
+        for i, peer in enumerate(peers):
+            await reader.read(peer.cache, [5, 0], [i, 3])
+            assert all(float(c[:, i].mean()) == i + 1 for c in mine)  # from its block 5
+            assert list(reader._peers) == [peer.cache]
+        with pytest.raises(ValueError, match="cannot go to"):
+            await reader.read(peers[0].cache, [6], [0])  # block 6 of a 6-block cache
+
+    asyncio.run(main())

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,11 @@ def _descs(k: int, v: int, layout: KvLayout, num_blocks: int, device: int) -> np
     return out
 
 
+def _fits(blocks: list[int], num_blocks: int) -> bool:
+    """Every id a block of a cache of `num_blocks` (another would address another layer)."""
+    return min(blocks) >= 0 and max(blocks) < num_blocks
+
+
 def _indices(blocks: list[int], layers: int, num_blocks: int) -> np.ndarray:
     rows = np.arange(2 * layers, dtype=np.int64)[:, None] * num_blocks
     return (rows + np.asarray(blocks, dtype=np.int64)[None, :]).reshape(-1).astype(np.int32)
@@ -106,6 +111,7 @@ class NixlAgent:
                                v_addr=v.data_ptr(), num_blocks=self.num_blocks)  # fmt: skip
         self._caches = (k, v)  # registered memory must outlive the agent's use of it
         self._peers: OrderedDict[NixlCache, Any] = OrderedDict()
+        self._reading: Counter[NixlCache] = Counter()  # reads in flight per peer
 
     def _remote(self, peer: NixlCache) -> Any:
         """The prepared descriptor list of a peer's caches (its agent added once)."""
@@ -116,11 +122,11 @@ class NixlAgent:
             prepped = self.agent.prep_xfer_dlist(name, descs, peer.mem_type)
             self._peers[peer] = prepped
             log.info("reading KV blocks through NIXL from agent %s", peer.agent)
-            while len(self._peers) > MAX_PEERS:
-                gone, handle = self._peers.popitem(last=False)
-                self.agent.release_dlist_handle(handle)
-                self.agent.remove_remote_agent(gone.agent)
         self._peers.move_to_end(peer)
+        idle = [p for p in self._peers if not self._reading[p] and p != peer]
+        for gone in idle[: max(0, len(self._peers) - MAX_PEERS)]:  # never one being read
+            self.agent.release_dlist_handle(self._peers.pop(gone))
+            self.agent.remove_remote_agent(gone.agent)
         return prepped
 
     async def read(self, peer: NixlCache, src: list[int], dst: list[int]) -> None:
@@ -128,6 +134,9 @@ class NixlAgent:
         V). Cancelled, it returns only once NIXL no longer writes into `dst`."""
         if not src:
             return
+        fits = _fits(src, peer.num_blocks) and _fits(dst, self.num_blocks)
+        if len(src) != len(dst) or not fits:
+            raise ValueError(f"blocks {src} of agent {peer.agent} cannot go to blocks {dst}")
         layers = self.layout.num_layers
         handle = self.agent.make_prepped_xfer(
             "READ",
@@ -137,6 +146,7 @@ class NixlAgent:
             _indices(src, layers, peer.num_blocks),
         )
         state = "ERR"
+        self._reading[peer] += 1
         try:
             state = self.agent.transfer(handle)
             delay = 0.0002
@@ -148,6 +158,7 @@ class NixlAgent:
                 raise NixlError(f"NIXL read from agent {peer.agent} ended in state {state}")
         finally:
             self._end(handle, state)
+            self._reading[peer] -= 1
 
     def _end(self, handle: Any, state: str) -> None:
         """Release a transfer; one still running (a cancelled read) is waited for first, as
