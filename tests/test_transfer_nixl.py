@@ -246,3 +246,22 @@ def test_reads_land_in_place_and_peers_are_bounded(monkeypatch):
             await reader.read(peers[0].cache, [6], [0])  # block 6 of a 6-block cache
 
     asyncio.run(main())
+
+
+def test_auto_goes_on_without_nixl_when_it_cannot_register_the_cache(tiny_llama, monkeypatch):
+    """`auto` on a host whose NIXL cannot take the cache (say, a UCX without the GPU's
+    memory type) logs why and moves KV without it; a named `nixl` fails at start."""
+    from tandem.worker.kv_transport import open_kv_transport
+
+    def broken(*args, **kwargs):
+        raise nixl.NixlError("VRAM is not supported")
+
+    monkeypatch.setattr("tandem.worker.kv_transport.NixlAgent", broken)
+    engine = make_engine(tiny_llama)
+    try:
+        kv = open_kv_transport(engine, "decode", "auto", client=None)
+        assert kv.names == ["tcp"] and kv.nixl is None and kv.source is not None
+        with pytest.raises(nixl.NixlError):
+            open_kv_transport(engine, "prefill", "nixl", client=None)
+    finally:
+        engine.shutdown()

@@ -40,6 +40,7 @@ def run_worker(spec: WorkerSpec) -> int:
         )
         return 2
     from tandem.engine import open_engine
+    from tandem.transfer.nixl import NixlError
     from tandem.worker import model_card
     from tandem.worker.kv_transport import transport_names
     from tandem.worker.service import serve_worker
@@ -74,6 +75,9 @@ def run_worker(spec: WorkerSpec) -> int:
                 kv_transport=config.kv_transport,
             )
         )
+    except NixlError as exc:  # --kv-transport nixl, and NIXL cannot take this cache
+        print(f"tandem worker: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         engine.shutdown()
 

@@ -77,8 +77,16 @@ def open_kv_transport(
     caches = engine.kv_caches()
     kv = KvTransport(names)
     if "nixl" in names and caches is not None:
-        kv.nixl = NixlAgent(*caches, engine.kv_layout, loopback)
-        log.info("KV transfer through NIXL (agent %s)", kv.nixl.cache.agent)
+        try:
+            kv.nixl = NixlAgent(*caches, engine.kv_layout, loopback)
+        except Exception as exc:  # e.g. a UCX without the GPU's memory type
+            if choice != "auto":
+                raise
+            log.warning("NIXL cannot serve this KV cache (%s: %s); moving KV without it",
+                        type(exc).__name__, exc)  # fmt: skip
+            kv.names = [n for n in names if n != "nixl"]
+        else:
+            log.info("KV transfer through NIXL (agent %s)", kv.nixl.cache.agent)
     if role == "prefill":
         if "cuda-ipc" in names and caches is not None:
             from tandem.transfer.cuda_ipc import share_cache
