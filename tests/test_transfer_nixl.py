@@ -13,16 +13,16 @@ import os
 import subprocess
 import sys
 
+import msgspec
 import pytest
 from disagg_support import make_engine, prompt_of, request, settle, tokens
 
 from tandem.deploy import LocalCluster
 from tandem.engine.async_engine import AsyncEngine
 from tandem.frontend.disagg import DisaggConfig
-from tandem.frontend.remote_engine import RemoteEngine
 from tandem.transfer import nixl
 from tandem.transfer.tcp import KvExportServer
-from tandem.worker import model_card
+from tandem.worker import kv_transport, model_card
 from tandem.worker.kv_transport import transport_names
 
 if nixl.nixl_api() is None:
@@ -175,28 +175,39 @@ def test_a_cancelled_read_ends_before_its_blocks_are_given_back():
     assert calls == ["check", "check", "check", "release"]
 
 
-def test_workers_with_no_transport_in_common_never_pair(tiny_llama):
+def test_a_prefill_worker_with_no_transport_in_common_is_refused_when_it_registers(
+    pair, monkeypatch, caplog
+):
+    """The prefill worker offers NIXL only, the decode worker TCP only: the prefill worker
+    never joins, and requests are prefilled where they decode."""
+    prefill, decode = pair()
+    names = {id(prefill): ["nixl"], id(decode): ["tcp"]}
+    monkeypatch.setattr(kv_transport, "transport_names", lambda choice, e: names[id(e)])
+
+    async def main():
+        async with nixl_cluster(prefill, decode) as c:
+            assert not c.remote.prefill.workers
+            out = await tokens(c.remote.generate(request("m", prompt_of(2, 60), max_tokens=3)))
+            assert len(out) == 3
+            assert c.remote.planner.counts["local_no_prefill_workers"] == 1
+
+    asyncio.run(main())
+    assert "cannot pair with the decode workers: no KV transport in common" in caplog.text
+
+
+def test_what_each_kv_transport_choice_means_here(tiny_llama):
     engine = make_engine(tiny_llama)
     try:
-        names = transport_names("nixl", engine)
-        assert names == ["nixl"] and transport_names("auto", engine) == ["nixl", "tcp"]
+        assert transport_names("nixl", engine) == ["nixl"]
+        assert transport_names("auto", engine) == ["nixl", "tcp"]
         with pytest.raises(ValueError, match="cuda-ipc needs the KV cache on a GPU"):
             transport_names("cuda-ipc", engine)
         card = model_card(engine, "tiny", role="decode")
-        prefill = msgspec_replace(model_card(engine, "tiny", role="prefill"), kv_transports=names)
-        pool = type("Pool", (), {"card": card})()
-        reason = RemoteEngine._pairs(prefill, pool)
-        assert reason is not None and "no KV transport in common" in reason
-        both = msgspec_replace(card, kv_transports=["nixl", "tcp"])
-        assert RemoteEngine._pairs(prefill, type("Pool", (), {"card": both})()) is None
+        assert card.kv_mismatch(msgspec.structs.replace(card, kv_transports=["nixl"])) is not None
+        both = msgspec.structs.replace(card, kv_transports=["nixl", "tcp"])
+        assert card.kv_mismatch(both) is None
     finally:
         engine.shutdown()
-
-
-def msgspec_replace(card, **changes):
-    import msgspec
-
-    return msgspec.structs.replace(card, **changes)
 
 
 def test_the_agent_of_a_loopback_worker_listens_on_loopback_only(tmp_path):
