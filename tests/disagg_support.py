@@ -41,6 +41,15 @@ async def tokens_into(into: list[int], outputs: AsyncIterator) -> None:
         into.extend(out.token_ids)
 
 
+async def refused_prefill_worker(cluster) -> None:
+    """The cluster's prefill worker was refused when it registered: none joined, and a
+    request is prefilled where it decodes."""
+    assert not cluster.remote.prefill.workers
+    out = await tokens(cluster.remote.generate(request("m", prompt_of(2, 60), max_tokens=3)))
+    assert len(out) == 3
+    assert cluster.remote.planner.counts["local_no_prefill_workers"] == 1
+
+
 async def settle(*engines: AsyncEngine) -> None:
     """Wait until no engine holds a block for a request (cached ones are free)."""
     async with asyncio.timeout(10):

@@ -9,7 +9,15 @@ import contextlib
 
 import msgspec
 import pytest
-from disagg_support import make_engine, prompt_of, request, settle, tokens, tokens_into
+from disagg_support import (
+    make_engine,
+    prompt_of,
+    refused_prefill_worker,
+    request,
+    settle,
+    tokens,
+    tokens_into,
+)
 
 import tandem.transfer.tcp as tcp_transfer
 from tandem.deploy import LocalCluster
@@ -178,10 +186,7 @@ def test_layout_mismatch_refused_when_the_worker_registers(tiny_models, tiny_lla
 
     async def main():
         async with disagg_cluster(prefill, decode) as c:
-            assert not c.remote.prefill.workers
-            out = await tokens(c.remote.generate(request("m", prompt_of(2, 60), max_tokens=3)))
-            assert len(out) == 3
-            assert c.remote.planner.counts["local_no_prefill_workers"] == 1
+            await refused_prefill_worker(c)
 
     try:
         asyncio.run(main())

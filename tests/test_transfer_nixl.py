@@ -15,7 +15,7 @@ import sys
 
 import msgspec
 import pytest
-from disagg_support import make_engine, prompt_of, request, settle, tokens
+from disagg_support import make_engine, prompt_of, refused_prefill_worker, request, settle, tokens
 
 from tandem.deploy import LocalCluster
 from tandem.engine.async_engine import AsyncEngine
@@ -186,10 +186,7 @@ def test_a_prefill_worker_with_no_transport_in_common_is_refused_when_it_registe
 
     async def main():
         async with nixl_cluster(prefill, decode) as c:
-            assert not c.remote.prefill.workers
-            out = await tokens(c.remote.generate(request("m", prompt_of(2, 60), max_tokens=3)))
-            assert len(out) == 3
-            assert c.remote.planner.counts["local_no_prefill_workers"] == 1
+            await refused_prefill_worker(c)
 
     asyncio.run(main())
     assert "cannot pair with the decode workers: no KV transport in common" in caplog.text
