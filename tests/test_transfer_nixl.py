@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -30,6 +31,14 @@ if nixl.nixl_api() is None:
     if os.environ.get("CI") == "true":
         pytest.fail(REASON, pytrace=False)
     pytest.skip(REASON, allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def no_agent_outlives_its_test():
+    """A NIXL agent's progress thread keeps a core busy while the agent lives: free each
+    test's agents (held in reference cycles) before the next test runs."""
+    yield
+    gc.collect()
 
 
 def nixl_cluster(prefill: AsyncEngine, decode: AsyncEngine) -> LocalCluster:

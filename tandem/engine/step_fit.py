@@ -36,8 +36,9 @@ class StepFit:
         self.xty = np.zeros(FEATURES)
         self.steps = 0
         self._pending: list[tuple[int, int, int, float]] = []  # added, not yet in the sums
-        self._solved: tuple[int, float | None] = (-SOLVE_EVERY, None)  # (steps, answer)
-        self._solved_at = float("-inf")  # time.monotonic() of that solve
+        self._answer: float | None = None  # of the last solve, at `_solved_steps` steps
+        self._solved_steps = -SOLVE_EVERY
+        self._solved_at = float("-inf")  # time.monotonic()
 
     def add(self, prompt_tokens: int, decode_seqs: int, context: int, seconds: float) -> None:
         """Cheap: steps are kept as they come and folded into the sums in batches."""
@@ -53,10 +54,11 @@ class StepFit:
         (else None: e.g. every step a full chunk). Solved again after SOLVE_EVERY new steps
         and SOLVE_EVERY_S seconds."""
         now = time.monotonic()
-        if self.steps - self._solved[0] >= SOLVE_EVERY and now - self._solved_at >= SOLVE_EVERY_S:
+        due = now - self._solved_at >= SOLVE_EVERY_S
+        if due and self.steps - self._solved_steps >= SOLVE_EVERY:
             self._fold()
-            self._solved, self._solved_at = (self.steps, self._solve()), now
-        return self._solved[1]
+            self._answer, self._solved_steps, self._solved_at = self._solve(), self.steps, now
+        return self._answer
 
     def _fold(self) -> None:
         """The pending steps into the decayed sums, as if added one by one."""

@@ -21,6 +21,7 @@ from tandem.protocol.transfer import CudaIpcCache
 from tandem.protocol.worker import ModelCard
 from tandem.transfer.nixl import NixlAgent, NixlKvSource, nixl_api
 from tandem.transfer.tcp import TcpKvSource
+from tandem.worker.kv_peers import ipc_digest
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,11 @@ class KvTransport:
     source: Any = None
 
     def card(self, card: ModelCard) -> ModelCard:
+        """`card` saying how this worker moves KV (its CUDA IPC handles by digest)."""
         cache = self.nixl.cache if self.nixl is not None else None
-        return msgspec.structs.replace(card, kv_transports=self.names, kv_nixl=cache)
+        digest = ipc_digest(self.cuda_ipc) if self.cuda_ipc is not None else ""
+        return msgspec.structs.replace(card, kv_transports=self.names, kv_nixl=cache,
+                                       kv_ipc_digest=digest)  # fmt: skip
 
 
 def transport_names(choice: str, engine: Any) -> list[str]:
@@ -76,7 +80,7 @@ def open_kv_transport(
         return KvTransport(names)  # moves no KV, or its engine moves it
     caches = engine.kv_caches()
     kv = KvTransport(names)
-    if "nixl" in names and caches is not None:
+    if "nixl" in names:  # as "cuda-ipc", only named for an engine with caches
         try:
             kv.nixl = NixlAgent(*caches, engine.kv_layout, loopback)
         except Exception as exc:  # e.g. a UCX without the GPU's memory type
@@ -86,9 +90,10 @@ def open_kv_transport(
                         type(exc).__name__, exc)  # fmt: skip
             kv.names = [n for n in names if n != "nixl"]
         else:
-            log.info("KV transfer through NIXL (agent %s)", kv.nixl.cache.agent)
+            log.info("KV transfer through NIXL (agent %s; its progress thread keeps a core"
+                     " busy)", kv.nixl.cache.agent)  # fmt: skip
     if role == "prefill":
-        if "cuda-ipc" in names and caches is not None:
+        if "cuda-ipc" in names:
             from tandem.transfer.cuda_ipc import share_cache
 
             kv.cuda_ipc = share_cache(*caches)

@@ -21,8 +21,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
-
 from tandem.protocol import GenerateOutput, GenerateRequest, KvSnapshot
 from tandem.protocol.worker import (
     CANCEL_ENDPOINT,
@@ -45,7 +43,7 @@ from tandem.runtime import (
     new_instance_id,
 )
 from tandem.transfer.tcp import KvExportServer
-from tandem.worker.kv_peers import VerifiedKvSource, ipc_digest
+from tandem.worker.kv_peers import VerifiedKvSource
 from tandem.worker.kv_transport import KvTransport
 from tandem.worker.publisher import LoadPublisher
 
@@ -93,11 +91,7 @@ class Worker:
         self.kv_source = (
             VerifiedKvSource(source, discovery, namespace) if source is not None else None
         )
-        self.cuda_ipc = self.kv.cuda_ipc
-        card = self.kv.card(card)
-        if self.cuda_ipc is not None:
-            card = msgspec.structs.replace(card, kv_ipc_digest=ipc_digest(self.cuda_ipc))
-        self.card = card
+        self.card = self.kv.card(card)
         self.namespace = namespace
         self.instance_id = instance_id or new_instance_id()
         self.lease_ttl = lease_ttl
@@ -250,6 +244,6 @@ class Worker:
             if out.kv_transfer is not None:  # where the decode worker pulls from
                 out.kv_transfer.worker_id = self.instance_id
                 out.kv_transfer.address = self._server.address
-                out.kv_transfer.cuda_ipc = self.cuda_ipc
+                out.kv_transfer.cuda_ipc = self.kv.cuda_ipc
                 out.kv_transfer.nixl = self.card.kv_nixl
             yield out
