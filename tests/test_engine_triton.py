@@ -74,6 +74,31 @@ def test_cuda_graphs_equal_eager(tiny_llama):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graphs_capture_while_another_thread_waits_on_the_gpu(tiny_llama):
+    """Another thread synchronising on CUDA events while the engine captures its graphs (a
+    KV tier's disk writer of an engine built before, say) leaves the capture intact."""
+    import threading
+
+    stop, done = threading.Event(), torch.cuda.Event()
+    done.record()  # as the writer's copy was, before the engine was built
+
+    def wait_on_events() -> None:
+        while not stop.is_set():
+            done.synchronize()
+
+    waiter = threading.Thread(target=wait_on_events, daemon=True)
+    waiter.start()
+    try:
+        batch = prompts([12, 3, 40, 17])
+        graphs, _ = run(engine(tiny_llama, max_num_batched_tokens=256), batch, 8)
+    finally:
+        stop.set()
+        waiter.join()
+    eager, _ = run(engine(tiny_llama, max_num_batched_tokens=256, enforce_eager=True), batch, 8)
+    assert graphs == eager
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_cuda_graphs_equal_eager_at_every_split(tmp_path):
     """Decode graphs exist once per split-K factor; contexts from 100 to 4,100 tokens
     replay graphs of 1 to 8 splits (with and without the combine kernel) and decode as eager

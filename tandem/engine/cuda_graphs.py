@@ -49,7 +49,10 @@ class DecodeGraphs:
                 meta = backend.graph_metadata(size, splits)
                 self._forward(size, meta)  # compiles the kernels outside the capture
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
+                # Thread-local: a KV tier's writer thread (or anything else in the process)
+                # waiting on a CUDA event must not invalidate the capture; only this thread's
+                # work goes into the graph either way.
+                with torch.cuda.graph(graph, pool, capture_error_mode="thread_local"):
                     self._forward(size, meta)
                 pool = graph.pool()
                 self.graphs[size, splits] = graph
