@@ -35,8 +35,8 @@ if nixl.nixl_api() is None:
 
 @pytest.fixture(autouse=True)
 def no_agent_outlives_its_test():
-    """A NIXL agent's progress thread keeps a core busy while the agent lives: free each
-    test's agents (held in reference cycles) before the next test runs."""
+    """Free each test's agents (held in reference cycles, each with its threads and UCX
+    workers) before the next test runs."""
     yield
     gc.collect()
 
@@ -234,6 +234,29 @@ def test_the_agent_of_a_loopback_worker_listens_on_loopback_only(tmp_path):
                          timeout=60)  # fmt: skip
     line = next(x for x in out.stdout.splitlines() if x.startswith("LISTEN"))
     assert line == "LISTEN ['127.0.0.1']", out.stdout + out.stderr
+
+
+def test_idle_agents_leave_the_cores_alone(tmp_path):
+    """NIXL's own Python API starts a progress thread that polls without pause (a core per
+    agent, busy or idle); Tandem's agents sleep between polls."""
+    script = tmp_path / "idle.py"
+    script.write_text(
+        "import time, torch\n"
+        "from tandem.protocol import KvLayout\n"
+        "from tandem.transfer.nixl import NixlAgent\n"
+        "lay = KvLayout(num_layers=1, block_size=4, num_kv_heads=1, head_dim=8, dtype='float32')\n"
+        "agents = [NixlAgent(torch.zeros(1, 4, 4, 1, 8), torch.zeros(1, 4, 4, 1, 8), lay)\n"
+        "          for _ in range(2)]\n"
+        "time.sleep(0.5)\n"
+        "cpu, wall = time.process_time(), time.monotonic()\n"
+        "time.sleep(2)\n"
+        "print('IDLE', (time.process_time() - cpu) / (time.monotonic() - wall))\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    line = next(x for x in out.stdout.splitlines() if x.startswith("IDLE"))
+    cores_busy = float(line.split()[1])
+    assert cores_busy < 0.2, f"two idle agents kept {cores_busy:.2f} cores busy"
 
 
 def test_reads_land_in_place_and_peers_are_bounded(monkeypatch):

@@ -19,7 +19,9 @@ import asyncio
 import importlib
 import logging
 import os
+import threading
 import time
+import types
 import uuid
 from collections import Counter, OrderedDict
 from typing import Any
@@ -43,6 +45,11 @@ THREADS = 4
 MAX_PEERS = 8
 #: Seconds a cancelled read may take to end before the worker stops waiting for it.
 ABORT_WAIT_S = 10.0
+#: The longest NIXL's UCX progress thread sleeps between polls, in microseconds (NIXL rounds
+#: it up to whole milliseconds; UCX's events wake it sooner). NIXL's Python API sets 0, with
+#: which the thread never sleeps and keeps a core busy for as long as the agent lives.
+PROGRESS_POLL_US = 1000
+_building = threading.Lock()
 
 
 class NixlError(RuntimeError):
@@ -80,6 +87,28 @@ def _indices(blocks: list[int], layers: int, num_blocks: int) -> np.ndarray:
     return (rows + np.asarray(blocks, dtype=np.int64)[None, :]).reshape(-1).astype(np.int32)
 
 
+def _new_agent(api: Any, name: str) -> Any:
+    """`api.nixl_agent(name, ...)` whose progress thread sleeps between polls. The API takes
+    no such setting, so its bindings module is swapped, for this call only, for one whose
+    agent config keeps `pthrDelay` at least PROGRESS_POLL_US."""
+    bindings = api.nixlBind
+
+    class PollingConfig(bindings.nixlAgentConfig):
+        def __setattr__(self, field: str, value: Any) -> None:
+            if field == "pthrDelay":
+                value = max(value, PROGRESS_POLL_US)
+            super().__setattr__(field, value)
+
+    names = {n: getattr(bindings, n) for n in dir(bindings) if not n.startswith("__")}
+    config = api.nixl_agent_config(backends=["UCX"], num_threads=THREADS)
+    with _building:
+        api.nixlBind = types.SimpleNamespace(**names | {"nixlAgentConfig": PollingConfig})
+        try:
+            return api.nixl_agent(name, config)
+        finally:
+            api.nixlBind = bindings
+
+
 class NixlAgent:
     """One worker's NIXL agent over its own K and V caches: what peers read (`cache`, for
     the card) and where this worker's reads land."""
@@ -99,8 +128,7 @@ class NixlAgent:
         mem_type = "VRAM" if k.is_cuda else "DRAM"
         device = (k.device.index or 0) if k.is_cuda else 0
         name = f"tandem-{uuid.uuid4().hex[:16]}"
-        config = api.nixl_agent_config(backends=["UCX"], num_threads=THREADS)
-        self.agent = api.nixl_agent(name, config)
+        self.agent = _new_agent(api, name)
         if "UCX" not in self.agent.backends:
             raise NixlError("NIXL's UCX back end did not start (see NIXL's log above)")
         self.agent.register_memory([k, v])
