@@ -90,8 +90,7 @@ def open_kv_transport(
                         type(exc).__name__, exc)  # fmt: skip
             kv.names = [n for n in names if n != "nixl"]
         else:
-            log.info("KV transfer through NIXL (agent %s; its progress thread keeps a core"
-                     " busy)", kv.nixl.cache.agent)  # fmt: skip
+            log.info("KV transfer through NIXL (agent %s)", kv.nixl.cache.agent)
     if role == "prefill":
         if "cuda-ipc" in names:
             from tandem.transfer.cuda_ipc import share_cache
