@@ -10,7 +10,9 @@ The load generator's own event loop is busy with thousands of SSE events a secon
 timing of a 503 includes its own lag. A second, quiet process (this script with `--prober`)
 sends one small request every 50 ms during each phase and times the 503s it gets: "503 p99
 (prober)" is the server's rejection latency as a lightly loaded client sees it; its served
-one-token requests give the TTFT ratio the same way.
+one-token requests give the TTFT ratio the same way. How late the load generator's own event
+loop runs is measured too (its heap is frozen for the run, so that its garbage collections do
+not pause it), and each admitted request's (start, TTFT) is in the JSON.
 
     python benchmarks/overload.py [--duration 20] [--max-waiting 64]
 """
@@ -38,6 +40,7 @@ from tandem.bench.tokens import TokenSpace
 from tandem.bench.workloads import LengthDist, SyntheticWorkload
 from tandem.deploy.processes import free_port
 from tandem.engine.testing import make_tiny_model
+from tandem.runtime.heap import freeze_startup_heap
 from tandem.runtime.testing import child_pids, wait_for_health
 
 
@@ -86,15 +89,28 @@ async def phase(base: str, arrival: Arrival, seconds: float, args, pid: int) -> 
                     limits.append((now, admission_limit((await http.get("/metrics")).text)))
                 await asyncio.sleep(0.5)
 
+    lags: list[float] = []
+
+    async def loop_lag() -> None:  # how late this process's own event loop runs
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append(time.monotonic() - started - 0.01)
+
     async with StreamClient(ClientConfig(base, "tiny")) as client:
-        sampler = asyncio.create_task(sample())
+        freeze_startup_heap()  # a collection pause here would be timed as the server's
+        sampler, lagger = asyncio.create_task(sample()), asyncio.create_task(loop_lag())
         result = await run_load(workload, client.send, arrival, Bounds(seconds, None))
         sampler.cancel()
+        lagger.cancel()
     summary = summarize(result.records, result.elapsed_s, Slo())
     rejected = [r for r in result.records if r.http_status == 503]
     summary["rejected"] = len(rejected)
     summary["rejection_ms"] = describe((r.e2e_s for r in rejected if r.e2e_s is not None), 1e3)
     summary["rss_mib"] = samples
+    summary["client_loop_lag_ms"] = describe(lags, 1e3)
+    summary["ttft_series"] = [(round(r.start_s, 4), round(r.ttft_s, 4)) for r in result.records
+                              if r.ttft_s is not None]  # fmt: skip
     summary["inflight_limit"] = limits
     half = seconds / 2  # the second half: after admission has adapted to the phase's load
     summary["ttft_ms_second_half"] = describe(
@@ -108,6 +124,7 @@ def prober(base: str, seconds: float, interval: float = 0.05) -> None:
     body = {"model": "tiny", "prompt": [5] * 16, "max_tokens": 1}
     out = []
     with httpx.Client(base_url=base, timeout=30) as http:
+        freeze_startup_heap()  # a collection here would be timed as the server's latency
         end = time.monotonic() + seconds
         while (now := time.monotonic()) < end:
             with contextlib.suppress(httpx.HTTPError):
@@ -179,6 +196,8 @@ def main() -> None:
     quiet = [phases[x]["prober"]["served_ms"]["p99"] for x in ("0.25x", "3x")]
     print(f"prober (a quiet client, 16-token prompts, 1 token): served p99 {quiet[0]:.1f} ms"
           f" unloaded, {quiet[1]:.1f} ms at 3x: {quiet[1] / quiet[0]:.2f}x")
+    lag = max(s["client_loop_lag_ms"]["p99"] for s in phases.values())
+    print(f"the load generator's own event loop ran late by {lag:.1f} ms p99 (its worst phase)")
     rss_all = [m for s in phases.values() for _, m in s["rss_mib"]]
     print(f"admitted TTFT p99 at 3x / unloaded: {ratio:.2f}x (target <= 2);"
           f" frontend RSS {rss_all[0]:.0f} -> {rss_all[-1]:.0f} MiB")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 from pathlib import Path
@@ -17,6 +18,14 @@ from disagg_support import make_engine
 from tandem.engine.testing import make_tiny_model
 
 ARCHS = ("llama", "qwen2", "qwen3")
+
+
+@pytest.fixture(autouse=True)
+def unfrozen_heap():
+    """A server or load run started in this process freezes the heap (`tandem.runtime.heap`),
+    as a served process should; a test's objects must still be collected after it."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

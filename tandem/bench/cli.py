@@ -46,6 +46,7 @@ from tandem.bench.workloads import (
     TraceWorkload,
     Workload,
 )
+from tandem.runtime.heap import freeze_startup_heap
 
 SUBCOMMANDS = ("run", "compare")
 
@@ -302,6 +303,7 @@ async def _drive(
                 bar.set_postfix(failed=failed, refresh=False)
 
         async with StreamClient(cfg) as client:
+            freeze_startup_heap()  # a collection pause here would be timed as the server's
             return await run_load(workload, client.send, arrival, bounds, on_done, stop)
 
 

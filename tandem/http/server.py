@@ -11,13 +11,16 @@ from typing import Any
 
 import uvicorn
 
+from tandem.runtime.heap import freeze_startup_heap
+
 log = logging.getLogger(__name__)
 
 
 class ReadyServer(uvicorn.Server):
-    """uvicorn's server, plus one log line once the port is open and a cleanup inside
-    uvicorn's graceful exit (after SIGTERM uvicorn re-raises the signal, which ends the
-    process before any `finally` of ours could run). `on_shutdown` may be async."""
+    """uvicorn's server, plus one log line once the port is open (the start-up heap frozen
+    then: `tandem.runtime.heap`) and a cleanup inside uvicorn's graceful exit (after SIGTERM
+    uvicorn re-raises the signal, which ends the process before any `finally` of ours could
+    run). `on_shutdown` may be async."""
 
     def __init__(
         self,
@@ -32,6 +35,7 @@ class ReadyServer(uvicorn.Server):
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         if self.started:
+            freeze_startup_heap()
             log.info("%s", self.ready_line)
 
     async def shutdown(self, sockets: Any = None) -> None:

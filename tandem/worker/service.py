@@ -11,6 +11,7 @@ from typing import Any
 
 from tandem.protocol.worker import DEFAULT_NAMESPACE, ModelCard
 from tandem.runtime import TcpRequestClient, TcpRequestServer
+from tandem.runtime.heap import freeze_startup_heap
 from tandem.runtime.tcp_plane import is_loopback
 from tandem.worker.kv_transport import open_kv_transport
 from tandem.worker.worker import Worker
@@ -63,6 +64,7 @@ async def serve_worker(
             instance_id=instance_id,
         )
         info = await worker.start()
+        freeze_startup_heap()
         # One line on stdout that supervisors and tests can wait for.
         print(f"worker {info.instance_id} ready at {info.address}", flush=True)
         stopped = asyncio.ensure_future(stop.wait())
