@@ -21,11 +21,11 @@ ALLOWED = {
     "kvbm": {"protocol"},
     "engine": {"protocol", "kvbm"},
     "transfer": {"protocol"},
-    "http": set(),
+    "http": {"runtime"},  # the process's heap (runtime.heap)
     "worker": {"protocol", "runtime", "transfer", "engine"},
     "router": {"protocol", "runtime", "http"},
     "frontend": {"protocol", "runtime", "transfer", "router", "http"},
-    "bench": {"protocol"},
+    "bench": {"protocol", "runtime"},
     "planner": {"protocol", "runtime"},
     "deploy": {"protocol", "runtime", "transfer", "worker", "router", "frontend", "engine",
                "http", "planner"},
