@@ -2,10 +2,11 @@
 
 A Tandem process starts by creating hundreds of thousands of objects that live as long as it
 does (torch, transformers, FastAPI, the tokenizer, the model's modules). Python's collections
-of the oldest generation walk every one of them: on the frontend of `benchmarks/overload.py`
-(430k objects) that was a 280-400 ms pause every 15-20 s, which every request in flight
-waited through; the tail of its time to first token was made of them. `gc.freeze()` moves
-what exists once the process is ready into a permanent generation that collections skip.
+of the oldest generation walk every one of them: in the frontend and the workers of
+`benchmarks/overload.py` (370-440k objects each) a 250-400 ms pause every 15-20 s, which every
+request in flight waited through; the tail of its time to first token was made of them.
+`gc.freeze()` moves what exists once the process is ready into a permanent generation that
+collections skip.
 """
 
 from __future__ import annotations
