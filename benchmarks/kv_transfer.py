@@ -1,19 +1,20 @@
 """Disaggregated serving: what moving the KV cache costs.
 
 One request's KV cache (1k / 8k / 32k-token prompts) moved between two processes of this
-machine, the way a decode worker pulls it from a prefill worker. A child process (this script
-with `--serve-exports`; only plain arguments go in, one JSON line comes out) holds K and V
-caches of a real model's geometry (`--geometry`, default Llama-3.2-1B: 32 KiB per token, 1 GiB
-at 32k tokens), serves `kv_pull` / `kv_touch` through `KvExportServer` on a
+machine, the way a decode worker pulls it from a prefill worker. A child process (this
+script with `--serve-exports`; only plain arguments go in, one JSON line comes out) holds K
+and V caches of a real model's geometry (`--geometry`, default Llama-3.2-1B: 32 KiB per
+token, 1 GiB at 32k tokens), serves `kv_pull` / `kv_touch` through `KvExportServer` on a
 `TcpRequestServer` and, where NIXL is installed, registers its caches with a NIXL agent. The
 parent pulls into the blocks of its own cache with the decode worker's sources: host/TCP
 (`TcpKvSource`), NIXL (`NixlKvSource`: READs straight into the cache) and, with CUDA, CUDA
 IPC (the child shares its GPU caches; the parent maps them and copies device to device, on
-the last visible GPU, so across GPUs where there are several) and host/TCP between GPU
-caches. Reported: p50 latency and GB/s (1 GB = 1e9 bytes) from the start of the pull until
-the blocks are in the parent's cache, after one untimed warm-up. Every size is verified
-first: the child prints an XXH3 checksum of each export's bytes and the parent checks its
-cache against it; a size that fails gets an error instead of figures.
+the last visible GPU, so across GPUs where there are several), host/TCP and NIXL (where its
+UCX takes GPU memory) between GPU caches. Reported: p50 latency and GB/s (1 GB = 1e9 bytes)
+from the start of the pull until the blocks are in the parent's cache, after one untimed
+warm-up. Every size is verified first: the child prints an XXH3 checksum of each export's
+bytes and the parent checks its cache against it; a size that fails gets an error instead of
+figures.
 
 Blocks sit at random places in both caches by default (`--blocks scattered`), as in a cache
 that has served a while: each block of each layer is then a descriptor of its own for NIXL
@@ -169,8 +170,12 @@ async def serve_exports(args: argparse.Namespace) -> None:
         from tandem.transfer.cuda_ipc import share_cache
 
         ipc = share_cache(k, v)
-    elif nixl_api() is not None:
-        agent = NixlAgent(k, v, layout)
+    if nixl_api() is not None:
+        try:
+            agent = NixlAgent(k, v, layout)
+        except Exception as exc:  # a UCX without this memory type: the parent notes it
+            print(f"NIXL cannot register these caches: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)  # fmt: skip
     ready = Ready(address=server.address, exports=exports, checksums=sums, cuda_ipc=ipc,
                   nixl=agent.cache if agent is not None else None)  # fmt: skip
     sys.stdout.write(READY + msgspec.json.encode(ready).decode() + "\n")
@@ -368,6 +373,10 @@ def placement_pass(args: argparse.Namespace, notes: list[str]) -> list[dict]:
                 notes.append("cuda_ipc: the child's GPU is not visible here as the same node")
             else:
                 rows += event_loop.run(pull_with("cuda_ipc", ready, layout, gpu, args))
+            if ready.nixl is not None:
+                rows += event_loop.run(pull_with("nixl", ready, layout, gpu, args))
+            elif nixl_api() is not None:
+                notes.append("NIXL could not register GPU memory here: no GPU nixl rows")
         notes.append(f"child caches on cuda:0 ({torch.cuda.get_device_name(0)}), parent on {gpu}")
     else:
         notes.append("no CUDA here: the GPU rows (host/TCP from GPU caches, CUDA IPC) skipped")
