@@ -216,45 +216,45 @@ def test_what_each_kv_transport_choice_means_here(tiny_llama):
         engine.shutdown()
 
 
-def test_the_agent_of_a_loopback_worker_listens_on_loopback_only(tmp_path):
-    """UCX listens on every interface unless told otherwise; a worker that serves 127.0.0.1
-    only must not expose its KV cache beyond it."""
-    script = tmp_path / "agent.py"
+def agents_process(tmp_path, count: int, then: str, tag: str, env=None) -> str:
+    """Run `count` NixlAgents over tiny caches in a process of their own, then the `then`
+    code, which prints a line starting with `tag`: that line."""
+    script = tmp_path / "agents.py"
     script.write_text(
-        "import os, psutil, torch\n"
+        "import os, time, psutil, torch\n"
         "from tandem.protocol import KvLayout\n"
         "from tandem.transfer.nixl import NixlAgent\n"
         "lay = KvLayout(num_layers=1, block_size=4, num_kv_heads=1, head_dim=8, dtype='float32')\n"
-        "agent = NixlAgent(torch.zeros(1, 4, 4, 1, 8), torch.zeros(1, 4, 4, 1, 8), lay)\n"
-        "conns = psutil.Process().net_connections('inet')\n"
-        "print('LISTEN', sorted({c.laddr.ip for c in conns if c.status == 'LISTEN'}))\n"
+        "agents = [NixlAgent(torch.zeros(1, 4, 4, 1, 8), torch.zeros(1, 4, 4, 1, 8), lay)\n"
+        f"          for _ in range({count})]\n" + then
     )
-    env = {k: v for k, v in os.environ.items() if k != "UCX_NET_DEVICES"}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=60)  # fmt: skip
-    line = next(x for x in out.stdout.splitlines() if x.startswith("LISTEN"))
-    assert line == "LISTEN ['127.0.0.1']", out.stdout + out.stderr
+    lines = [x for x in out.stdout.splitlines() if x.startswith(tag)]
+    assert lines, out.stdout + out.stderr
+    return lines[0]
+
+
+def test_the_agent_of_a_loopback_worker_listens_on_loopback_only(tmp_path):
+    """UCX listens on every interface unless told otherwise; a worker that serves 127.0.0.1
+    only must not expose its KV cache beyond it."""
+    env = {k: v for k, v in os.environ.items() if k != "UCX_NET_DEVICES"}
+    line = agents_process(tmp_path, 1, (
+        "conns = psutil.Process().net_connections('inet')\n"
+        "print('LISTEN', sorted({c.laddr.ip for c in conns if c.status == 'LISTEN'}))\n"
+    ), "LISTEN", env)  # fmt: skip
+    assert line == "LISTEN ['127.0.0.1']"
 
 
 def test_idle_agents_leave_the_cores_alone(tmp_path):
     """NIXL's own Python API starts a progress thread that polls without pause (a core per
     agent, busy or idle); Tandem's agents sleep between polls."""
-    script = tmp_path / "idle.py"
-    script.write_text(
-        "import time, torch\n"
-        "from tandem.protocol import KvLayout\n"
-        "from tandem.transfer.nixl import NixlAgent\n"
-        "lay = KvLayout(num_layers=1, block_size=4, num_kv_heads=1, head_dim=8, dtype='float32')\n"
-        "agents = [NixlAgent(torch.zeros(1, 4, 4, 1, 8), torch.zeros(1, 4, 4, 1, 8), lay)\n"
-        "          for _ in range(2)]\n"
+    line = agents_process(tmp_path, 2, (
         "time.sleep(0.5)\n"
         "cpu, wall = time.process_time(), time.monotonic()\n"
         "time.sleep(2)\n"
         "print('IDLE', (time.process_time() - cpu) / (time.monotonic() - wall))\n"
-    )
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
-    line = next(x for x in out.stdout.splitlines() if x.startswith("IDLE"))
+    ), "IDLE")  # fmt: skip
     cores_busy = float(line.split()[1])
     assert cores_busy < 0.2, f"two idle agents kept {cores_busy:.2f} cores busy"
 
