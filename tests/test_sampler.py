@@ -267,6 +267,15 @@ def test_batched_draws_follow_the_distribution(seed):
     assert float((frequencies(got, 5) - want).abs().max()) < 0.012
 
 
+def test_unseeded_draws_never_pick_a_cut_token():
+    """The CPU's unseeded draw (inverse CDF) gives zero mass to what top-k and min-p cut."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    for params, allowed in (({"top_k": 2}, {0, 1}), ({"min_p": 0.5}, {0, 1})):
+        seqs = [Sequence("u", 0, [1], SamplingParams(temperature=1.0, **params))] * 4000
+        got = Sampler({EOS})(logits.expand(len(seqs), -1).contiguous(), seqs).token_ids
+        assert set(got) == allowed
+
+
 def test_one_seeded_stream_follows_the_distribution():
     """One sequence over many positions (the counter's direction): also distributed as p."""
     sampler = Sampler({EOS})

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from tandem.engine import cpu_attention
 from tandem.engine.step_inputs import DeviceStep, StepInputs
 
 
@@ -34,10 +35,12 @@ class PrefillSpan:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] slot for each new token's K/V
     prefills: list[PrefillSpan]
-    decode_rows: torch.Tensor | None  # [num_decodes] rows of the flat batch that decode
-    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks] padded with block 0
+    decode_rows: torch.Tensor | None  # [num_decodes] int32 rows of the flat batch that decode
+    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks] int32, padded with block 0
+    decode_lens: torch.Tensor | None  # [num_decodes] int32 context lengths
     decode_context: int  # max_context: the padded context length of the decode batch
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, True = attend
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, True = attend;
+    # None where the C kernel (`cpu_attention`) reads the cache in place
 
 
 class AttentionBackend(Protocol):
@@ -59,21 +62,24 @@ class AttentionBackend(Protocol):
 class TorchAttention:
     """Attention with torch's scaled_dot_product_attention: runs on any device, made for CPU.
 
-    Decodes are batched into one padded SDPA call; each prefill chunk gets its own call. A
-    prefill with no cached prefix attends over its own K/V directly; one that continues a
-    cached prefix gathers the context block by block (whole blocks copy far faster than
-    token-by-token gathers) under an offset causal mask.
+    On CPU, decodes go through `cpu_attention`'s C kernel, which reads the paged cache in
+    place; elsewhere (and where it cannot be built) they are batched into one padded SDPA
+    call. Each prefill chunk gets its own call. A prefill with no cached prefix attends over
+    its own K/V directly; one that continues a cached prefix gathers the context block by
+    block (whole blocks copy far faster than token-by-token gathers) under an offset causal
+    mask.
     """
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> None:
         self.k_cache = k_cache
         self.v_cache = v_cache
         self.scale = scale
+        self.kernel = cpu_attention.load() if k_cache.device.type == "cpu" else None
 
     def prepare(self, step: StepInputs, dev: DeviceStep) -> AttentionMetadata:
         device = self.k_cache.device
         block_size = self.k_cache.shape[2]
-        meta = AttentionMetadata(dev.slot_mapping.long(), [], None, None, 0, None)
+        meta = AttentionMetadata(dev.slot_mapping.long(), [], None, None, None, 0, None)
         decodes = []
         qsl, lens = step.query_start_loc.tolist(), step.seq_lens.tolist()
         for i, context in enumerate(lens):
@@ -88,13 +94,15 @@ class TorchAttention:
             blocks = dev.block_tables[i, : -(-context // block_size)]
             meta.prefills.append(PrefillSpan(start, n, context, blocks, mask))
         if decodes:
-            rows = torch.tensor([qsl[i] for i in decodes], device=device)
-            contexts = torch.tensor([lens[i] for i in decodes], device=device)
+            i32 = torch.int32
+            meta.decode_rows = torch.tensor([qsl[i] for i in decodes], dtype=i32, device=device)
+            meta.decode_lens = torch.tensor([lens[i] for i in decodes], dtype=i32, device=device)
             meta.decode_context = max(lens[i] for i in decodes)
-            meta.decode_rows = rows
-            meta.decode_blocks = dev.block_tables[decodes, : -(-meta.decode_context // block_size)]
-            positions = torch.arange(meta.decode_context, device=device).unsqueeze(0)
-            meta.decode_mask = (positions < contexts.unsqueeze(1))[:, None, None, :]
+            width = -(-meta.decode_context // block_size)
+            meta.decode_blocks = dev.block_tables[decodes, :width].to(i32).contiguous()
+            if self.kernel is None:
+                positions = torch.arange(meta.decode_context, device=device).unsqueeze(0)
+                meta.decode_mask = (positions < meta.decode_lens.unsqueeze(1))[:, None, None, :]
         return meta
 
     def forward(
@@ -126,23 +134,36 @@ class TorchAttention:
                 enable_gqa=True,
             )
             out[rows] = o.transpose(0, 1)
-        if meta.decode_rows is not None:
-            n = meta.decode_rows.shape[0]
-            shape = (n, -1, *k_cache.shape[2:])
-            blocks = meta.decode_blocks.flatten().long()
-            ctx = meta.decode_context
-            kd = k_cache.index_select(0, blocks).view(shape)[:, :ctx].transpose(1, 2)
-            vd = v_cache.index_select(0, blocks).view(shape)[:, :ctx].transpose(1, 2)
-            o = _sdpa(
-                q[meta.decode_rows].unsqueeze(2),
-                kd,
-                vd,
-                attn_mask=meta.decode_mask,
-                scale=self.scale,
-                enable_gqa=True,
-            )
-            out[meta.decode_rows] = o.squeeze(2)
+        if meta.decode_rows is None:
+            return out
+        if meta.decode_mask is None and cpu_attention.supports(self.kernel, q, k_cache):
+            cpu_attention.decode_attention(self.kernel, q, k_cache, v_cache, out,
+                                           meta.decode_rows, meta.decode_blocks,
+                                           meta.decode_lens, self.scale)  # fmt: skip
+        else:
+            self._padded_decode(q, k_cache, v_cache, out, meta)
         return out
+
+    def _padded_decode(self, q, k_cache, v_cache, out, meta: AttentionMetadata) -> None:
+        """Decodes as one SDPA call over their contexts gathered, padded and masked."""
+        if meta.decode_mask is None:
+            positions = torch.arange(meta.decode_context, device=q.device).unsqueeze(0)
+            meta.decode_mask = (positions < meta.decode_lens.unsqueeze(1))[:, None, None, :]
+        n = meta.decode_rows.shape[0]
+        shape = (n, -1, *k_cache.shape[2:])
+        blocks = meta.decode_blocks.flatten().long()
+        ctx = meta.decode_context
+        kd = k_cache.index_select(0, blocks).view(shape)[:, :ctx].transpose(1, 2)
+        vd = v_cache.index_select(0, blocks).view(shape)[:, :ctx].transpose(1, 2)
+        o = _sdpa(
+            q[meta.decode_rows].unsqueeze(2),
+            kd,
+            vd,
+            attn_mask=meta.decode_mask,
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        out[meta.decode_rows] = o.squeeze(2)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:

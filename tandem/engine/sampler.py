@@ -9,6 +9,9 @@ Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draw
 from p with one noise value per token. Unseeded rows draw E from torch's global generator;
 seeded rows from `sampling_noise`, a hash of (seed, sequence index, output position, token),
 so a seeded request samples the same tokens whatever else is batched and wherever it runs.
+On a CPU, a batch with no seeded row inverts each row's cumulative distribution at one
+uniform draw instead: torch draws exponentials there at ~1 µs per 30 tokens (42 ms for 32
+rows of a 49k vocabulary, against 2.6 ms).
 """
 
 from __future__ import annotations
@@ -369,6 +372,8 @@ class _SamplePlan:
             floor = probs.amax(dim=-1, keepdim=True) * min_p
             probs.masked_fill_(probs < floor, 0.0)
         vocab = probs.shape[1]
+        if self.keys is None and probs.device.type == "cpu":
+            return _inverse_cdf(probs)
         if self.keys is None:
             noise = torch.empty_like(probs).exponential_()
         elif self.all_seeded:
@@ -377,6 +382,16 @@ class _SamplePlan:
             noise = torch.empty_like(probs).exponential_()
             sampling_noise.exponential(dev[self.keys], vocab, out=noise, rows=dev[self.seeded])
         return argmax_rows(probs.div_(noise))
+
+
+def _inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row of (unnormalised) `probs`: the first token whose cumulative mass
+    exceeds a uniform point below the row's total, so a token of zero mass is never drawn."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    below = torch.nextafter(total, torch.zeros_like(total))  # rounding must not reach total
+    point = torch.minimum(torch.rand_like(total) * total, below)
+    return torch.searchsorted(cdf, point, right=True).squeeze(1)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

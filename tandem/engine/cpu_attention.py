@@ -1,0 +1,148 @@
+"""Decode attention on CPU through a small C kernel (`cpu_attention.c`) that reads the paged
+KV cache in place.
+
+Torch has no op for it: the padded path gathers every decode's whole context, converts it
+to float32, expands it per query head and masks it, which at 32 sequences of 192 tokens
+cost more than the step's linear layers. The kernel is plain C (no torch headers), so it
+compiles in about a second with the machine's C compiler, for this CPU (`-march=native`),
+on first use; the library is cached under `~/.cache/tandem/` keyed by the source, the
+compiler and the CPU's flags. It is called through `ctypes`, which drops the GIL for the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_attention.c")
+# Sums may be reordered (vector reductions, a tree at the end); NaN and inf keep their meaning.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+         "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]  # fmt: skip
+_KERNELS = {torch.bfloat16: "decode_attention_bf16", torch.float32: "decode_attention_f32"}
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot be built or loaded here; the message says why."""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "tandem" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    path = _cache_dir() / f"cpu_attention-{key}.so"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed: workers starting together never load half a file.
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        built = Path(tmp) / path.name
+        done = subprocess.run(
+            [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise KernelUnavailable(f"{compiler} failed: {done.stderr.strip()[-400:]}")
+        built.replace(path)
+    return path
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel, built on first use; raises KernelUnavailable with the reason."""
+    torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the kernel shares it
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise KernelUnavailable("no C compiler found (set CC, or install gcc)")
+    lib = ctypes.CDLL(str(_build(compiler)))
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    for name in _KERNELS.values():
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64,
+                       i32, i32, i32, i32, i32, ctypes.c_float, i32]  # fmt: skip
+    lib.decode_attention_limits.restype = i32
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel, or None after logging once why the padded torch path stays."""
+    try:
+        return library()
+    except (KernelUnavailable, OSError) as e:
+        _warn_once(str(e))
+        return None
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    log.warning("CPU decode attention keeps torch's padded SDPA (several times slower at "
+                "batch): %s", reason)  # fmt: skip
+
+
+def supports(lib: ctypes.CDLL | None, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernel serves these shapes and dtypes (float16 caches, for one, do not)."""
+    _, _, num_kv_heads, head_dim = k_cache.shape
+    return (
+        lib is not None
+        and q.dtype in _KERNELS
+        and k_cache.dtype == q.dtype
+        and q.shape[1] // num_kv_heads <= lib.decode_attention_limits(0)
+        and head_dim <= lib.decode_attention_limits(1)
+        and k_cache.shape[1] <= lib.decode_attention_limits(2)
+        and q.stride(2) == 1
+        and k_cache.stride(3) == 1
+    )
+
+
+def decode_attention(
+    lib: ctypes.CDLL,
+    q: torch.Tensor,  # [T, num_heads, head_dim]; rows `rows` decode
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    out: torch.Tensor,  # like q; rows `rows` are written
+    rows: torch.Tensor,  # [B] int32
+    block_tables: torch.Tensor,  # [B, W] int32, contiguous rows
+    seq_lens: torch.Tensor,  # [B] int32: tokens to attend, this step's included
+    scale: float,
+) -> None:
+    """Each decode row attends over its sequence's first `seq_lens` cached tokens."""
+    assert k_cache.stride() == v_cache.stride() and out.stride(2) == 1
+    assert rows.dtype == block_tables.dtype == seq_lens.dtype == torch.int32
+    assert block_tables.stride(1) == 1 and rows.is_contiguous() and seq_lens.is_contiguous()
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    getattr(lib, _KERNELS[q.dtype])(
+        q.data_ptr(), q.stride(0), q.stride(1),
+        k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3],
+        rows.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
+        out.data_ptr(), out.stride(0), out.stride(1),
+        rows.shape[0], q.shape[1], num_kv_heads, head_dim, block_size, scale,
+        torch.get_num_threads(),
+    )  # fmt: skip
