@@ -34,7 +34,8 @@ def _case(lens, heads, kv_heads, dim, block, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "block"),
-    [(4, 4, 64, 16), (9, 3, 64, 16), (8, 2, 128, 16), (16, 2, 80, 32), (8, 1, 32, 8)],
+    [(4, 4, 64, 16), (9, 3, 64, 16), (8, 2, 128, 16), (16, 2, 80, 32), (8, 1, 32, 8),
+     (120, 5, 64, 16)],  # the last: more query heads than one work item holds
 )
 def test_kernel_matches_padded_sdpa(dtype, heads, kv_heads, dim, block):
     lib = cpu_attention.library()
@@ -57,9 +58,10 @@ def test_kernel_matches_padded_sdpa(dtype, heads, kv_heads, dim, block):
     assert (got[others] == 7.0).all()  # rows that do not decode are left alone
 
 
-def test_threads_give_the_same_answer():
+@pytest.mark.parametrize("lens", [[40, 7, 129, 64] * 4, [700]])  # one long: heads split
+def test_threads_give_the_same_answer(lens):
     lib = cpu_attention.library()
-    q, k_cache, v_cache, meta = _case([40, 7, 129, 64] * 4, 8, 2, 64, 16, torch.bfloat16)
+    q, k_cache, v_cache, meta = _case(lens, 8, 2, 64, 16, torch.bfloat16)
     outs = []
     threads = torch.get_num_threads()
     try:

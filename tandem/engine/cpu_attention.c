@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MAX_GROUP 16
+#define MAX_ROWS 64 /* query heads one work item holds */
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 64
 #define INLINE static inline __attribute__((always_inline))
@@ -70,87 +70,104 @@ INLINE void store_row(void *base, int64_t offset, const float *src, int n, int b
     }
 }
 
-INLINE void prefetch_row(const void *base, int64_t offset, int n, int bf16) {
+INLINE void prefetch_run(const void *base, int64_t offset, int64_t n, int bf16) {
     const char *p = (const char *)base + offset * (bf16 ? 2 : 4);
-    for (int byte = 0; byte < n * (bf16 ? 2 : 4); byte += 64) __builtin_prefetch(p + byte);
+    for (int64_t byte = 0; byte < n * (bf16 ? 2 : 4); byte += 64) __builtin_prefetch(p + byte);
 }
 
-/* One (sequence, KV head): `q` rows are the group's query heads, already scaled. */
-INLINE void attend(float q[][MAX_HEAD_DIM], float acc[][MAX_HEAD_DIM], int group, int dim,
-                   const void *k_cache, const void *v_cache, int64_t s_cb, int64_t s_ct,
-                   int64_t head_offset, const int32_t *blocks, int len, int block_size,
+/* KV heads [h0, h1) of one sequence; query row r = (h - h0) * group + g, already scaled.
+ * Each token's keys (then values) for the range are adjacent in the cache, so a block is
+ * read as 16 runs of (h1 - h0) * dim elements instead of one short row per item. */
+INLINE void attend(float q[][MAX_HEAD_DIM], float acc[][MAX_HEAD_DIM], int h0, int h1,
+                   int group, int dim, const void *k_cache, const void *v_cache, int64_t s_cb,
+                   int64_t s_ct, int64_t s_ch, const int32_t *blocks, int len, int block_size,
                    int bf16) {
-    float m[MAX_GROUP], l[MAX_GROUP], alpha[MAX_GROUP], s[MAX_GROUP][MAX_BLOCK];
+    const int num_rows = (h1 - h0) * group;
+    float m[MAX_ROWS], l[MAX_ROWS], alpha[MAX_ROWS], s[MAX_ROWS][MAX_BLOCK];
     float row[MAX_HEAD_DIM];
-    for (int g = 0; g < group; g++) {
-        m[g] = -1e30f;
-        l[g] = 0.0f;
-        for (int d = 0; d < dim; d++) acc[g][d] = 0.0f;
+    for (int r = 0; r < num_rows; r++) {
+        m[r] = -1e30f;
+        l[r] = 0.0f;
+        for (int d = 0; d < dim; d++) acc[r][d] = 0.0f;
     }
     for (int start = 0; start < len; start += block_size) {
         const int n = len - start < block_size ? len - start : block_size;
-        const int64_t base = (int64_t)blocks[start / block_size] * s_cb + head_offset;
-        if (start + block_size < len) { /* blocks are scattered: fetch the next one's rows now */
-            const int64_t next = (int64_t)blocks[start / block_size + 1] * s_cb + head_offset;
+        const int64_t base = (int64_t)blocks[start / block_size] * s_cb + h0 * s_ch;
+        if (start + block_size < len) { /* blocks are scattered: ask for the next one now */
+            const int64_t next = (int64_t)blocks[start / block_size + 1] * s_cb + h0 * s_ch;
             for (int t = 0; t < block_size; t++) {
-                prefetch_row(k_cache, next + t * s_ct, dim, bf16);
-                prefetch_row(v_cache, next + t * s_ct, dim, bf16);
+                prefetch_run(k_cache, next + t * s_ct, (h1 - h0) * s_ch, bf16);
+                prefetch_run(v_cache, next + t * s_ct, (h1 - h0) * s_ch, bf16);
             }
         }
         for (int t = 0; t < n; t++) {
-            load_row(row, k_cache, base + t * s_ct, dim, bf16);
-            for (int g = 0; g < group; g++) {
-                float dot = 0.0f;
-                for (int d = 0; d < dim; d++) dot += q[g][d] * row[d];
-                s[g][t] = dot;
+            for (int h = 0; h < h1 - h0; h++) {
+                load_row(row, k_cache, base + t * s_ct + h * s_ch, dim, bf16);
+                for (int g = 0; g < group; g++) {
+                    float dot = 0.0f;
+                    for (int d = 0; d < dim; d++) dot += q[h * group + g][d] * row[d];
+                    s[h * group + g][t] = dot;
+                }
             }
         }
-        for (int g = 0; g < group; g++) {
-            float top = m[g];
-            for (int t = 0; t < n; t++) top = s[g][t] > top ? s[g][t] : top;
-            alpha[g] = exp_neg(m[g] - top);
+        for (int r = 0; r < num_rows; r++) {
+            float top = m[r];
+            for (int t = 0; t < n; t++) top = s[r][t] > top ? s[r][t] : top;
+            alpha[r] = exp_neg(m[r] - top);
             float sum = 0.0f;
             for (int t = 0; t < n; t++) {
-                s[g][t] = exp_neg(s[g][t] - top);
-                sum += s[g][t];
+                s[r][t] = exp_neg(s[r][t] - top);
+                sum += s[r][t];
             }
-            l[g] = l[g] * alpha[g] + sum;
-            m[g] = top;
-            for (int d = 0; d < dim; d++) acc[g][d] *= alpha[g];
+            l[r] = l[r] * alpha[r] + sum;
+            m[r] = top;
+            for (int d = 0; d < dim; d++) acc[r][d] *= alpha[r];
         }
         for (int t = 0; t < n; t++) {
-            load_row(row, v_cache, base + t * s_ct, dim, bf16);
-            for (int g = 0; g < group; g++)
-                for (int d = 0; d < dim; d++) acc[g][d] += s[g][t] * row[d];
+            for (int h = 0; h < h1 - h0; h++) {
+                load_row(row, v_cache, base + t * s_ct + h * s_ch, dim, bf16);
+                for (int g = 0; g < group; g++) {
+                    const float p = s[h * group + g][t];
+                    for (int d = 0; d < dim; d++) acc[h * group + g][d] += p * row[d];
+                }
+            }
         }
     }
-    for (int g = 0; g < group; g++) {
-        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-        for (int d = 0; d < dim; d++) acc[g][d] *= inv;
+    for (int r = 0; r < num_rows; r++) {
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        for (int d = 0; d < dim; d++) acc[r][d] *= inv;
     }
 }
 
+/* Work items are (sequence, run of KV heads): a sequence's heads stay together unless the
+ * threads would otherwise idle or its query rows exceed MAX_ROWS. */
 INLINE void decode(const void *q, int64_t s_qt, int64_t s_qh, const void *k_cache,
                    const void *v_cache, int64_t s_cb, int64_t s_ct, int64_t s_ch,
                    const int32_t *rows, const int32_t *block_tables, int64_t s_bt,
                    const int32_t *seq_lens, void *out, int64_t s_ot, int64_t s_oh, int num_seqs,
                    int num_heads, int num_kv_heads, int dim, int block_size, float scale,
                    int threads, int bf16) {
-    const int group = num_heads / num_kv_heads, items = num_seqs * num_kv_heads;
+    const int group = num_heads / num_kv_heads;
+    int parts = (threads + num_seqs - 1) / num_seqs;
+    const int per_item = MAX_ROWS / group; /* KV heads whose query rows fit one item */
+    const int needed = (num_kv_heads + per_item - 1) / per_item;
+    parts = parts < needed ? needed : parts;
+    parts = parts > num_kv_heads ? num_kv_heads : parts;
+    const int items = num_seqs * parts;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads < items ? threads : items)
     for (int item = 0; item < items; item++) {
-        const int seq = item / num_kv_heads, kv_head = item % num_kv_heads;
+        const int seq = item / parts, part = item % parts;
+        const int h0 = part * num_kv_heads / parts, h1 = (part + 1) * num_kv_heads / parts;
         const int64_t row = rows[seq];
-        float qs[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
-        for (int g = 0; g < group; g++) {
-            load_row(qs[g], q, row * s_qt + (int64_t)(kv_head * group + g) * s_qh, dim, bf16);
-            for (int d = 0; d < dim; d++) qs[g][d] *= scale;
+        float qs[MAX_ROWS][MAX_HEAD_DIM], acc[MAX_ROWS][MAX_HEAD_DIM];
+        for (int r = 0; r < (h1 - h0) * group; r++) {
+            load_row(qs[r], q, row * s_qt + (int64_t)(h0 * group + r) * s_qh, dim, bf16);
+            for (int d = 0; d < dim; d++) qs[r][d] *= scale;
         }
-        attend(qs, acc, group, dim, k_cache, v_cache, s_cb, s_ct, kv_head * s_ch,
+        attend(qs, acc, h0, h1, group, dim, k_cache, v_cache, s_cb, s_ct, s_ch,
                block_tables + seq * s_bt, seq_lens[seq], block_size, bf16);
-        for (int g = 0; g < group; g++)
-            store_row(out, row * s_ot + (int64_t)(kv_head * group + g) * s_oh, acc[g], dim,
-                      bf16);
+        for (int r = 0; r < (h1 - h0) * group; r++)
+            store_row(out, row * s_ot + (int64_t)(h0 * group + r) * s_oh, acc[r], dim, bf16);
     }
 }
 
@@ -179,5 +196,5 @@ EXPORT(decode_attention_f32, 0)
 
 /* The limits the Python side checks before calling: 0 group, 1 head dim, 2 block size. */
 int decode_attention_limits(int which) {
-    return which == 0 ? MAX_GROUP : which == 1 ? MAX_HEAD_DIM : MAX_BLOCK;
+    return which == 0 ? MAX_ROWS : which == 1 ? MAX_HEAD_DIM : MAX_BLOCK;
 }
