@@ -43,7 +43,7 @@ def time_case(lib, num_seqs: int, context: int, dtype: torch.dtype, repeats: int
 
     def padded():
         meta.decode_mask = None  # as in a step without the kernel: the mask is built per step
-        backend._padded_decode(q, k_cache, v_cache, out, meta)
+        backend.padded_decode(q, k_cache, v_cache, out, meta)
 
     def kernel():
         cpu_attention.decode_attention(lib, q, k_cache, v_cache, out, meta.decode_rows,

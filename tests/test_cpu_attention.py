@@ -44,7 +44,7 @@ def test_kernel_matches_padded_sdpa(dtype, heads, kv_heads, dim, block):
     assert cpu_attention.supports(lib, q, k_cache)
     scale = dim**-0.5
     want = torch.full_like(q, 7.0)
-    TorchAttention(k_cache[None], v_cache[None], scale)._padded_decode(
+    TorchAttention(k_cache[None], v_cache[None], scale).padded_decode(
         q, k_cache, v_cache, want, meta
     )
     got = torch.full_like(q, 7.0)

@@ -141,10 +141,10 @@ class TorchAttention:
                                            meta.decode_rows, meta.decode_blocks,
                                            meta.decode_lens, self.scale)  # fmt: skip
         else:
-            self._padded_decode(q, k_cache, v_cache, out, meta)
+            self.padded_decode(q, k_cache, v_cache, out, meta)
         return out
 
-    def _padded_decode(self, q, k_cache, v_cache, out, meta: AttentionMetadata) -> None:
+    def padded_decode(self, q, k_cache, v_cache, out, meta: AttentionMetadata) -> None:
         """Decodes as one SDPA call over their contexts gathered, padded and masked."""
         if meta.decode_mask is None:
             positions = torch.arange(meta.decode_context, device=q.device).unsqueeze(0)

@@ -6,7 +6,8 @@ to float32, expands it per query head and masks it, which at 32 sequences of 192
 cost more than the step's linear layers. The kernel is plain C (no torch headers), so it
 compiles in about a second with the machine's C compiler, for this CPU (`-march=native`),
 on first use; the library is cached under `~/.cache/tandem/` keyed by the source, the
-compiler and the CPU's flags. It is called through `ctypes`, which drops the GIL for the call.
+compiler and the CPU's flags. It is called through `ctypes`, which drops the GIL for the call,
+and runs on the OpenMP runtime that importing torch loaded (`libgomp.so.1`, shared by name).
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def library() -> ctypes.CDLL:
     """The compiled kernel, built on first use; raises KernelUnavailable with the reason."""
-    torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the kernel shares it
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise KernelUnavailable("no C compiler found (set CC, or install gcc)")
