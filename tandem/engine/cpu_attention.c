@@ -1,9 +1,9 @@
 /* Decode attention on CPU, reading the paged KV cache in place.
  *
- * One work item is one (sequence, KV head): its `group` query rows walk the sequence's
- * blocks through the block table, one block at a time, with an online softmax in float32.
- * Nothing is gathered, padded or masked, and each key and value row is loaded (and widened
- * from bfloat16) once for all the query heads that share it. Items run in parallel on the
+ * One work item is one sequence and a run of its KV heads: their query rows walk the
+ * sequence's blocks through the block table, one block at a time, with an online softmax in
+ * float32. Nothing is gathered, padded or masked, and each key and value row is loaded (and
+ * widened from bfloat16) once for all the query heads that share it. Items run in parallel on the
  * OpenMP runtime torch already loaded (the same `libgomp.so.1`), on as many threads as the
  * caller says torch uses. Strides are in elements; caches are [blocks, block_size, kv_heads,
  * dim].
@@ -35,7 +35,7 @@ INLINE uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does *
  * 2^n * 2^f with n = round(x / ln 2) and a degree-6 polynomial on f in [-0.5, 0.5], within
  * ~2e-7 relative of expf. */
 INLINE float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x; /* keeps 2^n normal; -inf (no key yet) gives ~1e-38 */
+    x = x < -87.0f ? -87.0f : x; /* keeps 2^n normal; the -1e30 start max gives ~1e-38 */
     const float t = x * 1.44269504f;
     const float n = __builtin_rintf(t);
     const float f = (t - n) * 0.69314718f;
