@@ -40,7 +40,7 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None  # [num_decodes] int32 context lengths
     decode_context: int  # max_context: the padded context length of the decode batch
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, True = attend;
-    # None where the C kernel (`cpu_attention`) reads the cache in place
+    # built by the first layer that takes the padded path (the C kernel needs none)
 
 
 class AttentionBackend(Protocol):
@@ -100,9 +100,6 @@ class TorchAttention:
             meta.decode_context = max(lens[i] for i in decodes)
             width = -(-meta.decode_context // block_size)
             meta.decode_blocks = dev.block_tables[decodes, :width].to(i32).contiguous()
-            if self.kernel is None:
-                positions = torch.arange(meta.decode_context, device=device).unsqueeze(0)
-                meta.decode_mask = (positions < meta.decode_lens.unsqueeze(1))[:, None, None, :]
         return meta
 
     def forward(
@@ -136,7 +133,7 @@ class TorchAttention:
             out[rows] = o.transpose(0, 1)
         if meta.decode_rows is None:
             return out
-        if meta.decode_mask is None and cpu_attention.supports(self.kernel, q, k_cache):
+        if cpu_attention.supports(self.kernel, q, k_cache):
             cpu_attention.decode_attention(self.kernel, q, k_cache, v_cache, out,
                                            meta.decode_rows, meta.decode_blocks,
                                            meta.decode_lens, self.scale)  # fmt: skip

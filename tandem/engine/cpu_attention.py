@@ -89,6 +89,8 @@ def library() -> ctypes.CDLL:
         fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64,
                        i32, i32, i32, i32, i32, ctypes.c_float, i32]  # fmt: skip
     lib.decode_attention_limits.restype = i32
+    # (query heads per KV head, head dim, block size): read once, checked at every layer
+    lib.limits = tuple(lib.decode_attention_limits(i) for i in range(3))
     return lib
 
 
@@ -109,14 +111,16 @@ def _warn_once(reason: str) -> None:
 
 def supports(lib: ctypes.CDLL | None, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the kernel serves these shapes and dtypes (float16 caches, for one, do not)."""
-    _, _, num_kv_heads, head_dim = k_cache.shape
+    if lib is None:
+        return False
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    max_group, max_dim, max_block = lib.limits
     return (
-        lib is not None
-        and q.dtype in _KERNELS
+        q.dtype in _KERNELS
         and k_cache.dtype == q.dtype
-        and q.shape[1] // num_kv_heads <= lib.decode_attention_limits(0)
-        and head_dim <= lib.decode_attention_limits(1)
-        and k_cache.shape[1] <= lib.decode_attention_limits(2)
+        and q.shape[1] // num_kv_heads <= max_group
+        and head_dim <= max_dim
+        and block_size <= max_block
         and q.stride(2) == 1
         and k_cache.stride(3) == 1
     )

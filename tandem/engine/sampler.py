@@ -24,6 +24,7 @@ import torch
 
 from tandem.engine import sampling_noise
 from tandem.engine.kernels.argmax import argmax_rows
+from tandem.engine.sampling_draws import inverse_cdf, top_k_top_p
 from tandem.engine.sequence import Sequence
 from tandem.protocol import SamplingParams, TokenLogprob
 
@@ -366,14 +367,14 @@ class _SamplePlan:
         temperature, top_p, min_p = floats[:, 0:1], floats[:, 1:2], floats[:, 2:3]
         logits = logits / temperature
         if self.cut:
-            logits = _top_k_top_p(logits, dev[self.top_k], top_p)
+            logits = top_k_top_p(logits, dev[self.top_k], top_p)
         probs = torch.softmax(logits, dim=-1)
         if self.min_p:
             floor = probs.amax(dim=-1, keepdim=True) * min_p
             probs.masked_fill_(probs < floor, 0.0)
         vocab = probs.shape[1]
         if probs.device.type == "cpu" and not self.all_seeded:
-            tokens = _inverse_cdf(probs)
+            tokens = inverse_cdf(probs)
             if self.keys is not None:  # seeded rows keep their reproducible race
                 rows = dev[self.seeded]
                 noise = sampling_noise.exponential(dev[self.keys], vocab)
@@ -387,26 +388,3 @@ class _SamplePlan:
             noise = torch.empty_like(probs).exponential_()
             sampling_noise.exponential(dev[self.keys], vocab, out=noise, rows=dev[self.seeded])
         return argmax_rows(probs.div_(noise))
-
-
-def _inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
-    """One draw per row of (unnormalised) `probs`: the first token whose cumulative mass
-    exceeds a uniform point below the row's total, so a token of zero mass is never drawn."""
-    cdf = probs.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    below = torch.nextafter(total, torch.zeros_like(total))  # rounding must not reach total
-    point = torch.minimum(torch.rand_like(total) * total, below)
-    return torch.searchsorted(cdf, point, right=True).squeeze(1)
-
-
-def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask to -inf all but each row's top_k tokens and, of those, the smallest prefix whose
-    mass reaches top_p (always at least one token). `top_k` [rows, 1], `top_p` [rows, 1]."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
-    drop = ranks >= top_k
-    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    before = probs.cumsum(dim=-1).sub_(probs)
-    drop |= before >= top_p
-    sorted_logits.masked_fill_(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
