@@ -363,6 +363,8 @@ def placement_pass(args: argparse.Namespace, notes: list[str]) -> list[dict]:
         rows += event_loop.run(pull_with("tcp", ready, layout, "cpu", args))
         if ready.nixl is not None:
             rows += event_loop.run(pull_with("nixl", ready, layout, "cpu", args))
+        elif nixl_api() is not None:
+            notes.append("NIXL could not register host memory here: no nixl rows")
         else:
             notes.append("NIXL is not installed here (pip install -e '.[nixl]'): no nixl rows")
     if torch.cuda.is_available():

@@ -216,6 +216,24 @@ def test_what_each_kv_transport_choice_means_here(tiny_llama):
         engine.shutdown()
 
 
+def test_auto_offers_nixl_for_gpu_caches_only_where_an_rdma_device_is(monkeypatch, tmp_path):
+    class GpuCache:
+        is_cuda = True
+
+    class GpuEngine:  # stands in for an engine whose KV cache is on a GPU
+        def kv_caches(self):
+            return GpuCache(), GpuCache()
+
+    assert kv_transport.rdma_devices(str(tmp_path / "absent")) == []
+    (tmp_path / "mlx5_0").mkdir()
+    assert kv_transport.rdma_devices(str(tmp_path)) == ["mlx5_0"]
+    monkeypatch.setattr(kv_transport, "rdma_devices", lambda: [])
+    assert transport_names("auto", GpuEngine()) == ["cuda-ipc", "tcp"]
+    assert transport_names("nixl", GpuEngine()) == ["nixl"]  # named, it is still taken
+    monkeypatch.setattr(kv_transport, "rdma_devices", lambda: ["mlx5_0"])
+    assert transport_names("auto", GpuEngine()) == ["cuda-ipc", "nixl", "tcp"]
+
+
 def agents_process(tmp_path, count: int, then: str, tag: str, env=None) -> str:
     """Run `count` NixlAgents over tiny caches in a process of their own, then the `then`
     code, which prints a line starting with `tag`: that line."""
