@@ -1,8 +1,8 @@
-"""CPU decode attention: the C kernel (`tandem/engine/cpu_attention.c`) against torch's padded
+"""CPU decode attention: the C kernel (`tandem/engine/cpu_kernels.c`) against torch's padded
 SDPA path it replaced, on the demo model's attention shape (9 query heads, 3 KV heads of 64),
 blocks of 16 scattered over the cache, one layer. The two alternate call by call; medians.
 
-    python benchmarks/cpu_attention.py [--threads 1] [--output results/cpu_attention.json]
+    python benchmarks/cpu_kernels.py [--threads 1] [--output results/cpu_kernels.json]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.engine import cpu_attention
+from tandem.engine import cpu_kernels
 from tandem.engine.attention import AttentionMetadata, TorchAttention
 
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
@@ -46,7 +46,7 @@ def time_case(lib, num_seqs: int, context: int, dtype: torch.dtype, repeats: int
         backend.padded_decode(q, k_cache, v_cache, out, meta)
 
     def kernel():
-        cpu_attention.decode_attention(lib, q, k_cache, v_cache, out, meta.decode_rows,
+        cpu_kernels.decode_attention(lib, q, k_cache, v_cache, out, meta.decode_rows,
                                        meta.decode_blocks, meta.decode_lens, DIM**-0.5)  # fmt: skip
 
     times: dict[str, list[float]] = {"padded": [], "kernel": []}
@@ -62,10 +62,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--output", default="results/cpu_attention.json")
+    parser.add_argument("--output", default="results/cpu_kernels.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lib = cpu_attention.library()
+    lib = cpu_kernels.library()
     rows = []
     print(f"{'dtype':<9} {'seqs':>4} {'context':>7} {'padded SDPA ms':>14} {'kernel ms':>9} "
           f"{'ratio':>6}")  # fmt: skip

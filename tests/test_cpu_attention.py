@@ -1,11 +1,11 @@
-"""The CPU decode-attention kernel (`tandem.engine.cpu_attention`) against torch's padded SDPA
+"""The CPU decode-attention kernel (`tandem.engine.cpu_kernels`) against torch's padded SDPA
 path, which it replaces on CPU: GQA ratios, head dims with and without code of their own,
 block sizes, scattered blocks, partial last blocks, strided queries, both dtypes."""
 
 import pytest
 import torch
 
-from tandem.engine import cpu_attention
+from tandem.engine import cpu_kernels
 from tandem.engine.attention import AttentionMetadata, TorchAttention
 
 
@@ -38,17 +38,17 @@ def _case(lens, heads, kv_heads, dim, block, dtype, seed=0):
      (120, 5, 64, 16)],  # the last: more query heads than one work item holds
 )
 def test_kernel_matches_padded_sdpa(dtype, heads, kv_heads, dim, block):
-    lib = cpu_attention.library()
+    lib = cpu_kernels.library()
     lens = [1, block - 1, block, block + 1, 5 * block + 3, 300]
     q, k_cache, v_cache, meta = _case(lens, heads, kv_heads, dim, block, dtype)
-    assert cpu_attention.supports(lib, q, k_cache)
+    assert cpu_kernels.supports(lib, q, k_cache)
     scale = dim**-0.5
     want = torch.full_like(q, 7.0)
     TorchAttention(k_cache[None], v_cache[None], scale).padded_decode(
         q, k_cache, v_cache, want, meta
     )
     got = torch.full_like(q, 7.0)
-    cpu_attention.decode_attention(lib, q, k_cache, v_cache, got, meta.decode_rows,
+    cpu_kernels.decode_attention(lib, q, k_cache, v_cache, got, meta.decode_rows,
                                    meta.decode_blocks, meta.decode_lens, scale)  # fmt: skip
     rows = meta.decode_rows.long()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -60,7 +60,7 @@ def test_kernel_matches_padded_sdpa(dtype, heads, kv_heads, dim, block):
 
 @pytest.mark.parametrize("lens", [[40, 7, 129, 64] * 4, [700]])  # one long: heads split
 def test_threads_give_the_same_answer(lens):
-    lib = cpu_attention.library()
+    lib = cpu_kernels.library()
     q, k_cache, v_cache, meta = _case(lens, 8, 2, 64, 16, torch.bfloat16)
     outs = []
     threads = torch.get_num_threads()
@@ -68,7 +68,7 @@ def test_threads_give_the_same_answer(lens):
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             out = torch.zeros_like(q)
-            cpu_attention.decode_attention(lib, q, k_cache, v_cache, out, meta.decode_rows,
+            cpu_kernels.decode_attention(lib, q, k_cache, v_cache, out, meta.decode_rows,
                                            meta.decode_blocks, meta.decode_lens, 0.125)  # fmt: skip
             outs.append(out)
     finally:
@@ -80,11 +80,11 @@ def test_cpu_backend_uses_the_kernel_and_float16_keeps_sdpa():
     cache = torch.zeros(1, 4, 16, 2, 64)
     assert TorchAttention(cache, cache, 0.125).kernel is not None
     q = torch.zeros(1, 4, 64, dtype=torch.float16)
-    assert not cpu_attention.supports(cpu_attention.library(), q, cache[0].half())
+    assert not cpu_kernels.supports(cpu_kernels.library(), q, cache[0].half())
 
 
 def test_a_compiler_that_fails_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with pytest.raises(cpu_attention.KernelUnavailable, match="false failed"):
-        cpu_attention._build("false")
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="false failed"):
+        cpu_kernels._build("false")
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left to load

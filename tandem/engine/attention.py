@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from tandem.engine import cpu_attention
+from tandem.engine import cpu_kernels
 from tandem.engine.step_inputs import DeviceStep, StepInputs
 
 
@@ -56,13 +56,14 @@ class AttentionBackend(Protocol):
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,
         meta: Any,
+        rope: Any = None,  # for backends that rotate q and k where they store the KV
     ) -> torch.Tensor: ...  # [num_tokens, num_heads, head_dim]
 
 
 class TorchAttention:
     """Attention with torch's scaled_dot_product_attention: runs on any device, made for CPU.
 
-    On CPU, decodes go through `cpu_attention`'s C kernel, which reads the paged cache in
+    On CPU, decodes go through `cpu_kernels`' C kernel, which reads the paged cache in
     place; elsewhere (and where it cannot be built) they are batched into one padded SDPA
     call. Each prefill chunk gets its own call. A prefill with no cached prefix attends over
     its own K/V directly; one that continues a cached prefix gathers the context block by
@@ -74,7 +75,7 @@ class TorchAttention:
         self.k_cache = k_cache
         self.v_cache = v_cache
         self.scale = scale
-        self.kernel = cpu_attention.load() if k_cache.device.type == "cpu" else None
+        self.kernel = cpu_kernels.load() if k_cache.device.type == "cpu" else None
 
     def prepare(self, step: StepInputs, dev: DeviceStep) -> AttentionMetadata:
         device = self.k_cache.device
@@ -109,10 +110,17 @@ class TorchAttention:
         k: torch.Tensor,
         v: torch.Tensor,
         meta: AttentionMetadata,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """With `rope` (the tokens' rows of the RoPE table; only where `self.kernel` loaded),
+        q and k are rotated in place by the C kernel that stores k and v."""
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
-        k_cache.flatten(0, 1).index_copy_(0, meta.slot_mapping, k)
-        v_cache.flatten(0, 1).index_copy_(0, meta.slot_mapping, v)
+        if rope is not None:  # the tokens' rows of the RoPE table: rotate, then store
+            cpu_kernels.rope_store(self.kernel, q, k, v, rope, k_cache, v_cache,
+                                   meta.slot_mapping)  # fmt: skip
+        else:
+            k_cache.flatten(0, 1).index_copy_(0, meta.slot_mapping, k)
+            v_cache.flatten(0, 1).index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         for span in meta.prefills:
             rows = slice(span.query_start, span.query_start + span.query_len)
@@ -133,8 +141,8 @@ class TorchAttention:
             out[rows] = o.transpose(0, 1)
         if meta.decode_rows is None:
             return out
-        if cpu_attention.supports(self.kernel, q, k_cache):
-            cpu_attention.decode_attention(self.kernel, q, k_cache, v_cache, out,
+        if cpu_kernels.supports(self.kernel, q, k_cache):
+            cpu_kernels.decode_attention(self.kernel, q, k_cache, v_cache, out,
                                            meta.decode_rows, meta.decode_blocks,
                                            meta.decode_lens, self.scale)  # fmt: skip
         else:

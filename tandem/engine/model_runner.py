@@ -13,7 +13,7 @@ import time
 import torch
 from transformers import PretrainedConfig
 
-from tandem.engine import cpu
+from tandem.engine import cpu, cpu_kernels
 from tandem.engine.attention import AttentionBackend, TorchAttention
 from tandem.engine.config import ATTENTION_BACKENDS, EngineConfig
 from tandem.engine.kernels.argmax import argmax_rows
@@ -152,6 +152,8 @@ class ModelRunner:
             backend = TritonAttention(k_cache, v_cache, scale)
         else:
             backend = TorchAttention(k_cache, v_cache, scale)
+            if cpu_kernels.glue_supports(backend.kernel, k_cache):
+                self.model.set_cpu_kernels(backend.kernel)
         self.model.set_attention(backend)
         return backend
 

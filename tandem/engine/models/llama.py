@@ -12,6 +12,7 @@ backend reads the paged KV cache through the metadata it prepared for the step.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from tandem.engine import cpu
+from tandem.engine import cpu, cpu_kernels
 from tandem.engine.attention import AttentionBackend
 from tandem.engine.kernels import fused, skinny_linear
 
@@ -76,8 +77,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
         self.fused = False
+        self.cpu_kernels: ctypes.CDLL | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.cpu_kernels is not None and x.dim() == 2 and x.stride(-1) == 1:
+            return cpu_kernels.add_rms_norm(self.cpu_kernels, x, self.weight, self.eps, residual)
         norm = fused.rms_norm if self.fused else fused.rms_norm_torch
         return norm(x, self.weight, self.eps, residual)
 
@@ -100,19 +104,21 @@ class Attention(nn.Module):
         self.o_proj.into_residual = True
         self.qk_norm = config.model_type == "qwen3"
         self.fused = False
+        self.cpu_kernels: ctypes.CDLL | None = None
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: Any):
-        """`rope`: (cos, sin) rows of the tokens, or with fused kernels (positions, table)."""
+        """`rope`: (cos, sin) rows of the tokens; with fused kernels (positions, table); with
+        CPU kernels the tokens' rows of the table."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused:  # the Triton backend rotates q and k in its KV-store launch
+        if self.fused or self.cpu_kernels is not None:  # rotated where the KV is stored
             o = self.backend.forward(self.layer, q, k, v, meta, rope=rope)
         else:
             cos, sin = rope
@@ -129,8 +135,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.inter, config.hidden_size, bias=False)
         self.down_proj.into_residual = True
         self.fused = False
+        self.cpu_kernels: ctypes.CDLL | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernels is not None:
+            return self.down_proj(cpu_kernels.silu_and_mul(self.cpu_kernels, self.gate_up_proj(x)))
         if not self.fused:
             return self.down_proj(fused.silu_and_mul_torch(self.gate_up_proj(x)))
         act = skinny_linear.gated_mlp_input(x, self.gate_up_proj.weight)
@@ -185,6 +194,7 @@ class LlamaForCausalLM(nn.Module):
         if not self.tied:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.fused = False
+        self.cpu_kernels: ctypes.CDLL | None = None
         self.logits_packed: torch.Tensor | None = None
         # Filled by `init_rope()` once the module has real storage (it may be built on "meta").
         self.register_buffer("rope", torch.empty(max_positions, head_dim_of(config)))
@@ -194,6 +204,13 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if hasattr(module, "fused"):
                 module.fused = on
+
+    def set_cpu_kernels(self, lib: ctypes.CDLL | None) -> None:
+        """`cpu_kernels`' C library for norms, RoPE with the KV store and SiLU (None: torch's
+        ops); the attention backend must take RoPE's table rows (`TorchAttention` does)."""
+        for module in self.modules():
+            if hasattr(module, "cpu_kernels"):
+                module.cpu_kernels = lib
 
     @torch.inference_mode()
     def warm_up_linears(self) -> None:
@@ -251,6 +268,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.fused:
             rope = (positions, self.rope)
+        elif self.cpu_kernels is not None:
+            rope = self.rope[positions].to(x.dtype)
         else:
             rope = self.rope[positions].to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
         residual = None
