@@ -172,7 +172,12 @@ class TorchAttention:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """SDPA; on CPU in float32, whose kernel is several times faster than the half ones."""
+    """SDPA over [heads, tokens, dim] (or batched) inputs; on CPU in float32, whose kernel is
+    faster than the half ones, and always with a batch dimension: given 3-D inputs torch's
+    CPU dispatch takes its unfused math path (one 128-token prefill layer 0.94 ms against
+    0.58 batched, 2,048 tokens 410 against 74 ms, the same error against float64)."""
+    if q.dim() == 3:
+        return _sdpa(q[None], k[None], v[None], **kwargs)[0]
     if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
