@@ -101,7 +101,7 @@ class ModelRunner:
             raise ValueError(f"unknown load format {config.load_format!r}; choose auto, dummy")
         model.set_fused_kernels(self.backend_name == "triton")
         if self.device.type == "cpu":
-            torch.set_num_threads(config.cpu_threads or cpu.default_threads())
+            torch.set_num_threads(cpu.step_threads(1, config.cpu_threads))
             if cpu.available():
                 started = time.perf_counter()
                 packed, total = model.pack_cpu_linears()
@@ -206,6 +206,10 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(step):
             hidden = self.graphs.run(step, dev)
             return hidden if len(step.sample_rows) == step.num_tokens else hidden[dev.sample_rows]
+        if self.device.type == "cpu":
+            threads = cpu.step_threads(step.num_tokens, self.config.cpu_threads)
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
         meta = self.attention.prepare(step, dev)
         hidden = self.model(dev.input_ids, dev.positions, meta)
         return hidden[dev.sample_rows]
