@@ -109,8 +109,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--cpu-threads",
         type=int_at_least(1),
         metavar="N",
-        help="CPU engine: threads for the model's matmuls (default: this process's cores but"
-        " one, at least 1, so that the HTTP server and the step loop keep a core)",
+        help="CPU engine: threads for the model's matmuls in every step (default: this"
+        " process's cores but one, at least 1, in decode steps, so that the HTTP server and the"
+        " step loop keep a core; every core in prefills of 64 tokens or more)",
     )
     eng.add_argument(
         "--load-format",
