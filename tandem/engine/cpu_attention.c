@@ -83,8 +83,30 @@ INLINE void attend(float q[][MAX_HEAD_DIM], float acc[][MAX_HEAD_DIM], int h0, i
     }
 }
 
+/* Work item `item`: sequence item / parts, its part item % parts of the KV heads. */
+INLINE void decode_item(int item, int parts, const void *q, int64_t s_qt, int64_t s_qh,
+                        const void *k_cache, const void *v_cache, int64_t s_cb, int64_t s_ct,
+                        int64_t s_ch, const int32_t *rows, const int32_t *block_tables,
+                        int64_t s_bt, const int32_t *seq_lens, void *out, int64_t s_ot,
+                        int64_t s_oh, int group, int num_kv_heads, int dim, int block_size,
+                        float scale, int bf16) {
+    const int seq = item / parts, part = item % parts;
+    const int h0 = part * num_kv_heads / parts, h1 = (part + 1) * num_kv_heads / parts;
+    const int64_t row = rows[seq];
+    float qs[MAX_ROWS][MAX_HEAD_DIM], acc[MAX_ROWS][MAX_HEAD_DIM];
+    for (int r = 0; r < (h1 - h0) * group; r++) {
+        load_row(qs[r], q, row * s_qt + (int64_t)(h0 * group + r) * s_qh, dim, bf16);
+        for (int d = 0; d < dim; d++) qs[r][d] *= scale;
+    }
+    attend(qs, acc, h0, h1, group, dim, k_cache, v_cache, s_cb, s_ct, s_ch,
+           block_tables + seq * s_bt, seq_lens[seq], block_size, bf16);
+    for (int r = 0; r < (h1 - h0) * group; r++)
+        store_row(out, row * s_ot + (int64_t)(h0 * group + r) * s_oh, acc[r], dim, bf16);
+}
+
 /* Work items are (sequence, run of KV heads): a sequence's heads stay together unless the
- * threads would otherwise idle or its query rows exceed MAX_ROWS. */
+ * threads would otherwise idle or its query rows exceed MAX_ROWS. One thread's items run
+ * here, outside any parallel region (libgomp takes ~13 µs to enter even a one-thread one). */
 INLINE void decode(const void *q, int64_t s_qt, int64_t s_qh, const void *k_cache,
                    const void *v_cache, int64_t s_cb, int64_t s_ct, int64_t s_ch,
                    const int32_t *rows, const int32_t *block_tables, int64_t s_bt,
@@ -98,21 +120,17 @@ INLINE void decode(const void *q, int64_t s_qt, int64_t s_qh, const void *k_cach
     parts = parts < needed ? needed : parts;
     parts = parts > num_kv_heads ? num_kv_heads : parts;
     const int items = num_seqs * parts;
+#define ITEM(item)                                                                            \
+    decode_item(item, parts, q, s_qt, s_qh, k_cache, v_cache, s_cb, s_ct, s_ch, rows,        \
+                block_tables, s_bt, seq_lens, out, s_ot, s_oh, group, num_kv_heads, dim,     \
+                block_size, scale, bf16)
+    if (threads > 1 && items > 1) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads < items ? threads : items)
-    for (int item = 0; item < items; item++) {
-        const int seq = item / parts, part = item % parts;
-        const int h0 = part * num_kv_heads / parts, h1 = (part + 1) * num_kv_heads / parts;
-        const int64_t row = rows[seq];
-        float qs[MAX_ROWS][MAX_HEAD_DIM], acc[MAX_ROWS][MAX_HEAD_DIM];
-        for (int r = 0; r < (h1 - h0) * group; r++) {
-            load_row(qs[r], q, row * s_qt + (int64_t)(h0 * group + r) * s_qh, dim, bf16);
-            for (int d = 0; d < dim; d++) qs[r][d] *= scale;
-        }
-        attend(qs, acc, h0, h1, group, dim, k_cache, v_cache, s_cb, s_ct, s_ch,
-               block_tables + seq * s_bt, seq_lens[seq], block_size, bf16);
-        for (int r = 0; r < (h1 - h0) * group; r++)
-            store_row(out, row * s_ot + (int64_t)(h0 * group + r) * s_oh, acc[r], dim, bf16);
+        for (int item = 0; item < items; item++) ITEM(item);
+    } else {
+        for (int item = 0; item < items; item++) ITEM(item);
     }
+#undef ITEM
 }
 
 /* Head dims 64 and 128 get code of their own: with the trip count known, each row's loops

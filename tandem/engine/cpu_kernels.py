@@ -94,9 +94,10 @@ def library() -> ctypes.CDLL:
                        ptr, i32, i32, i32, i32, i32],
         "silu_and_mul": [ptr, i64, ptr, i64, i32, i32, i32],
     }  # fmt: skip
+    lib.fn = {}  # (name, dtype) -> the C function: looked up once, called every layer
     for name, argtypes in signatures.items():
-        for suffix in _SUFFIX.values():
-            fn = getattr(lib, f"{name}_{suffix}")
+        for dtype, suffix in _SUFFIX.items():
+            fn = lib.fn[name, dtype] = getattr(lib, f"{name}_{suffix}")
             fn.restype = None
             fn.argtypes = argtypes
     lib.decode_attention_limits.restype = i32
@@ -153,7 +154,7 @@ def decode_attention(
     assert rows.dtype == block_tables.dtype == seq_lens.dtype == torch.int32
     assert block_tables.stride(1) == 1 and rows.is_contiguous() and seq_lens.is_contiguous()
     _, block_size, num_kv_heads, head_dim = k_cache.shape
-    getattr(lib, f"decode_attention_{_SUFFIX[q.dtype]}")(
+    lib.fn["decode_attention", q.dtype](
         q.data_ptr(), q.stride(0), q.stride(1),
         k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3],
         rows.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
@@ -182,7 +183,7 @@ def add_rms_norm(
     rows, dim = x.shape
     if residual is not None:
         assert residual.shape == x.shape and residual.stride(-1) == 1
-    getattr(lib, f"add_rms_norm_{_SUFFIX[x.dtype]}")(
+    lib.fn["add_rms_norm", x.dtype](
         x.data_ptr(), x.stride(0),
         None if residual is None else residual.data_ptr(),
         0 if residual is None else residual.stride(0),
@@ -207,7 +208,7 @@ def rope_store(
     assert q.stride(2) == k.stride(2) == v.stride(2) == table.stride(1) == 1
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == torch.int64
     assert table.dtype == q.dtype == k_cache.dtype and slots.is_contiguous()
-    getattr(lib, f"rope_store_{_SUFFIX[q.dtype]}")(
+    lib.fn["rope_store", q.dtype](
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
         v.data_ptr(), v.stride(0), v.stride(1), table.data_ptr(), table.stride(0),
         k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(1), slots.data_ptr(),
@@ -220,7 +221,7 @@ def silu_and_mul(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
     assert x.stride(-1) == 1
     rows, width = x.shape
     out = x.new_empty(rows, width // 2)
-    getattr(lib, f"silu_and_mul_{_SUFFIX[x.dtype]}")(
+    lib.fn["silu_and_mul", x.dtype](
         x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), rows, width // 2,
         torch.get_num_threads(),
     )  # fmt: skip

@@ -24,42 +24,59 @@ INLINE void put(void *p, int64_t i, float v, int bf16) {
 }
 INLINE float r16(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
-#define PARALLEL_MIN_ELEMENTS 65536 /* below this a step's rows run on the calling thread */
+/* Row `row` of a [rows, ...] array with `stride` elements between rows. */
+INLINE void *at_row(const void *base, int64_t row, int64_t stride, int bf16) {
+    return base ? (char *)base + row * stride * (bf16 ? 2 : 4) : NULL;
+}
+
+/* Whether `elements` of work are worth a parallel region: below 65,536 elements (a decode
+ * step's rows) they run on the calling thread, and so does one thread's work, since libgomp
+ * takes ~13 µs to enter even a one-thread region (as long as the whole call at one row). */
+#define PARALLEL(elements, threads) ((int64_t)(elements) >= 65536 && (threads) > 1)
 
 /* With `residual`: s = x + residual, written back to x (the next layer's residual); then
  * out = weight * round(s / sqrt(mean(s^2) + eps)), as Hugging Face's LlamaRMSNorm. */
+INLINE void add_rms_norm_row(void *x, const void *residual, const void *weight, void *out,
+                             int dim, float eps, int bf16) {
+    float s[dim];
+    float sum = 0.0f;
+    for (int d = 0; d < dim; d++) {
+        float v = get(x, d, bf16);
+        if (residual) {
+            v = r16(v + get(residual, d, bf16), bf16);
+            put(x, d, v, bf16);
+        }
+        s[d] = v;
+        sum += v * v;
+    }
+    const float inv = 1.0f / sqrtf(sum / dim + eps);
+    for (int d = 0; d < dim; d++) put(out, d, get(weight, d, bf16) * r16(s[d] * inv, bf16), bf16);
+}
+
 INLINE void add_rms_norm(void *x, int64_t s_x, const void *residual, int64_t s_r,
                          const void *weight, void *out, int64_t s_o, int rows, int dim,
                          float eps, int threads, int bf16) {
-    const int par = (int64_t)rows * dim >= PARALLEL_MIN_ELEMENTS && threads > 1;
-#pragma omp parallel for if (par) num_threads(threads)
-    for (int row = 0; row < rows; row++) {
-        float s[dim];
-        float sum = 0.0f;
-        for (int d = 0; d < dim; d++) {
-            float v = get(x, row * s_x + d, bf16);
-            if (residual) {
-                v = r16(v + get(residual, row * s_r + d, bf16), bf16);
-                put(x, row * s_x + d, v, bf16);
-            }
-            s[d] = v;
-            sum += v * v;
-        }
-        const float inv = 1.0f / sqrtf(sum / dim + eps);
-        for (int d = 0; d < dim; d++)
-            put(out, row * s_o + d, get(weight, d, bf16) * r16(s[d] * inv, bf16), bf16);
+#define NORM_ROW(row)                                                                        \
+    add_rms_norm_row(at_row(x, row, s_x, bf16), at_row(residual, row, s_r, bf16), weight,    \
+                     at_row(out, row, s_o, bf16), dim, eps, bf16)
+    if (PARALLEL(rows * dim, threads)) {
+#pragma omp parallel for num_threads(threads)
+        for (int row = 0; row < rows; row++) NORM_ROW(row);
+    } else {
+        for (int row = 0; row < rows; row++) NORM_ROW(row);
     }
+#undef NORM_ROW
 }
 
 /* Rotate-half RoPE of one head in place: x[i], x[i + half] by the angle whose cos and sin
- * are c[i] and sn[i]. Products are rounded before they are summed, as torch's ops do (no
- * fused multiply-add). */
+ * are table[i] and table[half + i]. Products are rounded before they are summed, as torch's
+ * ops do (no fused multiply-add). */
 __attribute__((optimize("fp-contract=off"))) static void rotate(void *x, int64_t at,
-                                                                const void *table, int64_t row,
-                                                                int half, int bf16) {
+                                                                const void *table, int half,
+                                                                int bf16) {
     for (int i = 0; i < half; i++) {
         const float a = get(x, at + i, bf16), b = get(x, at + half + i, bf16);
-        const float c = get(table, row + i, bf16), sn = get(table, row + half + i, bf16);
+        const float c = get(table, i, bf16), sn = get(table, half + i, bf16);
         const float ac = r16(a * c, bf16), bs = r16(b * sn, bf16);
         const float bc = r16(b * c, bf16), as = r16(a * sn, bf16);
         put(x, at + i, ac - bs, bf16);
@@ -70,44 +87,63 @@ __attribute__((optimize("fp-contract=off"))) static void rotate(void *x, int64_t
 /* Token t's query and key heads rotated in place by its row of `table` ([cos | sin] of
  * width dim); then, where slots is given, its keys and values copied to cache slot
  * slots[t] (a slot is one token's [kv_heads, dim] row). */
+INLINE void rope_store_token(void *q, int64_t s_qh, void *k, int64_t s_kh, const void *v,
+                             int64_t s_vh, const void *table, void *k_slot, void *v_slot,
+                             int num_heads, int num_kv_heads, int dim, int bf16) {
+    const int size = bf16 ? 2 : 4;
+    for (int h = 0; h < num_heads; h++) rotate(q, h * s_qh, table, dim / 2, bf16);
+    for (int h = 0; h < num_kv_heads; h++) {
+        rotate(k, h * s_kh, table, dim / 2, bf16);
+        if (!k_slot) continue;
+        memcpy((char *)k_slot + (size_t)h * dim * size, (const char *)k + h * s_kh * size,
+               (size_t)dim * size);
+        memcpy((char *)v_slot + (size_t)h * dim * size, (const char *)v + h * s_vh * size,
+               (size_t)dim * size);
+    }
+}
+
 INLINE void rope_store(void *q, int64_t s_qt, int64_t s_qh, void *k, int64_t s_kt,
                        int64_t s_kh, const void *v, int64_t s_vt, int64_t s_vh,
                        const void *table, int64_t s_table, void *k_cache, void *v_cache,
                        int64_t s_slot, const int64_t *slots, int tokens, int num_heads,
                        int num_kv_heads, int dim, int threads, int bf16) {
-    const int size = bf16 ? 2 : 4;
-    const int par = (int64_t)tokens * (num_heads + num_kv_heads) * dim >= PARALLEL_MIN_ELEMENTS
-                    && threads > 1;
-#pragma omp parallel for if (par) num_threads(threads)
-    for (int t = 0; t < tokens; t++) {
-        for (int h = 0; h < num_heads; h++)
-            rotate(q, t * s_qt + h * s_qh, table, t * s_table, dim / 2, bf16);
-        for (int h = 0; h < num_kv_heads; h++) {
-            rotate(k, t * s_kt + h * s_kh, table, t * s_table, dim / 2, bf16);
-            if (!slots) continue;
-            char *kc = (char *)k_cache + (slots[t] * s_slot + (int64_t)h * dim) * size;
-            char *vc = (char *)v_cache + (slots[t] * s_slot + (int64_t)h * dim) * size;
-            memcpy(kc, (const char *)k + (t * s_kt + h * s_kh) * size, (size_t)dim * size);
-            memcpy(vc, (const char *)v + (t * s_vt + h * s_vh) * size, (size_t)dim * size);
-        }
+#define TOKEN(t)                                                                             \
+    rope_store_token(at_row(q, t, s_qt, bf16), s_qh, at_row(k, t, s_kt, bf16), s_kh,         \
+                     at_row(v, t, s_vt, bf16), s_vh, at_row(table, t, s_table, bf16),        \
+                     slots ? at_row(k_cache, slots[t], s_slot, bf16) : NULL,                 \
+                     slots ? at_row(v_cache, slots[t], s_slot, bf16) : NULL, num_heads,      \
+                     num_kv_heads, dim, bf16)
+    if (PARALLEL((int64_t)tokens * (num_heads + num_kv_heads) * dim, threads)) {
+#pragma omp parallel for num_threads(threads)
+        for (int t = 0; t < tokens; t++) TOKEN(t);
+    } else {
+        for (int t = 0; t < tokens; t++) TOKEN(t);
     }
+#undef TOKEN
 }
 
 /* out = silu(gate) * up for x = [gate | up] (each `inter` wide): silu rounded, then the
  * product, as torch's two ops round. */
+INLINE void silu_and_mul_row(const void *x, void *out, int inter, int bf16) {
+    for (int i = 0; i < inter; i++) {
+        const float g = get(x, i, bf16), up = get(x, inter + i, bf16);
+        const float e = exp_neg(-fabsf(g)); /* exp(-|g|): the sigmoid without overflow */
+        /* Below -87 (exp_neg's floor) torch's g / (1 + exp(-g)) is a zero or a denormal. */
+        const float sigmoid = g >= 0.0f ? 1.0f / (1.0f + e) : g < -87.0f ? 0.0f : e / (1.0f + e);
+        put(out, i, r16(g * sigmoid, bf16) * up, bf16);
+    }
+}
+
 INLINE void silu_and_mul(const void *x, int64_t s_x, void *out, int64_t s_o, int rows,
                          int inter, int threads, int bf16) {
-    const int par = (int64_t)rows * inter >= PARALLEL_MIN_ELEMENTS && threads > 1;
-#pragma omp parallel for if (par) num_threads(threads)
-    for (int row = 0; row < rows; row++) {
-        for (int i = 0; i < inter; i++) {
-            const float g = get(x, row * s_x + i, bf16), up = get(x, row * s_x + inter + i, bf16);
-            const float e = exp_neg(-fabsf(g)); /* exp(-|g|): the sigmoid without overflow */
-            /* Below -87 (exp_neg's floor) torch's g / (1 + exp(-g)) is a zero or a denormal. */
-            const float sigmoid = g >= 0.0f ? 1.0f / (1.0f + e) : g < -87.0f ? 0.0f : e / (1.0f + e);
-            put(out, row * s_o + i, r16(g * sigmoid, bf16) * up, bf16);
-        }
+#define ROW(row) silu_and_mul_row(at_row(x, row, s_x, bf16), at_row(out, row, s_o, bf16), inter, bf16)
+    if (PARALLEL((int64_t)rows * inter, threads)) {
+#pragma omp parallel for num_threads(threads)
+        for (int row = 0; row < rows; row++) ROW(row);
+    } else {
+        for (int row = 0; row < rows; row++) ROW(row);
     }
+#undef ROW
 }
 
 /* NAME_bf16 and NAME_f32, taking PARAMS and passing the rest on with the dtype flag. */
