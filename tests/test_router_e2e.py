@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -127,6 +129,7 @@ def test_openai_sessions_through_kv_router_over_nats(tmp_path):
             stdout=router_log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT dumps every thread
         )
         proc = subprocess.Popen(
             [
@@ -202,5 +205,9 @@ def test_openai_sessions_through_kv_router_over_nats(tmp_path):
             try:
                 router.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                router.kill()
+                router.send_signal(signal.SIGABRT)  # its threads' stacks go to the log
+                try:
+                    router.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    router.kill()
                 pytest.fail("the router ignored SIGTERM for 30 s:\n" + router_log_path.read_text())

@@ -12,6 +12,7 @@ Queries book nothing: the process never learns when a request ends.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from typing import Any
@@ -30,6 +31,9 @@ from tandem.router.pool import WorkerPool
 from tandem.router.router import Policy
 
 log = logging.getLogger(__name__)
+
+#: Seconds each part of the router may take to close at shutdown before it is left behind.
+CLOSE_TIMEOUT_S = 5.0
 
 
 class Query(msgspec.Struct, forbid_unknown_fields=True):
@@ -123,7 +127,11 @@ async def serve_router(
         )
         await server.serve(sockets=[sock])
     finally:
-        await pool.close()
-        await client.close()
-        await discovery.close()
-        await events.close()
+        parts = {"worker pool": pool, "request client": client, "discovery": discovery,
+                 "event plane": events}  # fmt: skip
+        for name, part in parts.items():
+            try:
+                await asyncio.wait_for(part.close(), CLOSE_TIMEOUT_S)
+            except TimeoutError:  # a stopping router exits; the log says what hung
+                log.warning("shutdown: the %s did not close in %.0f s; left behind", name,
+                            CLOSE_TIMEOUT_S)  # fmt: skip
