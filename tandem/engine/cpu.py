@@ -53,6 +53,12 @@ def step_threads(tokens: int, configured: int | None) -> int:
     return len(os.sched_getaffinity(0)) if tokens >= PREFILL_TOKENS else default_threads()
 
 
+def logits_threads(configured: int | None) -> int:
+    """Threads for the logits matmul (the whole vocabulary's weights, 56 MB for the demo):
+    `configured` if given, else every core, as a prefill."""
+    return step_threads(PREFILL_TOKENS, configured)
+
+
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 

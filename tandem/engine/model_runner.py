@@ -206,13 +206,14 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(step):
             hidden = self.graphs.run(step, dev)
             return hidden if len(step.sample_rows) == step.num_tokens else hidden[dev.sample_rows]
-        if self.device.type == "cpu":
-            threads = cpu.step_threads(step.num_tokens, self.config.cpu_threads)
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
+        self._cpu_threads(cpu.step_threads(step.num_tokens, self.config.cpu_threads))
         meta = self.attention.prepare(step, dev)
         hidden = self.model(dev.input_ids, dev.positions, meta)
         return hidden[dev.sample_rows]
+
+    def _cpu_threads(self, threads: int) -> None:
+        if self.device.type == "cpu" and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
         """Compute the batch's tokens; sample for the sequences whose last token was computed."""
@@ -228,6 +229,7 @@ class ModelRunner:
         seqs = step.sample_seqs
         if not seqs:
             return Launched([], None, None)
+        self._cpu_threads(cpu.logits_threads(self.config.cpu_threads))
         logits = self.model.compute_logits(hidden)
         if any(s.sampling.logprobs is not None for s in seqs):
             return Launched(seqs, None, self.sampler(logits, seqs))
