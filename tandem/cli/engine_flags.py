@@ -111,7 +111,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="CPU engine: threads for the model's matmuls in every step (default: this"
         " process's cores but one, at least 1, in decode steps, so that the HTTP server and the"
-        " step loop keep a core; every core in prefills of 64 tokens or more)",
+        " step loop keep a core; every core in prefills of 64 tokens or more and in the logits"
+        " matmul)",
     )
     eng.add_argument(
         "--load-format",
