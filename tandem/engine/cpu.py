@@ -32,7 +32,7 @@ PACKED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 #: A step of at least this many tokens (a prefill) is bound by arithmetic, not by reading the
-#: weights: it takes every core (`step_threads`).
+#: weights: it takes every core (`thread_counts`).
 PREFILL_TOKENS = 64
 
 
@@ -43,20 +43,14 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def step_threads(tokens: int, configured: int | None) -> int:
-    """Threads for a step of `tokens` tokens: `configured` (`--cpu-threads`) if given; else
-    decode steps keep `default_threads()` and prefills take every core, which the server
-    barely uses while a prompt is computed (the demo's 128-token prefill 190 -> 150 ms on 2
-    cores)."""
+def thread_counts(configured: int | None) -> tuple[int, int]:
+    """(decode, all-cores) threads: `configured` (`--cpu-threads`) for both if given; else
+    decode steps keep `default_threads()`, and prefills and the logits matmul (the whole
+    vocabulary's weights, 56 MB for the demo) take every core, which the server barely uses
+    meanwhile (the demo's 128-token prefill 190 -> 150 ms on 2 cores)."""
     if configured:
-        return configured
-    return len(os.sched_getaffinity(0)) if tokens >= PREFILL_TOKENS else default_threads()
-
-
-def logits_threads(configured: int | None) -> int:
-    """Threads for the logits matmul (the whole vocabulary's weights, 56 MB for the demo):
-    `configured` if given, else every core, as a prefill."""
-    return step_threads(PREFILL_TOKENS, configured)
+        return configured, configured
+    return default_threads(), len(os.sched_getaffinity(0))
 
 
 def available() -> bool:

@@ -105,8 +105,7 @@ INLINE void decode_item(int item, int parts, const void *q, int64_t s_qt, int64_
 }
 
 /* Work items are (sequence, run of KV heads): a sequence's heads stay together unless the
- * threads would otherwise idle or its query rows exceed MAX_ROWS. One thread's items run
- * here, outside any parallel region (libgomp takes ~13 µs to enter even a one-thread one). */
+ * threads would otherwise idle or its query rows exceed MAX_ROWS. */
 INLINE void decode(const void *q, int64_t s_qt, int64_t s_qh, const void *k_cache,
                    const void *v_cache, int64_t s_cb, int64_t s_ct, int64_t s_ch,
                    const int32_t *rows, const int32_t *block_tables, int64_t s_bt,
@@ -120,17 +119,11 @@ INLINE void decode(const void *q, int64_t s_qt, int64_t s_qh, const void *k_cach
     parts = parts < needed ? needed : parts;
     parts = parts > num_kv_heads ? num_kv_heads : parts;
     const int items = num_seqs * parts;
-#define ITEM(item)                                                                            \
-    decode_item(item, parts, q, s_qt, s_qh, k_cache, v_cache, s_cb, s_ct, s_ch, rows,        \
-                block_tables, s_bt, seq_lens, out, s_ot, s_oh, group, num_kv_heads, dim,     \
-                block_size, scale, bf16)
-    if (threads > 1 && items > 1) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads < items ? threads : items)
-        for (int item = 0; item < items; item++) ITEM(item);
-    } else {
-        for (int item = 0; item < items; item++) ITEM(item);
-    }
-#undef ITEM
+    threads = threads < items ? threads : items;
+    PARALLEL_FOR(item, items, threads > 1,
+                 decode_item(item, parts, q, s_qt, s_qh, k_cache, v_cache, s_cb, s_ct, s_ch,
+                             rows, block_tables, s_bt, seq_lens, out, s_ot, s_oh, group,
+                             num_kv_heads, dim, block_size, scale, bf16));
 }
 
 /* Head dims 64 and 128 get code of their own: with the trip count known, each row's loops

@@ -1,11 +1,25 @@
 /* What Tandem's CPU kernels share: bfloat16 conversions as torch rounds them, a vectorisable
- * exp, and row loads and stores that widen to float32. */
+ * exp, row loads and stores that widen to float32, and a loop that goes parallel only when it
+ * pays. */
 #ifndef TANDEM_CPU_KERNELS_H
 #define TANDEM_CPU_KERNELS_H
 #include <stdint.h>
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
+
+/* for (int I = 0; I < N; I++) BODY; on the caller's `threads` OpenMP threads when PARALLEL,
+ * else on the calling thread: libgomp takes ~13 us to enter even a one-thread region, as long
+ * as a whole decode-step call at one row. */
+#define PARALLEL_FOR(I, N, PARALLEL, ...)                                                     \
+    do {                                                                                      \
+        if (PARALLEL) {                                                                       \
+            _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")             \
+            for (int I = 0; I < (N); I++) { __VA_ARGS__; }                                    \
+        } else {                                                                              \
+            for (int I = 0; I < (N); I++) { __VA_ARGS__; }                                    \
+        }                                                                                     \
+    } while (0)
 
 INLINE float bf16_to_f32(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;

@@ -29,9 +29,7 @@ INLINE void *at_row(const void *base, int64_t row, int64_t stride, int bf16) {
     return base ? (char *)base + row * stride * (bf16 ? 2 : 4) : NULL;
 }
 
-/* Whether `elements` of work are worth a parallel region: below 65,536 elements (a decode
- * step's rows) they run on the calling thread, and so does one thread's work, since libgomp
- * takes ~13 µs to enter even a one-thread region (as long as the whole call at one row). */
+/* Whether `elements` of work are worth threads: below 65,536 (a decode step's rows) not. */
 #define PARALLEL(elements, threads) ((int64_t)(elements) >= 65536 && (threads) > 1)
 
 /* With `residual`: s = x + residual, written back to x (the next layer's residual); then
@@ -56,16 +54,9 @@ INLINE void add_rms_norm_row(void *x, const void *residual, const void *weight, 
 INLINE void add_rms_norm(void *x, int64_t s_x, const void *residual, int64_t s_r,
                          const void *weight, void *out, int64_t s_o, int rows, int dim,
                          float eps, int threads, int bf16) {
-#define NORM_ROW(row)                                                                        \
-    add_rms_norm_row(at_row(x, row, s_x, bf16), at_row(residual, row, s_r, bf16), weight,    \
-                     at_row(out, row, s_o, bf16), dim, eps, bf16)
-    if (PARALLEL(rows * dim, threads)) {
-#pragma omp parallel for num_threads(threads)
-        for (int row = 0; row < rows; row++) NORM_ROW(row);
-    } else {
-        for (int row = 0; row < rows; row++) NORM_ROW(row);
-    }
-#undef NORM_ROW
+    PARALLEL_FOR(row, rows, PARALLEL((int64_t)rows * dim, threads),
+                 add_rms_norm_row(at_row(x, row, s_x, bf16), at_row(residual, row, s_r, bf16),
+                                  weight, at_row(out, row, s_o, bf16), dim, eps, bf16));
 }
 
 /* Rotate-half RoPE of one head in place: x[i], x[i + half] by the angle whose cos and sin
@@ -107,19 +98,14 @@ INLINE void rope_store(void *q, int64_t s_qt, int64_t s_qh, void *k, int64_t s_k
                        const void *table, int64_t s_table, void *k_cache, void *v_cache,
                        int64_t s_slot, const int64_t *slots, int tokens, int num_heads,
                        int num_kv_heads, int dim, int threads, int bf16) {
-#define TOKEN(t)                                                                             \
-    rope_store_token(at_row(q, t, s_qt, bf16), s_qh, at_row(k, t, s_kt, bf16), s_kh,         \
-                     at_row(v, t, s_vt, bf16), s_vh, at_row(table, t, s_table, bf16),        \
-                     slots ? at_row(k_cache, slots[t], s_slot, bf16) : NULL,                 \
-                     slots ? at_row(v_cache, slots[t], s_slot, bf16) : NULL, num_heads,      \
-                     num_kv_heads, dim, bf16)
-    if (PARALLEL((int64_t)tokens * (num_heads + num_kv_heads) * dim, threads)) {
-#pragma omp parallel for num_threads(threads)
-        for (int t = 0; t < tokens; t++) TOKEN(t);
-    } else {
-        for (int t = 0; t < tokens; t++) TOKEN(t);
-    }
-#undef TOKEN
+    const int64_t elements = (int64_t)tokens * (num_heads + num_kv_heads) * dim;
+    PARALLEL_FOR(t, tokens, PARALLEL(elements, threads),
+                 rope_store_token(at_row(q, t, s_qt, bf16), s_qh, at_row(k, t, s_kt, bf16), s_kh,
+                                  at_row(v, t, s_vt, bf16), s_vh,
+                                  at_row(table, t, s_table, bf16),
+                                  slots ? at_row(k_cache, slots[t], s_slot, bf16) : NULL,
+                                  slots ? at_row(v_cache, slots[t], s_slot, bf16) : NULL,
+                                  num_heads, num_kv_heads, dim, bf16));
 }
 
 /* out = silu(gate) * up for x = [gate | up] (each `inter` wide): silu rounded, then the
@@ -136,14 +122,9 @@ INLINE void silu_and_mul_row(const void *x, void *out, int inter, int bf16) {
 
 INLINE void silu_and_mul(const void *x, int64_t s_x, void *out, int64_t s_o, int rows,
                          int inter, int threads, int bf16) {
-#define ROW(row) silu_and_mul_row(at_row(x, row, s_x, bf16), at_row(out, row, s_o, bf16), inter, bf16)
-    if (PARALLEL((int64_t)rows * inter, threads)) {
-#pragma omp parallel for num_threads(threads)
-        for (int row = 0; row < rows; row++) ROW(row);
-    } else {
-        for (int row = 0; row < rows; row++) ROW(row);
-    }
-#undef ROW
+    PARALLEL_FOR(row, rows, PARALLEL((int64_t)rows * inter, threads),
+                 silu_and_mul_row(at_row(x, row, s_x, bf16), at_row(out, row, s_o, bf16), inter,
+                                  bf16));
 }
 
 /* NAME_bf16 and NAME_f32, taking PARAMS and passing the rest on with the dtype flag. */

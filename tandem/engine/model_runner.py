@@ -100,8 +100,11 @@ class ModelRunner:
         else:
             raise ValueError(f"unknown load format {config.load_format!r}; choose auto, dummy")
         model.set_fused_kernels(self.backend_name == "triton")
+        # (decode steps, prefills and logits): the CPU engine's thread counts
+        self.cpu_threads: tuple[int, int] | None = None
         if self.device.type == "cpu":
-            torch.set_num_threads(cpu.step_threads(1, config.cpu_threads))
+            self.cpu_threads = cpu.thread_counts(config.cpu_threads)
+            torch.set_num_threads(self.cpu_threads[0])
             if cpu.available():
                 started = time.perf_counter()
                 packed, total = model.pack_cpu_linears()
@@ -206,14 +209,16 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(step):
             hidden = self.graphs.run(step, dev)
             return hidden if len(step.sample_rows) == step.num_tokens else hidden[dev.sample_rows]
-        self._cpu_threads(cpu.step_threads(step.num_tokens, self.config.cpu_threads))
+        self._cpu_threads(all_cores=step.num_tokens >= cpu.PREFILL_TOKENS)
         meta = self.attention.prepare(step, dev)
         hidden = self.model(dev.input_ids, dev.positions, meta)
         return hidden[dev.sample_rows]
 
-    def _cpu_threads(self, threads: int) -> None:
-        if self.device.type == "cpu" and threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
+    def _cpu_threads(self, all_cores: bool) -> None:
+        if self.cpu_threads is not None:
+            threads = self.cpu_threads[all_cores]
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
         """Compute the batch's tokens; sample for the sequences whose last token was computed."""
@@ -229,7 +234,7 @@ class ModelRunner:
         seqs = step.sample_seqs
         if not seqs:
             return Launched([], None, None)
-        self._cpu_threads(cpu.logits_threads(self.config.cpu_threads))
+        self._cpu_threads(all_cores=True)
         logits = self.model.compute_logits(hidden)
         if any(s.sampling.logprobs is not None for s in seqs):
             return Launched(seqs, None, self.sampler(logits, seqs))
