@@ -1,8 +1,8 @@
-"""CPU decode attention: the C kernel (`tandem/engine/cpu_kernels.c`) against torch's padded
+"""CPU decode attention: the C kernel (`tandem/engine/cpu_attention.c`) against torch's padded
 SDPA path it replaced, on the demo model's attention shape (9 query heads, 3 KV heads of 64),
 blocks of 16 scattered over the cache, one layer. The two alternate call by call; medians.
 
-    python benchmarks/cpu_kernels.py [--threads 1] [--output results/cpu_kernels.json]
+    python benchmarks/cpu_attention.py [--threads 1] [--output results/cpu_attention.json]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--output", default="results/cpu_kernels.json")
+    parser.add_argument("--output", default="results/cpu_attention.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lib = cpu_kernels.library()
