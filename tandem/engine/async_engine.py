@@ -2,8 +2,8 @@
 
 The step loop runs in its own thread so the event loop stays responsive while the model
 computes (torch releases the GIL in its kernels). Requests and aborts reach the loop through
-a thread-safe queue; outputs come back to each request's asyncio.Queue through
-`call_soon_threadsafe`, one hop per step for all requests.
+a thread-safe queue; outputs come back to each request's asyncio.Queue through its event
+loop's `LoopMailbox`: one hop per step for all requests, or fewer when steps outrun the loop.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
 from tandem.engine.kv_event_buffer import KV_EVENT_BUFFER, KvEventBuffer
 from tandem.engine.kv_handoff import KvSource
+from tandem.engine.mailbox import LoopMailbox
 from tandem.protocol import (
     GenerateOutput,
     GenerateRequest,
@@ -54,7 +55,8 @@ class AsyncEngine:
         self.block_size = config.block_size
         self.eos_token_ids = set(self.core.eos_token_ids)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[LoopMailbox, asyncio.Queue]] = {}
+        self._mailboxes: dict[asyncio.AbstractEventLoop, LoopMailbox] = {}
         self._stats = self.core.stats()
         self._kv_events = KvEventBuffer(KV_EVENT_BUFFER)
         self._stopped = threading.Event()
@@ -92,7 +94,7 @@ class AsyncEngine:
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already running")
         outputs: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = (asyncio.get_running_loop(), outputs)
+        self._streams[request.request_id] = (self._mailbox(), outputs)
         if self._ended:  # the loop ended after the check above: nobody would answer
             self._streams.pop(request.request_id, None)
             raise self._dead_error()
@@ -116,6 +118,16 @@ class AsyncEngine:
             self._streams.pop(request.request_id, None)
             if remaining:
                 self.abort(request.request_id)
+
+    def _mailbox(self) -> LoopMailbox:
+        """The running loop's mailbox (those of closed loops are dropped on the way)."""
+        loop = asyncio.get_running_loop()
+        box = self._mailboxes.get(loop)
+        if box is None:
+            for old in [lp for lp in self._mailboxes if lp.is_closed()]:
+                del self._mailboxes[old]
+            box = self._mailboxes[loop] = LoopMailbox(loop)
+        return box
 
     async def release_export(self, request_id: str) -> int:
         """Free the blocks an exported request holds; how many there were (0: none left)."""
@@ -343,23 +355,22 @@ class AsyncEngine:
         self._kv_events.put(self.core.take_kv_events())
 
     def _deliver(self, outputs: list[GenerateOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        by_box: dict[LoopMailbox, list[tuple[asyncio.Queue, object]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                by_loop.setdefault(stream[0], []).append((stream[1], out))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+                by_box.setdefault(stream[0], []).append((stream[1], out))
+        for box, items in by_box.items():
+            box.post(items)
 
     def _deliver_to(self, request_id: str, item: object) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            stream[0].call_soon_threadsafe(_put_all, [(stream[1], item)])
+            stream[0].post([(stream[1], item)])
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in list(self._streams):
-            with contextlib.suppress(RuntimeError):  # that event loop is closed
-                self._deliver_to(request_id, exc)
+            self._deliver_to(request_id, exc)
 
 
 def _resolve(future: asyncio.Future, value: object) -> None:
@@ -370,8 +381,3 @@ def _resolve(future: asyncio.Future, value: object) -> None:
 def _resolve_error(future: asyncio.Future, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
-
-
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
