@@ -19,6 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from tandem.engine import cpu_kernels
+
 log = logging.getLogger(__name__)
 
 #: Rows of a step that the choice is timed at: a decode of one, and of a batch.
@@ -93,6 +95,55 @@ def pack_if_faster(weights: list[torch.Tensor]) -> list[torch.Tensor | None]:
             faster[key] = packed is not None and _gain(weight, packed) >= MIN_GAIN
         out.append(packed if faster[key] else None)
     return out
+
+
+#: Row counts at which `cpu_kernels.linear` is timed against the path `pack_if_faster` kept:
+#: it streams the weight once for all rows, so it wins at one or two and loses at four.
+FEW_ROWS = (1, 2, 4)
+
+
+@torch.inference_mode()
+def few_rows_limits(
+    weights: list[torch.Tensor], packs: list[torch.Tensor | None], lib: object
+) -> list[int]:
+    """For each weight, the most rows up to which `cpu_kernels.linear` (bfloat16) beats the
+    kept path by `MIN_GAIN` at every count of `FEW_ROWS` (0: never). Timed per shape over
+    all the weights of that shape, as a step reads them: out of cache (one weight read
+    again and again from cache flatters oneDNN's packed path, which costs more per call)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (weight, packed) in enumerate(zip(weights, packs, strict=True)):
+        groups.setdefault((*weight.shape, weight.dtype, packed is not None), []).append(i)
+    out = [0] * len(weights)
+    for members in groups.values():
+        group = [(weights[i], packs[i]) for i in members]
+        weight = group[0][0]
+        if lib is None or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+            continue
+        limit = _few_rows_limit(group, lib)
+        for i in members:
+            out[i] = limit
+    return out
+
+
+def _few_rows_limit(group: list[tuple[torch.Tensor, torch.Tensor | None]], lib: object) -> int:
+    def kept(x: torch.Tensor) -> None:
+        for weight, packed in group:
+            packed_linear(x, packed, None) if packed is not None else F.linear(x, weight)
+
+    def ours(x: torch.Tensor) -> None:
+        for weight, _ in group:
+            cpu_kernels.linear(lib, x, weight, None)
+
+    shape, limit = tuple(group[0][0].shape), 0
+    for rows in FEW_ROWS:
+        x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
+        kept_s, ours_s = _time(kept, x), _time(ours, x)
+        log.debug("linears %s x%d at %d rows: kept path %.1f us, C %.1f us", shape,
+                  len(group), rows, kept_s * 1e6, ours_s * 1e6)  # fmt: skip
+        if kept_s < MIN_GAIN * ours_s:
+            break
+        limit = rows
+    return limit
 
 
 def _gain(weight: torch.Tensor, packed: torch.Tensor) -> float:

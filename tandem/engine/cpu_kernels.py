@@ -1,5 +1,6 @@
 """Tandem's CPU kernels: decode attention that reads the paged KV cache in place
-(`cpu_attention.c`) and the element-wise glue of a decoder layer (`cpu_layer_ops.c`).
+(`cpu_attention.c`), the element-wise glue of a decoder layer (`cpu_layer_ops.c`) and
+bfloat16 linear layers at a decode step's few rows (`cpu_linear.c`).
 
 Torch has no op for the first: the padded path gathers every decode's whole context, converts
 it to float32, expands it per query head and masks it, which at 32 sequences of 192 tokens
@@ -29,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in
-           ("cpu_kernels.h", "cpu_attention.c", "cpu_layer_ops.c")]  # fmt: skip
+           ("cpu_kernels.h", "cpu_attention.c", "cpu_layer_ops.c", "cpu_linear.c")]  # fmt: skip
 # Sums may be reordered (vector reductions, a tree at the end); NaN and inf keep their meaning.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]  # fmt: skip
@@ -100,6 +101,8 @@ def library() -> ctypes.CDLL:
             fn = lib.fn[name, dtype] = getattr(lib, f"{name}_{suffix}")
             fn.restype = None
             fn.argtypes = argtypes
+    lib.linear_bf16.restype = i32
+    lib.linear_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32]
     lib.decode_attention_limits.restype = i32
     # (query heads per KV head, head dim, block size): read once, checked at every layer
     lib.limits = tuple(lib.decode_attention_limits(i) for i in range(3))
@@ -225,4 +228,20 @@ def silu_and_mul(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
         x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), rows, width // 2,
         torch.get_num_threads(),
     )  # fmt: skip
+    return out
+
+
+def linear(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` in bfloat16 for a few rows, reading the plain `[out, in]` weight."""
+    assert x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous()
+    assert x.stride(-1) == 1 and (bias is None or bias.is_contiguous())
+    rows, k = x.shape
+    out = x.new_empty(rows, weight.shape[0])
+    failed = lib.linear_bf16(
+        x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), out.stride(0), rows, weight.shape[0], k, torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError(f"no memory for a float32 copy of {rows} x {k} inputs")
     return out

@@ -107,9 +107,10 @@ class ModelRunner:
             torch.set_num_threads(self.cpu_threads[0])
             if cpu.available():
                 started = time.perf_counter()
-                packed, total = model.pack_cpu_linears()
-                log.info("CPU linears: %d of %d weights packed for oneDNN (faster so; %.1f s)",
-                         packed, total, time.perf_counter() - started)  # fmt: skip
+                packed, few, total = model.pack_cpu_linears(cpu_kernels.load())
+                log.info("CPU linears: %d of %d weights packed for oneDNN, %d taken by the C "
+                         "linear at a few rows (faster so; %.1f s)",
+                         packed, total, few, time.perf_counter() - started)  # fmt: skip
         self.model = model.eval()
         self.sampler = Sampler(eos_token_ids)
         self.uploader = StepUploader(self.device)

@@ -58,8 +58,13 @@ class Linear(nn.Linear):
     #: Its output only feeds the residual add (o_proj, down): it may return `PartialSums`.
     into_residual = False
     packed: torch.Tensor | None = None
+    #: CPU, bfloat16: up to this many rows `cpu_kernels.linear` computes it (timed faster).
+    few_rows = 0
+    cpu_kernels: ctypes.CDLL | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | skinny_linear.PartialSums:
+        if x.shape[0] <= self.few_rows and self.cpu_kernels is not None and x.dim() == 2:
+            return cpu_kernels.linear(self.cpu_kernels, x, self.weight, self.bias)
         if self.packed is not None:
             return cpu.packed_linear(x, self.packed, self.bias)
         if self.fused and self.into_residual and self.bias is None:
@@ -196,6 +201,7 @@ class LlamaForCausalLM(nn.Module):
         self.fused = False
         self.cpu_kernels: ctypes.CDLL | None = None
         self.logits_packed: torch.Tensor | None = None
+        self.logits_few_rows = 0  # as `Linear.few_rows`
         # Filled by `init_rope()` once the module has real storage (it may be built on "meta").
         self.register_buffer("rope", torch.empty(max_positions, head_dim_of(config)))
 
@@ -229,15 +235,20 @@ class LlamaForCausalLM(nn.Module):
                     self.norm(out, x)
 
     @torch.inference_mode()
-    def pack_cpu_linears(self) -> tuple[int, int]:
+    def pack_cpu_linears(self, lib: ctypes.CDLL | None) -> tuple[int, int, int]:
         """oneDNN-packed weights (CPU) for the linears and the logits whose shape measures
-        faster so; returns how many weights were packed, of how many."""
+        faster so, and the rows up to which `lib`'s C linear takes them (also measured);
+        returns how many weights were packed, how many take the C linear, of how many."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         weights = [m.weight for m in linears] + [self._logits_weight()]
-        *packs, self.logits_packed = cpu.pack_if_faster(weights)
-        for m, packed in zip(linears, packs, strict=True):
-            m.packed = packed
-        return sum(p is not None for p in [*packs, self.logits_packed]), len(weights)
+        packs = cpu.pack_if_faster(weights)
+        limits = cpu.few_rows_limits(weights, packs, lib)
+        *packs, self.logits_packed = packs
+        *limits, self.logits_few_rows = limits
+        for m, packed, few_rows in zip(linears, packs, limits, strict=True):
+            m.packed, m.few_rows = packed, few_rows
+        packed = sum(p is not None for p in [*packs, self.logits_packed])
+        return packed, sum(n > 0 for n in [*limits, self.logits_few_rows]), len(weights)
 
     def _logits_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.tied else self.lm_head.weight
@@ -279,6 +290,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self._logits_weight()
+        if hidden.shape[0] <= self.logits_few_rows and self.cpu_kernels is not None:
+            return cpu_kernels.linear(self.cpu_kernels, hidden, weight, None).float()
         if self.logits_packed is not None:
             return cpu.packed_linear(hidden, self.logits_packed, None).float()
         if self.fused:
