@@ -12,6 +12,7 @@ weight). One bfloat16 layer of the demo model at one row, one thread: 69 / 44 / 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -109,7 +110,7 @@ FEW_ROWS = (1, 2, 4)
 
 @torch.inference_mode()
 def few_rows_limits(
-    weights: list[torch.Tensor], packs: list[torch.Tensor | None], lib: object
+    weights: list[torch.Tensor], packs: list[torch.Tensor | None], lib: ctypes.CDLL | None
 ) -> list[int]:
     """For each weight, the most rows up to which `cpu_kernels.linear` (bfloat16) beats the
     kept path by `MIN_GAIN` at every count of `FEW_ROWS` (0: never). Timed per shape over
@@ -130,7 +131,9 @@ def few_rows_limits(
     return out
 
 
-def _few_rows_limit(group: list[tuple[torch.Tensor, torch.Tensor | None]], lib: object) -> int:
+def _few_rows_limit(
+    group: list[tuple[torch.Tensor, torch.Tensor | None]], lib: ctypes.CDLL
+) -> int:
     def kept(x: torch.Tensor) -> None:
         for weight, packed in group:
             packed_linear(x, packed, None) if packed is not None else F.linear(x, weight)
