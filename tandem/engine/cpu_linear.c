@@ -37,8 +37,7 @@ int linear_bf16(const uint16_t *x, int64_t s_x, const uint16_t *w, const uint16_
                 uint16_t *out, int64_t s_o, int rows, int n, int k, int threads) {
     float *xf = malloc(sizeof(float) * rows * k);
     if (!xf) return -1;
-    for (int m = 0; m < rows; m++)
-        for (int i = 0; i < k; i++) xf[(int64_t)m * k + i] = bf16_to_f32(x[m * s_x + i]);
+    for (int m = 0; m < rows; m++) load_row(xf + (int64_t)m * k, x, m * s_x, k, 1);
     const int items = (n + FEATURES_PER_ITEM - 1) / FEATURES_PER_ITEM;
     const int parallel = threads > 1 && (int64_t)n * k >= (1 << 22); /* 8 MiB of weight */
     PARALLEL_FOR(item, items, parallel, {
